@@ -1,0 +1,1 @@
+"""Evaluation suites, lm-eval task YAMLs over shipped data, and judging adapters."""

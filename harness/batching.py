@@ -1,0 +1,89 @@
+"""Padding-free packing: examples grouped into rows by best-fit-decreasing, collated with per-example
+position_ids (transformers then masks attention block-diagonally, so no example sees another)."""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+
+import torch
+
+from harness.templates import TokenizedExample
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens (best-fit decreasing).
+
+    The seed shuffles ties so that different seeds give different (equally tight) packings."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda index: -lengths[index])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, row number)
+    for index in order:
+        length = lengths[index]
+        if length > capacity:
+            raise ValueError(f"example {index} has {length} tokens > row capacity {capacity}")
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            remaining, row = free.pop(slot)
+        else:
+            remaining, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        remaining -= length
+        if remaining > 0:
+            bisect.insort(free, (remaining, row))
+    return rows
+
+
+def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of examples -> a batch padded to the longest row, with position_ids and seq_ids.
+
+    Padding gets its own position run (0, 1, ...) so it forms a separate block in the attention mask,
+    label -100 and seq_id -1. `num_examples` is the number of examples in the batch."""
+    width = max(sum(len(example.input_ids) for example in row) for row in rows)
+    input_ids, labels, positions, seq_ids = [], [], [], []
+    example_number = 0
+    for row in rows:
+        row_ids, row_labels, row_positions, row_seq = [], [], [], []
+        for example in row:
+            length = len(example.input_ids)
+            row_ids += example.input_ids
+            row_labels += example.labels
+            row_positions += list(range(length))
+            row_seq += [example_number] * length
+            example_number += 1
+        pad = width - len(row_ids)
+        input_ids.append(row_ids + [pad_token_id] * pad)
+        labels.append(row_labels + [-100] * pad)
+        positions.append(row_positions + list(range(pad)))
+        seq_ids.append(row_seq + [-1] * pad)
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(positions, dtype=torch.long),
+        "seq_ids": torch.tensor(seq_ids, dtype=torch.long),
+        "num_examples": torch.tensor(example_number, dtype=torch.long),
+    }
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """Each item is one row: a list of examples (one example per row when packing is off)."""
+
+    def __init__(self, examples: Sequence[TokenizedExample], capacity: int, packing: bool, seed: int):
+        self.examples = list(examples)
+        if packing:
+            self.rows = pack_best_fit([len(example.input_ids) for example in self.examples], capacity, seed)
+        else:
+            self.rows = [[index] for index in range(len(self.examples))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> list[TokenizedExample]:
+        return [self.examples[i] for i in self.rows[index]]
+
+    def token_count(self) -> int:
+        return sum(len(example.input_ids) for example in self.examples)

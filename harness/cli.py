@@ -1,0 +1,172 @@
+"""The `harness` command line. User errors print one line and exit 2; never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from harness import __version__
+from harness.errors import HarnessError
+
+console = Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """Tables go to stdout; when piped (CI, logs) use a wide fixed width so rows are not wrapped."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress bars and tables."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="harness")
+def cli() -> None:
+    """Compare instruction-tuning recipes (one-off SFT, Phased IFT, IFD, SFTMix, UNIFIT) under one protocol."""
+
+
+@cli.command()
+@click.option("--recipe", "-r", default=None, help="one-off (see `harness recipes`)")
+@click.option("--model", "-m", default=None, help="model-set name, local dir/.gguf, or hub id (default: tiny)")
+@click.option("--data", "-d", default=None, help="shipped data name, file path, or hub dataset id")
+@click.option("--suite", "-s", default=None, help="evaluation suite (see `harness suites`)")
+@click.option("--config", "-c", "config_file", type=click.Path(path_type=Path), default=None, help="YAML run spec")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec key, e.g. training.epochs=2")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--seed", type=int, default=None, help="random seed (default 0)")
+@click.option("--limit", type=int, default=None, help="evaluation items per task (overrides the suite)")
+def run(
+    recipe: str | None,
+    model: str | None,
+    data: str | None,
+    suite: str | None,
+    config_file: Path | None,
+    overrides: tuple[str, ...],
+    output: Path,
+    seed: int | None,
+    limit: int | None,
+) -> None:
+    """Train with a recipe, evaluate, write a run record and print the results."""
+    from harness.spec import build_spec
+
+    flags: dict[str, Any] = {
+        "recipe": recipe,
+        "model": model,
+        "data.name": data,
+        "eval.suite": suite,
+        "seed": seed,
+        "eval.limit": limit,
+    }
+    spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
+    _quiet_libraries()
+    from harness.runner import execute_run, prepare_run
+
+    prepared = prepare_run(spec)
+    record = execute_run(prepared, output, console)
+    print_record_summary(record)
+
+
+def print_record_summary(record: dict[str, Any]) -> None:
+    table = Table(title=f"{record['run_id']}  ({record['recipe']['name']} on {record['model']['name']})")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("± stderr", justify="right")
+    table.add_column("n", justify="right")
+    for task, entry in record["metrics"].items():
+        for metric, value in entry.items():
+            if isinstance(value, dict) and "value" in value:
+                stderr = value["stderr"]
+                table.add_row(
+                    task, metric, f"{value['value']:.4f}", f"{stderr:.4f}" if stderr is not None else "n/a", str(entry["n"])
+                )
+    out = stdout_console()
+    out.print(table)
+    cost = record["cost"]
+    losses = [stage.get("final_loss") for stage in record["training"].values()]
+    final = f"{losses[-1]:.4f}" if losses and losses[-1] is not None else "n/a"
+    out.print(
+        f"trained tokens {cost['train_tokens']:,} | final train loss {final} | wall {cost['wall_seconds']:.1f} s | "
+        f"peak RSS {record['memory']['peak_rss_gib']:.2f} GiB"
+    )
+
+
+@cli.command()
+def models() -> None:
+    """List the model set."""
+    from harness.models import MODEL_SET, MODEL_SET_VERSION
+
+    table = Table(title=f"model set {MODEL_SET_VERSION}")
+    for column in ("name", "source", "params", "template", "context", "description"):
+        table.add_column(column)
+    for entry in MODEL_SET.values():
+        table.add_row(entry.name, entry.source, entry.params, entry.template, str(entry.context_length), entry.description)
+    stdout_console().print(table)
+
+
+@cli.command()
+def recipes() -> None:
+    """List the recipes."""
+    from recipes import list_recipes
+
+    table = Table(title="recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in list_recipes().items():
+        table.add_row(name, description)
+    stdout_console().print(table)
+
+
+@cli.command()
+def suites() -> None:
+    """List the evaluation suites."""
+    from harness.evaluation import list_suites
+
+    table = Table(title="suites")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in list_suites().items():
+        table.add_row(name, description)
+    stdout_console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click without its own exception handling, so every user error is one line."""
+    try:
+        cli.main(args=argv, prog_name="harness", standalone_mode=False)
+    except HarnessError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        click.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

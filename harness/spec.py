@@ -1,0 +1,217 @@
+"""The run spec: a frozen, validated description of one run, whose hash is the run id.
+
+Layers, lowest first: the defaults below (and each recipe's Params defaults), the user's --config
+YAML, then --set key=value overrides, then the explicit CLI flags (--model, --data, --suite, --seed). Unknown keys
+and wrong types are errors that name the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness.errors import HarnessError, closest
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainingSpec(StrictModel):
+    learning_rate: float | None = Field(None, gt=0, description="None: the model set's default for the model")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: train for `epochs`; >0 overrides epochs")
+    batch_size: int = Field(8, gt=0, description="rows per device step (a row is one pack of examples)")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=8, description="tokens per example and per packed row")
+    packing: bool = Field(True, description="padding-free packing of several examples per row")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed", "fp16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on a bf16 GPU, fp32 on CPU; bf16 = pure bf16 weights, fp32 master copy"
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: the model set's template")
+    save_steps: int = Field(200, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
+    logging_steps: int = Field(10, gt=0)
+    lora: LoraSpec | None = None
+
+
+class DataSpec(StrictModel):
+    name: str = Field("alpaca-sample", description="a shipped name, a file path, or a hub dataset id")
+    limit: int | None = Field(None, gt=0, description="use only the first N records (after dedupe)")
+    dedupe: bool = True
+
+
+class EvalSpec(StrictModel):
+    suite: str = "smoke"
+    limit: int | None = Field(None, gt=0, description="items per task; None: the suite's own limit")
+    batch_size: int = Field(8, gt=0)
+    chat_template: bool | None = Field(None, description="None: the suite's setting")
+
+
+class RunSpec(StrictModel):
+    model: str = Field("tiny", description="a model-set name, a local directory or .gguf file, or a hub id")
+    model_path: str | None = Field(None, description="local weights (directory or .gguf) for a model-set entry")
+    recipe: str = "one-off"
+    params: dict[str, Any] = Field(default_factory=dict, description="the recipe's own parameters")
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    eval: EvalSpec = EvalSpec()
+    seed: int = Field(0, ge=0)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of the spec: equal specs give equal run ids."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def run_id(self) -> str:
+        model_slug = re.sub(r"[^a-z0-9.]+", "-", Path(self.model).name.lower()).strip("-")[:40]
+        return f"{self.recipe}-{model_slug}-{self.content_hash()[:10]}"
+
+
+# ----------------------------------------------------------------------------- key paths
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                paths.extend(_field_paths(candidate, f"{path}."))
+    return paths
+
+
+SPEC_KEYS: list[str] = _field_paths(RunSpec)
+
+
+def _format_validation_error(error: ValidationError, source: str, prefix: str = "", keys: list[str] | None = None) -> str:
+    first = error.errors()[0]
+    key = prefix + ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        suggestion = closest(key, keys if keys is not None else SPEC_KEYS)
+        hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+        return f"{source}: unknown config key '{key}'{hint}"
+    value = first.get("input")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return f"{source}: config key '{key}' = {shown}: {first['msg'].lower()}"
+
+
+def validate_spec(raw: dict[str, Any], source: str) -> RunSpec:
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as error:
+        raise HarnessError(_format_validation_error(error, source)) from None
+
+
+def validate_params(params_model: type[BaseModel], raw: dict[str, Any], source: str) -> BaseModel:
+    """Validate a recipe's params against its own pydantic model, with the same error style."""
+    try:
+        return params_model.model_validate(raw)
+    except ValidationError as error:
+        keys = [f"params.{key}" for key in _field_paths(params_model)]
+        raise HarnessError(_format_validation_error(error, source, prefix="params.", keys=keys)) from None
+
+
+# ----------------------------------------------------------------------------- layering
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise HarnessError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise HarnessError(f"config file {path}:{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    except UnicodeDecodeError:
+        raise HarnessError(f"config file {path}: not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise HarnessError(f"config file {path}: top level must be a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(assignment: str) -> dict[str, Any]:
+    """'training.learning_rate=1e-4' -> {'training': {'learning_rate': 1e-4}} (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise HarnessError(f"--set '{assignment}': expected key=value, e.g. training.learning_rate=1e-4")
+    key, _, text = assignment.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise HarnessError(f"--set '{assignment}': empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def build_spec(
+    *,
+    config_file: Path | None,
+    overrides: list[str],
+    flags: dict[str, Any],
+) -> RunSpec:
+    """Layer the defaults, the config file, --set and the flags, validating after each source."""
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        raw = deep_merge(raw, read_yaml_config(config_file))
+        validate_spec(raw, f"config file {config_file}")
+    for assignment in overrides:
+        raw = deep_merge(raw, parse_override(assignment))
+        validate_spec(raw, f"--set {assignment}")
+    for key, value in flags.items():
+        if value is not None:
+            raw = deep_merge(raw, _nest(key, value))
+    return validate_spec(raw, "command line")
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    parts = key.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def spec_to_yaml(spec: RunSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

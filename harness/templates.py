@@ -1,0 +1,105 @@
+"""Prompt templates and tokenization into (input_ids, labels) with loss on response tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from harness.data import InstructionRecord
+from harness.errors import HarnessError
+
+# The Stanford Alpaca prompt (tatsu-lab/stanford_alpaca, train.py), as used by Cherry LLM and NEFTune.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_RESPONSE_TAG = "### Response:\n"
+
+
+def user_message(record: InstructionRecord) -> str:
+    return f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
+
+
+def render_prompt(record: InstructionRecord, template: str, tokenizer: Any) -> str:
+    """Everything the model sees before the response it is trained (or scored) on."""
+    if template == "alpaca":
+        prefix = ""
+        for user, assistant in record.history:
+            prefix += ALPACA_PROMPT_NO_INPUT.format(instruction=user) + assistant + "\n\n"
+        if record.input.strip():
+            return prefix + ALPACA_PROMPT_WITH_INPUT.format(instruction=record.instruction, input=record.input)
+        return prefix + ALPACA_PROMPT_NO_INPUT.format(instruction=record.instruction)
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise HarnessError("template 'chat': the tokenizer has no chat template; use --set training.template=alpaca")
+        messages = []
+        for user, assistant in record.history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": user_message(record)})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise HarnessError(f"unknown template '{template}' (valid: chat, alpaca)")
+
+
+def response_tag(template: str, tokenizer: Any) -> str:
+    """The text just before a response: Cherry LLM's 'direct' IFD pass conditions on this alone."""
+    if template == "alpaca":
+        return ALPACA_RESPONSE_TAG
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True)
+    marker = "<|im_start|>assistant\n"
+    return marker if marker in empty else empty
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != -100)
+
+
+@dataclass
+class TokenizeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped_prompt_too_long: int = 0
+
+    def as_record(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+def tokenize_example(prompt: str, response: str, tokenizer: Any, add_bos: bool) -> TokenizedExample:
+    """Tokenize prompt and response separately so the label boundary is exact."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_bos).input_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    return TokenizedExample(prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids)
+
+
+def tokenize_for_training(
+    records: list[InstructionRecord], tokenizer: Any, template: str, max_length: int
+) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Prompt + response + EOS, labels -100 on the prompt; over-long responses are truncated (counted)."""
+    stats = TokenizeStats()
+    examples = []
+    add_bos = template == "alpaca"
+    for record in records:
+        prompt = render_prompt(record, template, tokenizer)
+        example = tokenize_example(prompt, record.output + tokenizer.eos_token, tokenizer, add_bos)
+        prompt_length = len(example.input_ids) - example.response_tokens
+        if prompt_length >= max_length - 1:
+            stats.dropped_prompt_too_long += 1
+            continue
+        if len(example.input_ids) > max_length:
+            stats.truncated += 1
+            example = TokenizedExample(example.input_ids[:max_length], example.labels[:max_length])
+        examples.append(example)
+    stats.examples = len(examples)
+    if not examples:
+        raise HarnessError(f"no example fits training.max_length={max_length}; raise it")
+    return examples, stats

@@ -1,0 +1,301 @@
+"""The training core every recipe reuses: transformers' Trainer with response-only loss computed only
+at response positions, padding-free packing, an optional extra loss term, optional LoRA, pure-bf16
+weights with fp32 master weights, rich progress, checkpoints and resume."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from harness.batching import RowDataset, collate_rows
+from harness.losses import response_token_losses
+from harness.spec import TrainingSpec
+from harness.templates import TokenizedExample
+
+# An extra loss term (e.g. SFTMix's mixup): (model, batch, ntp_loss) -> scalar added to the loss.
+ExtraLoss = Callable[[Any, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
+    return "fp32"
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype model weights are held in for a resolved precision."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW that keeps fp32 master copies of low-precision (bf16) parameters.
+
+    Updates of size lr * g are far below bf16's resolution (2^-8 relative) for typical fine-tuning
+    learning rates, so stepping bf16 weights directly would lose most updates. Forward and backward
+    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32."""
+
+    def __init__(self, param_groups: list[dict[str, Any]], **defaults: Any):
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        master_groups = []
+        for group in param_groups:
+            masters = []
+            for parameter in group["params"]:
+                master = parameter.detach().to(torch.float32).clone().requires_grad_(True)
+                self.pairs.append((parameter, master))
+                masters.append(master)
+            master_groups.append({**group, "params": masters})
+        super().__init__(master_groups, **defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        for parameter, master in self.pairs:
+            master.grad = None if parameter.grad is None else parameter.grad.to(torch.float32)
+        loss = super().step(closure)
+        for parameter, master in self.pairs:
+            parameter.copy_(master)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for parameter, _ in self.pairs:
+            parameter.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["master_weights"] = [master.detach().clone() for _, master in self.pairs]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights", None)
+        super().load_state_dict(state_dict)
+        if masters is not None:
+            with torch.no_grad():
+                for (parameter, master), saved in zip(self.pairs, masters, strict=True):
+                    master.copy_(saved)
+                    parameter.copy_(saved)
+
+
+@dataclass
+class TokenCounter:
+    real_tokens: int = 0
+    response_tokens: int = 0
+    examples: int = 0
+
+
+class ResponseOnlyTrainer(Trainer):
+    """Trainer whose loss is the mean cross entropy over response tokens, with the LM head applied
+    only at those positions, plus an optional extra term (SFTMix's mixup, ...)."""
+
+    def __init__(self, *args: Any, extra_loss: ExtraLoss | None = None, master_weights: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.extra_loss = extra_loss
+        self.master_weights = master_weights
+        self.counter = TokenCounter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        losses, _ = response_token_losses(model, inputs)
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(losses.numel(), 1)
+        loss = losses.sum() / denominator
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss(model, inputs, loss)
+        if model.training:
+            self.counter.real_tokens += int((inputs["seq_ids"] >= 0).sum())
+            self.counter.response_tokens += losses.numel()
+            self.counter.examples += int(inputs["num_examples"])
+        return (loss, None) if return_outputs else loss
+
+    def create_optimizer(self, model=None):  # type: ignore[override]
+        if not self.master_weights:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.optimizer is None:
+            decay_names = set(self.get_decay_parameter_names(self.model))
+            named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in named if n in decay_names], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0},
+            ]
+            self.optimizer = MasterWeightAdamW(
+                [group for group in groups if group["params"]],
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar over optimizer steps, with the latest loss."""
+
+    def __init__(self, console: Console, description: str):
+        self.console = console
+        self.description = description
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step, loss="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is not None and logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int
+    rows: int
+    real_tokens: int  # non-pad tokens processed in forward/backward (all epochs)
+    response_tokens: int  # tokens that carried loss
+    epoch_tokens: int  # non-pad tokens in one pass over the data
+    final_loss: float | None
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    resumed_from_step: int = 0
+    precision: str = "fp32"
+
+    def as_record(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def apply_lora(model: Any, settings: TrainingSpec) -> Any:
+    if settings.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = settings.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    examples: list[TokenizedExample],
+    settings: TrainingSpec,
+    output_dir: Path,
+    *,
+    seed: int,
+    console: Console | None = None,
+    description: str = "train",
+    extra_loss: ExtraLoss | None = None,
+) -> tuple[Any, TrainResult]:
+    """Fine-tune `model` on tokenized examples; checkpoints go to output_dir and a rerun resumes there.
+
+    `settings.learning_rate` must be resolved (not None). Returns the trained model and its stats."""
+    assert settings.learning_rate is not None, "resolve the learning rate from the model set first"
+    console = console or Console(stderr=True)
+    precision = resolve_precision(settings.precision)
+    model = model.to(weight_dtype(precision))
+    model = apply_lora(model, settings)
+    dataset = RowDataset(examples, settings.max_length, settings.packing, seed)
+    steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
+    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_train_epochs=settings.epochs,
+        max_steps=total_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=int(settings.warmup_ratio * total_steps),
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        max_grad_norm=settings.max_grad_norm,
+        bf16=precision == "bf16-mixed",
+        fp16=precision == "fp16-mixed",
+        use_cpu=use_cpu,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps" if settings.save_steps > 0 else "no",
+        save_steps=max(settings.save_steps, 1),
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = ResponseOnlyTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=functools.partial(collate_rows, pad_token_id=tokenizer.pad_token_id),
+        extra_loss=extra_loss,
+        master_weights=precision == "bf16",
+        callbacks=[RichProgressCallback(console, description)],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    wall = time.perf_counter() - started
+    curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
+    resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
+    result = TrainResult(
+        steps=trainer.state.global_step,
+        examples=len(examples),
+        rows=len(dataset),
+        real_tokens=trainer.counter.real_tokens,
+        response_tokens=trainer.counter.response_tokens,
+        epoch_tokens=dataset.token_count(),
+        final_loss=curve[-1][1] if curve else None,
+        loss_curve=curve,
+        wall_seconds=wall,
+        resumed_from_step=resumed_step,
+        precision=precision,
+    )
+    trained = trainer.model
+    if settings.lora is not None:
+        trained = trained.merge_and_unload()
+    trained.eval()
+    return trained, result

@@ -1,0 +1,22 @@
+"""The recipes: one module each, exposing NAME, DESCRIPTION, a pydantic `Params` and `run(ctx)`."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from harness.errors import unknown_name
+
+RECIPE_MODULES = {
+    "one-off": "recipes.one_off",
+}
+
+
+def get_recipe(name: str) -> ModuleType:
+    if name not in RECIPE_MODULES:
+        raise unknown_name("recipe", name, RECIPE_MODULES)
+    return importlib.import_module(RECIPE_MODULES[name])
+
+
+def list_recipes() -> dict[str, str]:
+    return {name: get_recipe(name).DESCRIPTION for name in RECIPE_MODULES}

@@ -1,0 +1,86 @@
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from harness.batching import collate_rows
+from harness.losses import per_example_mean_losses, response_token_losses
+from harness.spec import TrainingSpec
+from harness.templates import render_prompt, tokenize_for_training
+from harness.training import MasterWeightAdamW, train_sft
+
+
+def test_prompt_tokens_carry_no_loss(tiny, sample_records):
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:4], tokenizer, "chat", 512)
+    for record, example in zip(sample_records[:4], examples, strict=False):
+        prompt_ids = tokenizer(render_prompt(record, "chat", tokenizer), add_special_tokens=False).input_ids
+        n_prompt = len(prompt_ids)
+        assert example.input_ids[:n_prompt] == prompt_ids
+        assert example.labels[:n_prompt] == [-100] * n_prompt
+        assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+        assert example.labels[-1] == tokenizer.eos_token_id
+    # The loss equals cross entropy over the response positions of the full logits, and nothing else.
+    batch = collate_rows([[examples[0]]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        losses, _ = response_token_losses(model, batch)
+        logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+    targets = torch.tensor(examples[0].labels[1:])
+    expected = F.cross_entropy(logits[targets != -100], targets[targets != -100], reduction="none")
+    assert losses.shape == expected.shape
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_gives_the_same_per_example_losses(tiny, sample_records):
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:12], tokenizer, "chat", 512)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    assert lengths[-1] > 2 * lengths[0]  # very different lengths share a row
+    with torch.no_grad():
+        alone = torch.stack([per_example_mean_losses(model, collate_rows([[e]], tokenizer.pad_token_id), 1)[0]
+                             for e in examples])
+        packed = per_example_mean_losses(
+            model, collate_rows([examples[:5], examples[5:9], examples[9:]], tokenizer.pad_token_id), len(examples)
+        )
+        padded = per_example_mean_losses(model, collate_rows([[e] for e in examples], tokenizer.pad_token_id), len(examples))
+    assert (alone - packed).abs().max().item() < 1e-5
+    assert (alone - padded).abs().max().item() < 1e-5
+
+
+def test_training_lowers_the_loss_and_is_deterministic(tiny, sample_records, tmp_path):
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:96], tokenizer, "chat", 256)
+    settings = TrainingSpec(learning_rate=3e-3, max_steps=12, batch_size=4, logging_steps=3, save_steps=0, warmup_ratio=0.0)
+    batch = collate_rows([[e] for e in examples[:16]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = per_example_mean_losses(model, batch, 16).mean().item()
+    trained, result = train_sft(copy.deepcopy(model), tokenizer, examples, settings, tmp_path / "a", seed=3)
+    with torch.no_grad():
+        after = per_example_mean_losses(trained, batch, 16).mean().item()
+    assert after < before - 0.5, (before, after)
+    assert result.loss_curve[-1][1] < result.loss_curve[0][1]
+    assert result.steps == 12 and result.response_tokens > 0 and result.real_tokens > result.response_tokens
+    _, again = train_sft(copy.deepcopy(model), tokenizer, examples, settings, tmp_path / "b", seed=3)
+    assert again.loss_curve == result.loss_curve
+
+
+def test_master_weights_keep_updates_that_bf16_would_lose():
+    start = torch.full((64,), 1.0)
+    plain = torch.nn.Parameter(start.clone().to(torch.bfloat16))
+    mastered = torch.nn.Parameter(start.clone().to(torch.bfloat16))
+    plain_opt = torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0)
+    master_opt = MasterWeightAdamW([{"params": [mastered]}], lr=1e-4, weight_decay=0.0)
+    for _ in range(50):
+        for parameter, optimizer in ((plain, plain_opt), (mastered, master_opt)):
+            optimizer.zero_grad()
+            parameter.grad = torch.ones_like(parameter)
+            optimizer.step()
+    # Each Adam step moves ~1e-4, below bf16's spacing at 1.0 (2^-7): bf16 AdamW never moves.
+    assert torch.equal(plain.detach().float(), start)
+    master = master_opt.pairs[0][1]
+    assert abs(master[0].item() - (1.0 - 50 * 1e-4)) < 1e-5
+    assert mastered.detach().float()[0].item() < 1.0
+    state = master_opt.state_dict()
+    restored = MasterWeightAdamW([{"params": [torch.nn.Parameter(start.clone().to(torch.bfloat16))]}], lr=1e-4)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.pairs[0][1], master)

@@ -1,0 +1,96 @@
+"""The CLI end to end on the tiny model: a real run, determinism, listings, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+FAST = ["--set", "data.limit=160", "--limit", "40"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exited.value.code or 0, captured.out, captured.err
+
+
+def test_run_writes_a_complete_record_and_is_deterministic(tmp_path: Path, capsys):
+    records = []
+    for output in (tmp_path / "first", tmp_path / "second"):
+        code, out, err = run_cli(["run", "--recipe", "one-off", "--output", str(output), *FAST], capsys)
+        assert code == 0, err
+        assert "local_arc_easy" in out and "acc" in out
+        (run_dir,) = output.iterdir()
+        assert (run_dir / "spec.yaml").is_file() and (run_dir / "eval" / "samples_local_arc_easy.jsonl").is_file()
+        records.append(json.loads((run_dir / "record.json").read_text()))
+    first, second = records
+    assert first["run_id"] == second["run_id"]
+    assert first["metrics"] == {**second["metrics"], **{k: {**v, "seconds": first["metrics"][k]["seconds"]} for k, v in second["metrics"].items()}}
+    assert first["training"]["sft"]["loss_curve"] == second["training"]["sft"]["loss_curve"]
+    accuracy = first["metrics"]["local_arc_easy"]["acc"]
+    assert 0.0 <= accuracy["value"] <= 1.0 and accuracy["stderr"] > 0
+    for key in ("spec", "timings", "cost", "memory", "versions", "git_commit", "seed", "data", "model"):
+        assert key in first, key
+    assert first["cost"]["train_tokens"] > 0 and first["memory"]["peak_rss_gib"] > 0
+    assert first["spec"]["training"]["learning_rate"] == 2e-3  # resolved from the model set
+    # A finished run is not redone.
+    code, _, err = run_cli(["run", "--output", str(tmp_path / "first"), *FAST], capsys)
+    assert code == 0 and "already complete" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--recipe", "one-of"], "unknown recipe 'one-of'; did you mean 'one-off'?"),
+        (["run", "--model", "tiniy"], "unknown model 'tiniy'; did you mean 'tiny'?"),
+        (["run", "--suite", "smok"], "unknown suite 'smok'; did you mean 'smoke'?"),
+        (["run", "--set", "training.epoch=2"], "unknown config key 'training.epoch'; did you mean 'training.epochs'?"),
+        (["run", "--set", "training.batch_size=big"], "config key 'training.batch_size' = \"big\""),
+        (["run", "--data", "/nonexistent/data.json"], "data file not found: /nonexistent/data.json"),
+        (["run", "--config", "/nonexistent/run.yaml"], "config file not found"),
+        (["run", "--set", "params.foo=1"], "unknown config key 'params.foo'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys, args, message):
+    output = tmp_path / "runs"
+    code, _, err = run_cli([*args, "--output", str(output)] if args[0] == "run" else args, capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith("error: ")
+    assert message in err
+    assert "Traceback" not in err
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_malformed_data_file_is_rejected_before_any_run_dir(tmp_path: Path, capsys):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": 5, "output": "b"}\n')
+    output = tmp_path / "runs"
+    code, _, err = run_cli(["run", "--data", str(data), "--output", str(output)], capsys)
+    assert code == 2
+    assert f"data file {data}: line 2: field 'instruction' must be a string, got int" in err
+    assert not output.exists()
+
+
+def test_listings_and_version(capsys):
+    for command, expected in (["models"], "smollm2-135m-instruct"), (["recipes"], "one-off"), (["suites"], "smoke"):
+        code, out, _ = run_cli(command, capsys)
+        assert code == 0 and expected in out
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and "0.1.0" in out
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "--set", "training.learning_rate=-1", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --set training.learning_rate=-1: config key 'training.learning_rate' = -1: input should be greater than 0"
+    )
