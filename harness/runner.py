@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from harness import __version__
+from harness.artifacts import ArtifactCache
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
 from harness.evaluation import Suite, load_suite, run_lm_eval
@@ -35,6 +36,7 @@ from harness.records import (
     library_versions,
     peak_memory,
 )
+from harness.scoring import IFDScores, ScoringStats, compute_ifd
 from harness.spec import RunSpec, spec_to_yaml, validate_params
 from harness.templates import tokenize_for_training
 from harness.training import TrainResult, resolve_precision, train_sft, weight_dtype
@@ -93,8 +95,13 @@ class RunContext:
         self.run_dir = run_dir
         self.console = console
         self.timings: dict[str, float] = {}
+        self.suite = prepared.suite
         self.train_results: dict[str, TrainResult] = {}
         self.tokenize_stats: dict[str, dict[str, int]] = {}
+        self.cache = ArtifactCache()
+        self.scoring = ScoringStats()  # forward passes spent on scoring (the recipe's overhead)
+        precision = self.spec.training.precision
+        self.base_model_key = f"{self.model_info.entry.name}|{self.model_info.weights}|{precision}"
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -109,9 +116,19 @@ class RunContext:
         with self.stage("load_model"):
             return load_model_and_tokenizer(self.model_info, dtype=weight_dtype(self.spec.training.precision))
 
-    def train(self, model: Any, tokenizer: Any, records: list[InstructionRecord], *, stage: str) -> tuple[Any, TrainResult]:
-        """Tokenize with the run's template and train with the shared core; checkpoints under checkpoints/<stage>."""
-        settings = self.spec.training
+    def train(
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[InstructionRecord],
+        *,
+        stage: str,
+        overrides: dict[str, Any] | None = None,
+    ) -> tuple[Any, TrainResult]:
+        """Tokenize with the run's template and train with the shared core; checkpoints under checkpoints/<stage>.
+
+        Each call builds a new Trainer, so the optimizer and LR schedule start afresh (Phased IFT's stages)."""
+        settings = self.spec.training.model_copy(update=overrides or {})
         examples, stats = tokenize_for_training(records, tokenizer, settings.template, settings.max_length)
         self.tokenize_stats[stage] = stats.as_record()
         with self.stage(f"train:{stage}"):
@@ -127,6 +144,24 @@ class RunContext:
             )
         self.train_results[stage] = result
         return trained, result
+
+    def ifd(self, model: Any, tokenizer: Any, records: list[InstructionRecord], *, model_key: str, max_length: int) -> IFDScores:
+        """IFD of the records under `model`, through the shared artifact cache (computed once per key)."""
+        with self.stage("score:ifd"):
+            scores = compute_ifd(
+                model, tokenizer, records, template=self.spec.training.template, max_length=max_length,
+                model_key=model_key, cache=self.cache, console=self.console,
+            )
+        self.scoring.add(scores.stats)
+        return scores
+
+    def evaluate(self, model: Any, tokenizer: Any, name: str) -> dict[str, Any]:
+        """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage)."""
+        with self.stage(f"evaluate:{name}"):
+            return run_lm_eval(
+                model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
+                batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
+            )["tasks"]
 
 
 def find_record(run_dir: Path) -> dict[str, Any] | None:
@@ -198,15 +233,16 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "recipe": {"name": prepared.spec.recipe, "params": prepared.params.model_dump(mode="json"), **output.details},
         "training": {stage: result.as_record() for stage, result in ctx.train_results.items()},
         "tokenization": ctx.tokenize_stats,
+        "scoring": ctx.scoring.as_record(),
         "suite": {"name": prepared.suite.name, "chat_template": evaluation["chat_template"]},
         "metrics": evaluation["tasks"],
         "cost": {
             "train_tokens": train_tokens,
             "response_tokens": sum(result.response_tokens for result in ctx.train_results.values()),
-            "overhead_tokens": output.details.get("overhead_tokens", 0),
+            "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
             "wall_seconds": round(wall, 2),
             "device_hours": round(wall * device_count / 3600, 5),
-            "judge_cost_usd": 0.0,
+            "judge_cost_usd": output.details.get("judge_cost_usd", 0.0),
         },
         "timings": ctx.timings,
         "memory": peak_memory(),

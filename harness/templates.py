@@ -18,7 +18,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-ALPACA_RESPONSE_TAG = "### Response:\n"
+ALPACA_RESPONSE_TAG = "### Response:"  # Cherry LLM's direct text is "### Response:" + output
 
 
 def user_message(record: InstructionRecord) -> str:

@@ -9,6 +9,8 @@ from harness.errors import unknown_name
 
 RECIPE_MODULES = {
     "one-off": "recipes.one_off",
+    "phased": "recipes.phased",
+    "ifd": "recipes.ifd",
 }
 
 

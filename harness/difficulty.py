@@ -1,0 +1,355 @@
+"""Difficulty scorers for Phased IFT, all on the paper's 1-5 scale (higher = harder).
+
+- `judge`: an LLM judge behind an OpenAI-compatible chat endpoint (OpenAI, a vLLM or llama.cpp server),
+  with a versioned prompt, concurrency, retries with backoff, token and cost accounting, and a
+  per-item cache so an interrupted scoring run resumes.
+- `local-judge`: the same prompt run in-process on a local HF model; the score is the expected value
+  of the next-token distribution over the labels 1..5.
+- `file`: precomputed scores (the Phased IFT scored format), joined on text.
+- `ifd`: IFD from the scoring engine as an offline proxy, mapped to 1..5 by percentile rank.
+
+The paper (arXiv 2406.04371) scored with GPT-4-0613; its prompt is in a figure that was not
+recoverable, so DIFFICULTY_PROMPT below is ours, written to the paper's description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from harness.artifacts import ArtifactCache, content_key
+from harness.batching import collate_rows
+from harness.data import InstructionRecord, parse_rows, read_rows
+from harness.errors import HarnessError
+from harness.losses import final_hidden_states
+from harness.scoring import IFDScores, scoring_progress
+from harness.templates import TokenizedExample
+
+DIFFICULTY_PROMPT_VERSION = "phased-difficulty-v1"
+DIFFICULTY_SYSTEM = "You are a careful annotator who rates instruction-tuning examples."
+DIFFICULTY_PROMPT = """Rate how difficult the following instruction-following example is for an AI assistant.
+
+[Instruction]
+{instruction}
+
+[Input]
+{input}
+
+[Expected response]
+{output}
+
+Judge two things together: how hard the instruction itself is (the knowledge, reasoning and skill it asks for), and how hard it is to get from the instruction to the expected response. Use a scale from 1 to 5, where 1 is trivial and 5 is very hard; fractional scores such as 2.5 are allowed.
+Reply with the score on the first line in the form "Score: <number>", then one sentence of justification."""
+
+SCORE_PATTERN = re.compile(r"(?i)score\s*[:=]?\s*\**\s*([1-5](?:\.\d+)?)")
+LEADING_NUMBER = re.compile(r"^\s*\**\s*([1-5](?:\.\d+)?)\b")
+
+
+def difficulty_prompt(record: InstructionRecord) -> str:
+    return DIFFICULTY_PROMPT.format(
+        instruction=record.instruction, input=record.input.strip() or "(none)", output=record.output
+    )
+
+
+def parse_score(reply: str) -> float | None:
+    """The 1-5 score in a judge's reply, or None when the reply has none (a malformed reply)."""
+    match = SCORE_PATTERN.search(reply) or LEADING_NUMBER.search(reply)
+    if not match:
+        return None
+    value = float(match.group(1))
+    return value if 1.0 <= value <= 5.0 else None
+
+
+@dataclass
+class DifficultyScores:
+    """Per-record difficulty (NaN where unscored) and what it cost."""
+
+    scores: np.ndarray
+    scorer: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unscored(self) -> int:
+        return int(np.isnan(self.scores).sum())
+
+
+# ----------------------------------------------------------------------------- file
+
+
+def _join_key(prompt: str, output: str) -> str:
+    return " ".join(prompt.split()) + "\x1f" + " ".join(output.split())
+
+
+def record_join_key(record: InstructionRecord) -> str:
+    """Phased IFT stores data[0] = instruction + "\\n" + input; whitespace differences are ignored."""
+    prompt = record.instruction + ("\n" + record.input if record.input.strip() else "")
+    return _join_key(prompt, record.output)
+
+
+def scores_from_file(records: Sequence[InstructionRecord], path: Path | None) -> DifficultyScores:
+    """Scores carried by the records themselves (Phased-format data) or joined on text from `path`."""
+    if path is None:
+        values = [record.metadata.get("difficulty") for record in records]
+        if all(value is None for value in values):
+            raise HarnessError(
+                "phased scorer 'file': the data carries no difficulty scores; set params.scores_file to a Phased IFT "
+                "scored JSONL, or use scorer ifd / local-judge / judge"
+            )
+        scores = np.array([np.nan if value is None else float(value) for value in values])
+        return DifficultyScores(scores, "file", {"source": "record metadata"})
+    scored, _, _ = parse_rows(read_rows(path), f"scores file {path}")
+    table = {record_join_key(record): record.metadata.get("difficulty") for record in scored}
+    scores = np.array([table.get(record_join_key(record), np.nan) for record in records], dtype=np.float64)
+    return DifficultyScores(scores, "file", {"source": str(path), "file_records": len(scored)})
+
+
+# ----------------------------------------------------------------------------- ifd proxy
+
+
+def scores_from_ifd(ifd: IFDScores) -> DifficultyScores:
+    """Map IFD to 1..5 by percentile rank: the proxy keeps IFD's ordering (higher IFD = the instruction
+    helps less = harder), and the paper's thresholds then cut at fixed quantiles (12.5% / 50% / 37.5%)."""
+    values = ifd.ifd
+    scores = np.full(len(values), np.nan)
+    valid = np.flatnonzero(~np.isnan(values))
+    if len(valid):
+        ranks = np.argsort(np.argsort(values[valid], kind="stable"), kind="stable")
+        scores[valid] = 1.0 + 4.0 * (ranks + 0.5) / len(valid)
+    return DifficultyScores(scores, "ifd", {"scoring": ifd.stats.as_record(), "ifd_skipped": len(ifd.skipped)})
+
+
+# ----------------------------------------------------------------------------- local judge
+
+
+def _label_token_ids(tokenizer: Any) -> tuple[str, list[int]]:
+    """(prefix the prompt ends with, token ids of the labels 1..5 that follow it)."""
+    spaced = [tokenizer.encode(f" {k}", add_special_tokens=False) for k in range(1, 6)]
+    if all(len(ids) == 1 for ids in spaced):
+        return "Score:", [ids[0] for ids in spaced]
+    bare = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(1, 6)]
+    if all(len(ids) == 1 for ids in bare):
+        return "Score: ", [ids[0] for ids in bare]
+    raise HarnessError("local-judge: the judge's tokenizer has no single tokens for the labels 1..5")
+
+
+def local_judge_prompt_ids(record: InstructionRecord, tokenizer: Any, prefix: str) -> list[int]:
+    messages = [
+        {"role": "system", "content": DIFFICULTY_SYSTEM},
+        {"role": "user", "content": difficulty_prompt(record)},
+    ]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        return tokenizer(text, add_special_tokens=False).input_ids
+    text = f"{DIFFICULTY_SYSTEM}\n\n{difficulty_prompt(record)}\n\n{prefix}"
+    return tokenizer(text).input_ids
+
+
+@torch.no_grad()
+def score_with_local_judge(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[InstructionRecord],
+    *,
+    max_length: int = 2048,
+    rows_per_batch: int = 4,
+    console: Console | None = None,
+) -> DifficultyScores:
+    """Expected value of the judge's next-token distribution over the labels 1..5."""
+    prefix, label_ids = _label_token_ids(tokenizer)
+    labels = torch.arange(1, 6, dtype=torch.float64)
+    model.eval()
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    prompts = [local_judge_prompt_ids(record, tokenizer, prefix) for record in records]
+    scores = np.full(len(records), np.nan)
+    usable = [i for i, ids in enumerate(prompts) if len(ids) <= max_length]
+    usable.sort(key=lambda i: len(prompts[i]))
+    forward_tokens = 0
+    with scoring_progress(console) as progress:
+        task = progress.add_task("local-judge difficulty", total=len(usable))
+        for start in range(0, len(usable), rows_per_batch):
+            chunk = usable[start : start + rows_per_batch]
+            examples = [TokenizedExample(prompts[i], [-100] * len(prompts[i])) for i in chunk]
+            batch = {k: v.to(device) for k, v in collate_rows([[e] for e in examples], tokenizer.pad_token_id).items()}
+            hidden = final_hidden_states(model, batch)
+            last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
+            logits = head(hidden[torch.arange(len(chunk), device=device), last]).float()
+            probs = torch.softmax(logits[:, label_ids].double(), dim=-1).cpu()
+            scores[chunk] = (probs * labels).sum(-1).numpy()
+            forward_tokens += sum(len(prompts[i]) for i in chunk)
+            progress.advance(task, len(chunk))
+    details = {"prompt_version": DIFFICULTY_PROMPT_VERSION, "forward_tokens": forward_tokens,
+               "over_length": len(records) - len(usable)}
+    return DifficultyScores(scores, "local-judge", details)
+
+
+# ----------------------------------------------------------------------------- remote judge
+
+
+class JudgeSettings(BaseModel):
+    """An OpenAI-compatible chat endpoint. The key is read from the environment variable named here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4-0613"  # the paper's judge
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(4, gt=0, le=64)
+    max_retries: int = Field(4, ge=0)
+    backoff_seconds: float = Field(1.0, ge=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_tokens: int = Field(64, gt=0)
+    price_per_1k_prompt_tokens: float = Field(0.03, ge=0)  # gpt-4-0613 list price, USD
+    price_per_1k_completion_tokens: float = Field(0.06, ge=0)
+
+
+def _is_local(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def judge_api_key(settings: JudgeSettings) -> str:
+    key = os.environ.get(settings.api_key_env, "")
+    if key:
+        return key
+    if _is_local(settings.base_url):
+        return "EMPTY"  # local vLLM / llama.cpp servers accept any key
+    raise HarnessError(
+        f"judge at {settings.base_url}: environment variable {settings.api_key_env} is not set; "
+        f"export it, or point params.judge.base_url at a local OpenAI-compatible server"
+    )
+
+
+class JudgeCache:
+    """Append-only JSONL of finished judgments, one file per (prompt version, judge model)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = {}
+        if not self.path.is_file():
+            return done
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                done[entry["id"]] = entry
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by a kill is simply judged again
+        return done
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord) -> dict[str, Any]:
+    """One judgment with retries and exponential backoff; malformed replies are retried too."""
+    import openai
+
+    last_problem = ""
+    prompt_tokens = completion_tokens = 0
+    for attempt in range(settings.max_retries + 1):
+        if attempt:
+            time.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
+        try:
+            response = client.chat.completions.create(
+                model=settings.model,
+                messages=[
+                    {"role": "system", "content": DIFFICULTY_SYSTEM},
+                    {"role": "user", "content": difficulty_prompt(record)},
+                ],
+                temperature=0,
+                max_tokens=settings.max_tokens,
+            )
+        except openai.AuthenticationError:
+            raise HarnessError(
+                f"judge at {settings.base_url} rejected the key in {settings.api_key_env} (401); check it"
+            ) from None
+        except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError) as error:
+            last_problem = type(error).__name__
+            continue
+        except openai.APIStatusError as error:
+            last_problem = f"HTTP {error.status_code}"
+            continue
+        if response.usage is not None:
+            prompt_tokens += response.usage.prompt_tokens or 0
+            completion_tokens += response.usage.completion_tokens or 0
+        reply = (response.choices[0].message.content or "") if response.choices else ""
+        score = parse_score(reply)
+        if score is not None:
+            return {"id": record.id, "score": score, "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens, "attempts": attempt + 1}
+        last_problem = "malformed reply"
+    return {"id": record.id, "score": None, "problem": last_problem, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "attempts": settings.max_retries + 1}
+
+
+def score_with_judge(
+    records: Sequence[InstructionRecord],
+    settings: JudgeSettings,
+    *,
+    cache: ArtifactCache | None = None,
+    console: Console | None = None,
+) -> DifficultyScores:
+    """Score every record through the judge endpoint; finished items are cached and never re-asked."""
+    import openai
+
+    key = judge_api_key(settings)
+    cache = cache or ArtifactCache()
+    file_key = content_key(prompt=DIFFICULTY_PROMPT_VERSION, model=settings.model, base_url=settings.base_url)
+    journal = JudgeCache(cache.root / "judge" / f"{file_key}.jsonl")
+    done = journal.load()
+    pending = [record for record in records if done.get(record.id, {}).get("score") is None]
+    reused = len({record.id for record in records} - {record.id for record in pending})
+    client = openai.OpenAI(base_url=settings.base_url, api_key=key, max_retries=0, timeout=settings.timeout_seconds)
+    failed: dict[str, str] = {}
+    spent = {"prompt_tokens": 0, "completion_tokens": 0}
+    with scoring_progress(console) as progress, ThreadPoolExecutor(settings.concurrency) as pool:
+        task = progress.add_task(f"judge {settings.model}", total=len(records), completed=reused)
+        futures = [pool.submit(_judge_one, client, settings, record) for record in pending]
+        for future in as_completed(futures):
+            entry = future.result()
+            spent["prompt_tokens"] += entry["prompt_tokens"]
+            spent["completion_tokens"] += entry["completion_tokens"]
+            if entry["score"] is None:
+                failed[entry["id"]] = entry["problem"]
+            else:
+                journal.append(entry)
+                done[entry["id"]] = entry
+            progress.advance(task)
+    scores = np.array([done.get(r.id, {}).get("score") or np.nan for r in records], dtype=np.float64)
+    cost = (
+        spent["prompt_tokens"] / 1000 * settings.price_per_1k_prompt_tokens
+        + spent["completion_tokens"] / 1000 * settings.price_per_1k_completion_tokens
+    )
+    details = {
+        "prompt_version": DIFFICULTY_PROMPT_VERSION,
+        "judge_model": settings.model,
+        "base_url": settings.base_url,
+        "requested": len(pending),
+        "reused_from_cache": reused,
+        "failed": len(failed),
+        "failure_kinds": sorted(set(failed.values())),
+        **spent,
+        "cost_usd": round(cost, 6),
+    }
+    return DifficultyScores(scores, "judge", details)

@@ -1,0 +1,253 @@
+"""The per-example scoring engine: batched forward passes over packed, length-sorted sequences that
+return each example's mean response-token loss, and IFD on top of it.
+
+IFD follows the Cherry LLM code (tianyi-lab/Cherry_LLM, cherry_seletion/data_analysis.py and
+data_by_IFD.py): s(A|Q) is the mean loss of the answer tokens after template(instruction, input);
+s(A) the mean loss of the same answer tokens after the response tag alone ("### Response:" for the
+Alpaca template); IFD = s(A|Q) / s(A). The answer carries no EOS. Examples whose prompt + answer
+exceed max_length are skipped and reported, never truncated.
+
+Speed: both passes of every example go through one packed stream (no padding work), the LM head is
+applied only at answer positions, and finished chunks are cached so a killed job resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from harness.artifacts import ArtifactCache, content_key
+from harness.batching import collate_rows, pack_best_fit
+from harness.data import InstructionRecord
+from harness.losses import final_hidden_states, per_example_mean_losses, response_token_losses
+from harness.templates import TokenizedExample, render_prompt, response_tag
+
+SCORING_ENGINE_VERSION = "1"
+
+
+@dataclass
+class ScoringStats:
+    sequences: int = 0
+    computed: int = 0  # sequences run through the model in this process
+    cached: int = 0  # sequences whose scores came from the artifact cache
+    forward_tokens: int = 0  # tokens of all scored sequences (the method's cost, cached or not)
+
+    def add(self, other: ScoringStats) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_record(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+def scoring_progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+    )
+
+
+def _batches(examples: Sequence[TokenizedExample], order: list[int], capacity: int, rows_per_batch: int) -> list[list[list[int]]]:
+    """Pack a (length-sorted) slice of examples into rows, then group rows into batches."""
+    rows = pack_best_fit([len(examples[i].input_ids) for i in order], capacity)
+    rows = [[order[i] for i in row] for row in rows]
+    rows.sort(key=lambda row: -sum(len(examples[i].input_ids) for i in row))
+    return [rows[start : start + rows_per_batch] for start in range(0, len(rows), rows_per_batch)]
+
+
+@torch.no_grad()
+def mean_response_losses(
+    model: Any,
+    examples: Sequence[TokenizedExample],
+    *,
+    pad_token_id: int,
+    capacity: int = 1024,
+    rows_per_batch: int = 4,
+    chunk_size: int = 512,
+    cache: ArtifactCache | None = None,
+    cache_key: str | None = None,
+    console: Console | None = None,
+    description: str = "scoring",
+) -> tuple[np.ndarray, ScoringStats]:
+    """Mean loss over the labelled tokens of each example, in input order (float64 array).
+
+    Examples are sorted by length and processed in chunks; with a cache and key, each finished chunk is
+    stored, so a rerun after a kill recomputes only unfinished chunks."""
+    model.eval()
+    device = next(model.parameters()).device
+    capacity = max(capacity, max(len(example.input_ids) for example in examples))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    scores = np.full(len(examples), np.nan, dtype=np.float64)
+    stats = ScoringStats(sequences=len(examples), forward_tokens=sum(len(e.input_ids) for e in examples))
+    chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
+    with scoring_progress(console) as progress:
+        task = progress.add_task(description, total=len(examples))
+        for chunk_index, chunk in enumerate(chunks):
+            saved = cache.load_chunk("scores", cache_key, chunk_index) if cache and cache_key else None
+            if saved is not None and len(saved) == len(chunk):
+                scores[chunk] = saved
+                stats.cached += len(chunk)
+                progress.advance(task, len(chunk))
+                continue
+            for batch_rows in _batches(examples, chunk, capacity, rows_per_batch):
+                batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
+                batch = {name: tensor.to(device) for name, tensor in batch.items()}
+                flat = [i for row in batch_rows for i in row]
+                losses = per_example_mean_losses(model, batch, len(flat))
+                scores[flat] = losses.double().cpu().numpy()
+                progress.advance(task, len(flat))
+            stats.computed += len(chunk)
+            if cache and cache_key:
+                cache.save_chunk("scores", cache_key, chunk_index, scores[chunk].tolist())
+    return scores, stats
+
+
+# ----------------------------------------------------------------------------- IFD
+
+
+@dataclass
+class IFDScores:
+    """Per-record IFD; NaN where the record was skipped (over-length or empty answer)."""
+
+    conditioned_loss: np.ndarray  # s(A|Q)
+    direct_loss: np.ndarray  # s(A)
+    skipped: list[int] = field(default_factory=list)
+    stats: ScoringStats = field(default_factory=ScoringStats)
+
+    @property
+    def ifd(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.conditioned_loss / self.direct_loss
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "conditioned_loss": [None if math.isnan(v) else v for v in self.conditioned_loss.tolist()],
+            "direct_loss": [None if math.isnan(v) else v for v in self.direct_loss.tolist()],
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> IFDScores:
+        def array(values: list[float | None]) -> np.ndarray:
+            return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+        return cls(array(payload["conditioned_loss"]), array(payload["direct_loss"]), list(payload["skipped"]))
+
+
+def ifd_pairs(
+    records: Sequence[InstructionRecord], tokenizer: Any, template: str, max_length: int
+) -> tuple[list[int], list[TokenizedExample], list[TokenizedExample], list[int]]:
+    """(kept record indices, conditioned examples, direct examples, skipped indices).
+
+    The answer is tokenized once, so both passes score exactly the same answer tokens."""
+    add_bos = template == "alpaca"
+    tag_ids = tokenizer(response_tag(template, tokenizer), add_special_tokens=add_bos).input_ids
+    kept, conditioned, direct, skipped = [], [], [], []
+    for index, record in enumerate(records):
+        prompt_ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids
+        answer_ids = tokenizer(record.output, add_special_tokens=False).input_ids
+        if not answer_ids or len(prompt_ids) + len(answer_ids) > max_length:
+            skipped.append(index)
+            continue
+        kept.append(index)
+        conditioned.append(TokenizedExample(prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+        direct.append(TokenizedExample(tag_ids + answer_ids, [-100] * len(tag_ids) + answer_ids))
+    return kept, conditioned, direct, skipped
+
+
+def compute_ifd(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[InstructionRecord],
+    *,
+    template: str,
+    max_length: int = 512,
+    model_key: str,
+    cache: ArtifactCache | None = None,
+    console: Console | None = None,
+    rows_per_batch: int = 4,
+) -> IFDScores:
+    """IFD of every record under `model`; cached under (model_key, data, template, max_length, dtype)."""
+    dtype = str(next(model.parameters()).dtype)
+    key = content_key(
+        kind="ifd",
+        engine=SCORING_ENGINE_VERSION,
+        model=model_key,
+        dtype=dtype,
+        template=template,
+        max_length=max_length,
+        records=[record.id for record in records],
+    )
+    if cache is not None:
+        stored = cache.load("ifd", key)
+        if stored is not None:
+            result = IFDScores.from_json(stored)
+            kept = len(records) - len(result.skipped)
+            result.stats = ScoringStats(sequences=2 * kept, cached=2 * kept, forward_tokens=stored.get("forward_tokens", 0))
+            return result
+    kept, conditioned, direct, skipped = ifd_pairs(records, tokenizer, template, max_length)
+    losses, stats = mean_response_losses(
+        model,
+        conditioned + direct,
+        pad_token_id=tokenizer.pad_token_id,
+        capacity=max_length,
+        rows_per_batch=rows_per_batch,
+        cache=cache,
+        cache_key=key,
+        console=console,
+        description="IFD scoring",
+    )
+    conditioned_loss = np.full(len(records), np.nan)
+    direct_loss = np.full(len(records), np.nan)
+    conditioned_loss[kept] = losses[: len(kept)]
+    direct_loss[kept] = losses[len(kept) :]
+    result = IFDScores(conditioned_loss, direct_loss, skipped, stats)
+    if cache is not None:
+        cache.save("ifd", key, result.to_json() | {"forward_tokens": stats.forward_tokens})
+    return result
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@torch.no_grad()
+def embeddings_and_perplexity(
+    model: Any, examples: Sequence[TokenizedExample], *, pad_token_id: int, capacity: int = 1024, rows_per_batch: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-pooled last hidden state and perplexity of each whole sequence (Cherry's "pre" pass).
+
+    `examples` should carry labels on every token after the first (loss over the whole text)."""
+    model.eval()
+    device = next(model.parameters()).device
+    capacity = max(capacity, max(len(example.input_ids) for example in examples))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    hidden_size = model.config.hidden_size
+    embeddings = np.zeros((len(examples), hidden_size), dtype=np.float32)
+    perplexities = np.zeros(len(examples), dtype=np.float64)
+    for batch_rows in _batches(examples, order, capacity, rows_per_batch):
+        batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        flat = [i for row in batch_rows for i in row]
+        hidden = final_hidden_states(model, batch)
+        seq = batch["seq_ids"]
+        mask = seq >= 0
+        ones = torch.ones(int(mask.sum()), device=device)
+        counts = torch.zeros(len(flat), device=device).index_add_(0, seq[mask], ones)
+        sums = torch.zeros(len(flat), hidden.shape[-1], device=device).index_add_(0, seq[mask], hidden[mask].float())
+        embeddings[flat] = (sums / counts[:, None]).cpu().numpy()
+        token_losses, token_seq = response_token_losses(model, batch, hidden=hidden)
+        loss_sums = torch.zeros(len(flat), device=device).index_add_(0, token_seq, token_losses)
+        loss_counts = torch.zeros(len(flat), device=device).index_add_(0, token_seq, torch.ones_like(token_losses))
+        perplexities[flat] = torch.exp(loss_sums / loss_counts.clamp(min=1)).double().cpu().numpy()
+    return embeddings, perplexities

@@ -1,0 +1,111 @@
+"""IFD-selected data, "Cherry LLM" (Li et al., arXiv 2308.12032; code tianyi-lab/Cherry_LLM), recipes.md section 3.
+
+1. Optional "brief experience": embed every instruction prompt with the RAW base model (mean of the last
+   hidden state), K-means into 100 clusters, in each cluster keep the samples between the 25th and 75th
+   percentile of instruction perplexity and take 10 evenly spaced among them, then train the base model
+   1 epoch on those (<= 1,000) samples. Off by default: the authors' V2 (Llama-2) skips it and scores
+   with the base model, and the paper reports random choice works about as well.
+2. Score IFD = s(A|Q) / s(A) with the experienced model (or the base model) - harness.scoring.
+3. Drop IFD > 1 (the instruction does not help: a misaligned pair), sort the rest by IFD descending and
+   keep the top `rate` of that filtered set (default 10%; the paper's G.2 calls 5-15% safe).
+4. Train the base model on the selection with the shared training settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.artifacts import content_key
+from harness.data import InstructionRecord
+from harness.runner import RecipeOutput, RunContext
+from harness.scoring import embeddings_and_perplexity
+from harness.templates import TokenizedExample, render_prompt
+
+NAME = "ifd"
+DESCRIPTION = "IFD data selection (Cherry LLM): train on the top-IFD fraction, IFD <= 1 (Li et al. 2024)"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rate: float = Field(0.10, gt=0, le=1, description="fraction of the IFD <= 1 set to keep")
+    drop_above_one: bool = True
+    brief_experience: bool = False
+    experience_clusters: int = Field(100, gt=0)
+    experience_per_cluster: int = Field(10, gt=0)
+    scoring_max_length: int = Field(512, gt=8, description="over-length examples are skipped, never truncated")
+
+
+def select_top_ifd(ifd: np.ndarray, rate: float, drop_above_one: bool = True) -> list[int]:
+    """Indices of the top `rate` fraction by IFD (descending) among scored records with IFD <= 1."""
+    candidates = [i for i, value in enumerate(ifd) if not np.isnan(value) and (value <= 1.0 or not drop_above_one)]
+    candidates.sort(key=lambda i: (-ifd[i], i))
+    keep = max(1, int(len(candidates) * rate)) if candidates else 0
+    return sorted(candidates[:keep])
+
+
+def experience_samples(
+    model: Any, tokenizer: Any, records: list[InstructionRecord], template: str, params: Params, seed: int
+) -> list[int]:
+    """Cherry's pre-experience selection: K-means on instruction embeddings, 25th-75th percentile of
+    instruction perplexity per cluster, `experience_per_cluster` evenly spaced by perplexity."""
+    from sklearn.cluster import KMeans
+
+    add_bos = template == "alpaca"
+    examples = []
+    for record in records:
+        ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids
+        examples.append(TokenizedExample(ids, [-100] + ids[1:]))
+    embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id)
+    clusters = min(params.experience_clusters, len(records))
+    labels = KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit_predict(embeddings)
+    chosen: list[int] = []
+    for cluster in range(clusters):
+        members = np.flatnonzero(labels == cluster)
+        values = perplexities[members]
+        low, high = np.percentile(values, 25), np.percentile(values, 75)
+        middle = sorted((i for i in members if low <= perplexities[i] <= high), key=lambda i: perplexities[i])
+        if not middle:
+            continue
+        count = min(params.experience_per_cluster, len(middle))
+        positions = np.unique(np.linspace(0, len(middle) - 1, count).round().astype(int))
+        chosen.extend(int(middle[p]) for p in positions)
+    return sorted(chosen)
+
+
+def run(ctx: RunContext) -> RecipeOutput:
+    params: Params = ctx.params  # type: ignore[assignment]
+    records = ctx.data.records
+    model, tokenizer = ctx.base_model()
+    scorer, scorer_key, experience = model, ctx.base_model_key, []
+    if params.brief_experience:
+        with ctx.stage("experience_selection"):
+            experience = experience_samples(model, tokenizer, records, ctx.spec.training.template, params, ctx.spec.seed)
+        scorer, _ = ctx.train(
+            model, tokenizer, [records[i] for i in experience], stage="experience", overrides={"epochs": 1.0, "max_steps": -1}
+        )
+        scorer_key = content_key(
+            base=ctx.base_model_key, experience=[records[i].id for i in experience],
+            training=ctx.spec.training.model_dump(mode="json"), seed=ctx.spec.seed,
+        )
+        model, tokenizer = ctx.base_model()  # the selection trains the RAW base model
+    scores = ctx.ifd(scorer, tokenizer, records, model_key=scorer_key, max_length=params.scoring_max_length)
+    ifd = scores.ifd
+    selected = select_top_ifd(ifd, params.rate, params.drop_above_one)
+    trained, _ = ctx.train(model, tokenizer, [records[i] for i in selected], stage="sft")
+    valid = ifd[~np.isnan(ifd)]
+    details = {
+        "scorer": "experienced-model" if params.brief_experience else "base-model",
+        "experience_samples": len(experience),
+        "scored": int(len(valid)),
+        "skipped_over_length": len(scores.skipped),
+        "above_one": int((valid > 1).sum()),
+        "selected": len(selected),
+        "selected_fraction_of_pool": round(len(selected) / len(records), 4),
+        "selected_ifd_range": [float(ifd[selected].min()), float(ifd[selected].max())] if selected else None,
+        "selected_ids_sha256": content_key(ids=[records[i].id for i in selected]),
+        "ifd_quantiles": {q: float(np.quantile(valid, q)) for q in (0.1, 0.5, 0.9)} if len(valid) else {},
+    }
+    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details)

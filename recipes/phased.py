@@ -1,0 +1,151 @@
+"""Phased IFT (Pang et al., arXiv 2406.04371; code xubuvd/PhasedSFT), recipes.md section 2.
+
+1. Score each (instruction, input, output) triplet's difficulty on 1-5 (the paper: GPT-4-0613).
+2. Split by hand-picked thresholds, default 1.5 and 3.5: stage 1 = [1, 1.5), stage 2 = [1.5, 3.5),
+   stage 3 = [3.5, 5].
+3. Uptrain sequentially, easy to hard: each stage starts from the previous stage's weights, with the
+   SAME training settings, and a NEW optimizer and LR schedule (the authors' code runs each stage as a
+   separate job). With the run's epochs per stage every example is seen as often as in One-off.
+
+Controls from the paper: any permutation of the stages (e.g. [3, 2, 1] reversed), a subset (e.g. [3]:
+stage 3 alone), and `random`: the same stage sizes filled with randomly assigned examples.
+
+Scorers (harness.difficulty): `judge` (OpenAI-compatible endpoint), `local-judge` (in-process HF
+model), `file` (Phased-format scores joined on text), `ifd` (offline proxy). `auto` = `file` when the
+data carries scores, else `ifd`. Records the scorer cannot score are left out and counted.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from harness.difficulty import (
+    DifficultyScores,
+    JudgeSettings,
+    score_with_judge,
+    score_with_local_judge,
+    scores_from_file,
+    scores_from_ifd,
+)
+from harness.models import load_model_and_tokenizer, resolve_model
+from harness.runner import RecipeOutput, RunContext
+
+NAME = "phased"
+DESCRIPTION = "Phased IFT: difficulty-scored stages, uptrained easy -> hard (Pang et al. 2024)"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scorer: Literal["auto", "ifd", "local-judge", "judge", "file"] = "auto"
+    thresholds: tuple[float, float] = (1.5, 3.5)
+    stage_order: list[int] | Literal["random"] = Field(default_factory=lambda: [1, 2, 3])
+    scores_file: str | None = Field(None, description="Phased IFT scored JSONL for scorer=file")
+    judge: JudgeSettings = JudgeSettings()
+    local_judge_model: str | None = Field(None, description="model-set name or path; None: the run's base model")
+    evaluate_each_stage: bool = False
+    scoring_max_length: int = Field(512, gt=8)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _ascending(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 1.0 <= value[0] < value[1] <= 5.0:
+            raise ValueError("thresholds must satisfy 1 <= low < high <= 5")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_order(self) -> Params:
+        if self.stage_order != "random":
+            order = self.stage_order
+            if not order or len(set(order)) != len(order) or not set(order) <= {1, 2, 3}:
+                raise ValueError("stage_order must be distinct stages from {1, 2, 3} (e.g. [1, 2, 3], [3, 2, 1], [3]) or 'random'")
+        return self
+
+
+def score_difficulty(ctx: RunContext, params: Params, model: Any, tokenizer: Any) -> DifficultyScores:
+    records = ctx.data.records
+    scorer = params.scorer
+    if scorer == "auto":
+        scorer = "file" if params.scores_file or any("difficulty" in r.metadata for r in records) else "ifd"
+    if scorer == "file":
+        from pathlib import Path
+
+        return scores_from_file(records, Path(params.scores_file) if params.scores_file else None)
+    if scorer == "ifd":
+        ifd = ctx.ifd(model, tokenizer, records, model_key=ctx.base_model_key, max_length=params.scoring_max_length)
+        return scores_from_ifd(ifd)
+    if scorer == "local-judge":
+        judge_model, judge_tokenizer = model, tokenizer
+        if params.local_judge_model:
+            judge_model, judge_tokenizer = load_model_and_tokenizer(resolve_model(params.local_judge_model))
+        with ctx.stage("score:local-judge"):
+            return score_with_local_judge(judge_model, judge_tokenizer, records, console=ctx.console)
+    with ctx.stage("score:judge"):
+        return score_with_judge(records, params.judge, cache=ctx.cache, console=ctx.console)
+
+
+def assign_stages(scores: np.ndarray, thresholds: tuple[float, float]) -> dict[int, list[int]]:
+    """Record indices per stage: 1 = [1, low), 2 = [low, high), 3 = [high, 5]; NaN scores are left out."""
+    low, high = thresholds
+    stages: dict[int, list[int]] = {1: [], 2: [], 3: []}
+    for index, score in enumerate(scores):
+        if np.isnan(score):
+            continue
+        stages[1 if score < low else 2 if score < high else 3].append(index)
+    return stages
+
+
+def random_stages(stages: dict[int, list[int]], seed: int) -> dict[int, list[int]]:
+    """The paper's control: the same stage sizes, filled with randomly assigned examples."""
+    pool = [index for stage in (1, 2, 3) for index in stages[stage]]
+    random.Random(seed).shuffle(pool)
+    shuffled, start = {}, 0
+    for stage in (1, 2, 3):
+        shuffled[stage] = sorted(pool[start : start + len(stages[stage])])
+        start += len(stages[stage])
+    return shuffled
+
+
+def run(ctx: RunContext) -> RecipeOutput:
+    params: Params = ctx.params  # type: ignore[assignment]
+    model, tokenizer = ctx.base_model()
+    difficulty = score_difficulty(ctx, params, model, tokenizer)
+    stages = assign_stages(difficulty.scores, params.thresholds)
+    order = [1, 2, 3] if params.stage_order == "random" else list(params.stage_order)
+    if params.stage_order == "random":
+        stages = random_stages(stages, ctx.spec.seed)
+    records = ctx.data.records
+    visited, stage_evaluations = [], {}
+    for stage in order:
+        members = stages[stage]
+        summary = {
+            "stage": stage,
+            "size": len(members),
+            "mean_difficulty": float(np.mean(difficulty.scores[members])) if members else None,
+            "min_difficulty": float(np.min(difficulty.scores[members])) if members else None,
+            "max_difficulty": float(np.max(difficulty.scores[members])) if members else None,
+        }
+        if not members:
+            summary["skipped"] = "empty stage"
+            visited.append(summary)
+            continue
+        model, result = ctx.train(model, tokenizer, [records[i] for i in members], stage=f"stage{stage}")
+        summary["steps"] = result.steps
+        visited.append(summary)
+        if params.evaluate_each_stage and stage != order[-1]:
+            stage_evaluations[f"stage{stage}"] = ctx.evaluate(model, tokenizer, f"stage{stage}")
+    details = {
+        "scorer": difficulty.scorer,
+        "scorer_details": difficulty.details,
+        "unscored": difficulty.unscored,
+        "thresholds": list(params.thresholds),
+        "stage_order": params.stage_order,
+        "stages": visited,
+        "stage_evaluations": stage_evaluations,
+        "judge_cost_usd": float(difficulty.details.get("cost_usd", 0.0)),
+        "extra_scoring_tokens": int(difficulty.details.get("forward_tokens", 0)) if difficulty.scorer == "local-judge" else 0,
+    }
+    return RecipeOutput(model=model, tokenizer=tokenizer, details=details)

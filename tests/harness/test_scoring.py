@@ -1,0 +1,114 @@
+import numpy as np
+import torch
+
+from harness.artifacts import ArtifactCache
+from harness.data import InstructionRecord
+from harness.scoring import compute_ifd, embeddings_and_perplexity, ifd_pairs
+from harness.templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, TokenizedExample
+
+
+def reference_answer_loss(model, prefix_ids: list[int], answer_ids: list[int]) -> float:
+    """Unbatched, per-token loop in the style of the Cherry LLM reference: one sequence, no padding."""
+    ids = torch.tensor([prefix_ids + answer_ids])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    losses = [-log_probs[len(prefix_ids) + k - 1, token].item() for k, token in enumerate(answer_ids)]
+    return sum(losses) / len(losses)
+
+
+def mixed_length_records(sample_records) -> list[InstructionRecord]:
+    by_length = sorted(sample_records[:200], key=lambda r: len(r.output))
+    return by_length[:6] + by_length[-6:] + [InstructionRecord("Say hi.", "Hi", input="to Bob")]
+
+
+def test_ifd_matches_an_independent_per_example_computation(tiny, sample_records, tmp_path):
+    model, tokenizer = tiny
+    records = mixed_length_records(sample_records)
+    result = compute_ifd(model, tokenizer, records, template="alpaca", max_length=512, model_key="tiny",
+                         cache=ArtifactCache(tmp_path))
+    for index, record in enumerate(records):
+        if index in result.skipped:
+            continue
+        prompt = (ALPACA_PROMPT_WITH_INPUT if record.input else ALPACA_PROMPT_NO_INPUT).format(
+            instruction=record.instruction, input=record.input)
+        answer = tokenizer.encode(record.output, add_special_tokens=False)
+        conditioned = reference_answer_loss(model, tokenizer.encode(prompt, add_special_tokens=True), answer)
+        direct = reference_answer_loss(model, tokenizer.encode("### Response:", add_special_tokens=True), answer)
+        assert abs(result.conditioned_loss[index] - conditioned) < 1e-4
+        assert abs(result.direct_loss[index] - direct) < 1e-4
+        assert abs(result.ifd[index] - conditioned / direct) < 1e-4
+    lengths = [len(tokenizer.encode(r.output)) for r in records]
+    assert max(lengths) > 10 * min(lengths)
+
+
+def test_over_length_examples_are_skipped_not_truncated(tiny, sample_records):
+    model, tokenizer = tiny
+    long_record = InstructionRecord("Repeat.", " ".join(["word"] * 400))
+    kept, conditioned, direct, skipped = ifd_pairs([sample_records[0], long_record], tokenizer, "alpaca", 128)
+    assert kept == [0] and skipped == [1]
+    assert conditioned[0].labels[-len(direct[0].input_ids) + 3 :] == direct[0].labels[3:]  # same answer tokens
+
+
+def test_cache_reuses_scores_and_resumes_partial_work(tiny, sample_records, tmp_path):
+    model, tokenizer = tiny
+    records = sample_records[:40]
+    cache = ArtifactCache(tmp_path)
+    first = compute_ifd(model, tokenizer, records, template="chat", model_key="tiny", cache=cache)
+    assert first.stats.computed == 80 and first.stats.cached == 0
+    second = compute_ifd(model, tokenizer, records, template="chat", model_key="tiny", cache=cache)
+    assert second.stats.computed == 0 and second.stats.cached == 80
+    np.testing.assert_array_equal(first.ifd, second.ifd)
+    # Different parameters are a different artifact.
+    other = compute_ifd(model, tokenizer, records, template="chat", max_length=256, model_key="tiny", cache=cache)
+    assert other.stats.computed == 80
+
+
+def test_killed_scoring_resumes_from_finished_chunks(tiny, sample_records, tmp_path):
+    from harness import scoring
+
+    model, tokenizer = tiny
+    records = sample_records[:30]
+    cache = ArtifactCache(tmp_path)
+    _, conditioned, direct, _ = ifd_pairs(records, tokenizer, "chat", 512)
+    examples = conditioned + direct
+    full, _ = scoring.mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id, chunk_size=16)
+
+    calls = {"n": 0}
+    original = scoring.per_example_mean_losses
+
+    def dies_after_two_batches(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    scoring.per_example_mean_losses = dies_after_two_batches
+    try:
+        try:
+            scoring.mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id, chunk_size=16,
+                                         rows_per_batch=1, cache=cache, cache_key="k")
+        except KeyboardInterrupt:
+            pass
+    finally:
+        scoring.per_example_mean_losses = original
+    assert cache.completed_chunks("scores", "k") >= 1
+    resumed, stats = scoring.mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id,
+                                                  chunk_size=16, cache=cache, cache_key="k")
+    assert stats.cached >= 16 and stats.computed < len(examples)
+    np.testing.assert_allclose(resumed, full, atol=1e-6)
+
+
+def test_embeddings_are_mean_pooled_hidden_states(tiny):
+    model, tokenizer = tiny
+    texts = ["Give three tips for staying healthy.", "Name a colour."]
+    examples = []
+    for text in texts:
+        ids = tokenizer(text).input_ids
+        examples.append(TokenizedExample(ids, [-100] + ids[1:]))
+    embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id)
+    for row, text in enumerate(texts):
+        ids = torch.tensor([tokenizer(text).input_ids])
+        with torch.no_grad():
+            output = model(input_ids=ids, labels=ids, output_hidden_states=True)
+        np.testing.assert_allclose(embeddings[row], output.hidden_states[-1][0].mean(0).numpy(), atol=1e-5)
+        assert abs(perplexities[row] / torch.exp(output.loss).item() - 1) < 1e-5
