@@ -44,7 +44,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--recipe", "-r", default=None, help="one-off (see `harness recipes`)")
+@click.option("--recipe", "-r", default=None, help="one-off, phased, ifd, ... or all (see `harness recipes`)")
 @click.option("--model", "-m", default=None, help="model-set name, local dir/.gguf, or hub id (default: tiny)")
 @click.option("--data", "-d", default=None, help="shipped data name, file path, or hub dataset id")
 @click.option("--suite", "-s", default=None, help="evaluation suite (see `harness suites`)")
@@ -77,6 +77,12 @@ def run(
     }
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
     _quiet_libraries()
+    if spec.recipe == "all":
+        from harness.compare import comparison_table, run_all
+
+        records = run_all(spec, output, console)
+        stdout_console().print(comparison_table(records))
+        return
     from harness.runner import execute_run, prepare_run
 
     prepared = prepare_run(spec)

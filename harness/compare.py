@@ -1,0 +1,74 @@
+"""`harness run --recipe all`: every recipe on one (model, data, suite) under one protocol, then a
+comparison table. In this mode `params` maps recipe names to their own parameters, e.g.
+`--set params.ifd.rate=0.05`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError, unknown_name
+from harness.spec import RunSpec
+
+
+def specs_for_all(spec: RunSpec) -> list[RunSpec]:
+    from recipes import RECIPE_MODULES
+
+    for name in spec.params:
+        if name not in RECIPE_MODULES:
+            raise unknown_name("recipe in params (with --recipe all, params.<recipe>.<key>)", name, RECIPE_MODULES)
+        if not isinstance(spec.params[name], dict):
+            raise HarnessError(f"with --recipe all, params.{name} must be a mapping of that recipe's parameters")
+    return [spec.model_copy(update={"recipe": name, "params": dict(spec.params.get(name, {}))}) for name in RECIPE_MODULES]
+
+
+def run_all(spec: RunSpec, output: Path, console: Console) -> list[dict[str, Any]]:
+    """Validate every recipe's run first (nothing is written for bad input), then run them in turn."""
+    from harness.runner import execute_run, prepare_run
+
+    prepared = [prepare_run(sub_spec) for sub_spec in specs_for_all(spec)]
+    return [execute_run(run, output, console) for run in prepared]
+
+
+def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    cells = {}
+    for task, entry in record["metrics"].items():
+        for metric, value in entry.items():
+            if isinstance(value, dict) and value.get("value") is not None:
+                cells[f"{task} {metric}"] = (value["value"], value.get("stderr"))
+    return cells
+
+
+def comparison_table(records: list[dict[str, Any]]) -> Table:
+    """Rows = recipes, columns = metrics (value ± stderr, delta vs one-off) and cost."""
+    columns = sorted({name for record in records for name in _metric_cells(record)})
+    baseline = next((r for r in records if r["recipe"]["name"] == "one-off"), None)
+    base_cells = _metric_cells(baseline) if baseline else {}
+    first = records[0]
+    table = Table(title=f"recipes on {first['model']['name']} / {first['data']['source']} / suite {first['suite']['name']}")
+    table.add_column("recipe")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for column in ("train tokens", "scoring tokens", "wall s"):
+        table.add_column(column, justify="right")
+    best = {c: max(_metric_cells(r).get(c, (float("-inf"), None))[0] for r in records) for c in columns}
+    for record in records:
+        cells = _metric_cells(record)
+        row = [record["recipe"]["name"]]
+        for column in columns:
+            if column not in cells:
+                row.append("-")
+                continue
+            value, stderr = cells[column]
+            text = f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+            if column in base_cells and record is not baseline:
+                text += f" ({value - base_cells[column][0]:+.4f})"
+            row.append(f"[bold]{text}[/]" if value == best[column] else text)
+        cost = record["cost"]
+        row += [f"{cost['train_tokens']:,}", f"{cost.get('scoring_tokens', 0):,}", f"{cost['wall_seconds']:.0f}"]
+        table.add_row(*row)
+    table.caption = "bold = best per column; (±x) = difference from one-off; paired tests: harness leaderboard"
+    return table

@@ -1,0 +1,34 @@
+import pytest
+
+from harness.compare import comparison_table, specs_for_all
+from harness.errors import HarnessError
+from harness.spec import build_spec
+
+
+def test_all_mode_maps_params_per_recipe():
+    spec = build_spec(config_file=None, overrides=["params.ifd.rate=0.05", "params.phased.stage_order=[3]"],
+                      flags={"recipe": "all"})
+    by_name = {sub.recipe: sub for sub in specs_for_all(spec)}
+    assert {"one-off", "phased", "ifd"} <= set(by_name)
+    assert by_name["ifd"].params == {"rate": 0.05}
+    assert by_name["phased"].params == {"stage_order": [3]}
+    assert by_name["one-off"].params == {}
+    assert len({sub.run_id() for sub in by_name.values()}) == len(by_name)
+
+
+def test_all_mode_rejects_unknown_recipe_params():
+    spec = build_spec(config_file=None, overrides=["params.ifdd.rate=0.05"], flags={"recipe": "all"})
+    with pytest.raises(HarnessError, match="did you mean 'ifd'"):
+        specs_for_all(spec)
+
+
+def test_comparison_table_marks_deltas_against_one_off():
+    def record(name, acc):
+        return {"recipe": {"name": name}, "model": {"name": "tiny"}, "data": {"source": "s"}, "suite": {"name": "smoke"},
+                "metrics": {"t": {"n": 10, "acc": {"value": acc, "stderr": 0.1}}},
+                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+
+    table = comparison_table([record("one-off", 0.5), record("ifd", 0.6)])
+    cells = [list(column.cells) for column in table.columns]
+    assert cells[0] == ["one-off", "ifd"]
+    assert "(+0.1000)" in cells[1][1] and "0.5000 ± 0.1000" in cells[1][0]
