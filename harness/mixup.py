@@ -1,0 +1,122 @@
+"""SFTMix's mechanisms (arXiv 2410.05248; no code released; details from recipes.md section 4):
+confidence from training dynamics, the median split, random confident/unconfident pairs, and the
+mixup loss on last-layer hidden states at response positions.
+
+Unknowns of the paper are arguments with documented defaults: the states mixed (`post-norm`: the LM
+head's input; `pre-norm`: before the final norm, then normed), lambda per pair or per batch (per
+pair), and which tokens survive the truncation of the longer response (`first`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.losses import causal_lm_parts
+
+States = Literal["post-norm", "pre-norm"]
+Truncation = Literal["first", "last"]
+
+
+def confidence(perplexities: np.ndarray) -> np.ndarray:
+    """Conf = -(1/C) sum_c perplexity_c over C reference checkpoints ([C, N] -> [N])."""
+    return -np.asarray(perplexities, dtype=np.float64).mean(axis=0)
+
+
+def split_at_median(conf: np.ndarray) -> tuple[list[int], list[int]]:
+    """(confident, unconfident) indices: the top floor(N/2) confidences vs the rest (ties broken by index)."""
+    order = sorted(range(len(conf)), key=lambda i: (-conf[i], i))
+    half = len(order) // 2
+    return sorted(order[:half]), sorted(order[half:])
+
+
+def random_pairs(confident: list[int], unconfident: list[int], seed: int) -> list[tuple[int, int]]:
+    """Pair every confident example with an unconfident one at random; a leftover of the larger half is
+    paired with a random member of the other, so every example is trained on."""
+    rng = random.Random(seed)
+    c, u = confident[:], unconfident[:]
+    rng.shuffle(c)
+    rng.shuffle(u)
+    pairs = list(zip(c, u, strict=False))
+    for extra in c[len(u) :]:
+        pairs.append((extra, rng.choice(unconfident)))
+    for extra in u[len(c) :]:
+        pairs.append((rng.choice(confident), extra))
+    return pairs
+
+
+def sample_lambdas(num_pairs: int, alpha: float, per: Literal["pair", "batch"], device: torch.device) -> torch.Tensor:
+    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+    values = beta.sample((num_pairs,)) if per == "pair" else beta.sample().expand(num_pairs)
+    return values.to(device)
+
+
+def hidden_states_with_prenorm(model: Any, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None):
+    """(post-norm, pre-norm) last-layer hidden states, the pre-norm ones captured at the final norm's input."""
+    decoder, _ = causal_lm_parts(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_input(module: Any, args: tuple, output: torch.Tensor) -> None:  # returning None keeps the output
+        captured["pre"] = args[0]
+
+    handle = decoder.norm.register_forward_hook(keep_input)
+    try:
+        if inputs_embeds is not None:
+            output = decoder(inputs_embeds=inputs_embeds, position_ids=batch["position_ids"], use_cache=False)
+        else:
+            output = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    return output.last_hidden_state, captured["pre"]
+
+
+def mixup_loss(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    states: torch.Tensor,
+    lambdas: torch.Tensor,
+    *,
+    state_kind: States = "post-norm",
+    truncation: Truncation = "first",
+) -> torch.Tensor:
+    """Token-mean of lambda * CE(head(Z), Y_c) + (1 - lambda) * CE(head(Z), Y_u) over all pairs.
+
+    Examples 2k (confident) and 2k+1 (unconfident) of the batch form pair k; `states` are the last
+    layer's hidden states (post- or pre-norm as `state_kind` says) of the whole batch; Z = lambda * Z_c +
+    (1 - lambda) * Z_u at the response positions, aligned by truncating the longer response."""
+    decoder, head = causal_lm_parts(model)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    selected = states[:, :-1][mask]
+    labels = targets[mask]
+    owner = batch["seq_ids"][:, 1:][mask]
+    mixed, labels_c, labels_u, weights = [], [], [], []
+    for pair, lam in enumerate(lambdas):
+        c_rows = torch.nonzero(owner == 2 * pair).squeeze(-1)
+        u_rows = torch.nonzero(owner == 2 * pair + 1).squeeze(-1)
+        length = min(len(c_rows), len(u_rows))
+        if length == 0:
+            continue
+        if truncation == "first":
+            c_rows, u_rows = c_rows[:length], u_rows[:length]
+        else:
+            c_rows, u_rows = c_rows[-length:], u_rows[-length:]
+        mixed.append(lam * selected[c_rows] + (1 - lam) * selected[u_rows])
+        labels_c.append(labels[c_rows])
+        labels_u.append(labels[u_rows])
+        weights.append(lam.expand(length))
+    if not mixed:
+        return states.sum() * 0.0
+    z = torch.cat(mixed)
+    if state_kind == "pre-norm":
+        z = decoder.norm(z)
+    logits = head(z).float()
+    lam = torch.cat(weights).float()
+    loss = lam * F.cross_entropy(logits, torch.cat(labels_c), reduction="none") + (1 - lam) * F.cross_entropy(
+        logits, torch.cat(labels_u), reduction="none"
+    )
+    return loss.mean()

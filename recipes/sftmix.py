@@ -1,0 +1,153 @@
+"""SFTMix (Xiao et al., arXiv 2410.05248; no code released), recipes.md section 4. Details come from
+secondary sources; every unknown is a parameter below with a documented default.
+
+1. Training dynamics: train a reference model (the same base by default, or another model - a small
+   reference can score for a larger target) with plain next-token loss, and at C evenly spaced
+   checkpoints (default one per epoch) measure each example's response perplexity.
+   Conf = -(1/C) * sum_c perplexity_c(response | instruction).
+2. Split at the median into a confident half D_c and an unconfident half D_u.
+3. Train the target: every batch holds equal numbers of confident and unconfident examples, paired
+   at random; the last layer's hidden states at response positions of each pair are mixed,
+   Z = lambda Z_c + (1 - lambda) Z_u (aligned by truncating the longer response), lambda ~ Beta(0.5, 0.5),
+   mixup loss = lambda CE(head(Z), Y_c) + (1 - lambda) CE(head(Z), Y_u), and
+   total loss = NTP loss + mu * mixup loss, mu = 0.2.
+Confidences are cached artifacts keyed by the reference model, data and training settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import TrainerCallback
+
+from harness.artifacts import content_key
+from harness.mixup import confidence, mixup_loss, random_pairs, sample_lambdas, split_at_median
+from harness.models import load_model_and_tokenizer, resolve_model
+from harness.records import atomic_write_json
+from harness.runner import RecipeOutput, RunContext
+from harness.scoring import mean_response_losses
+from harness.templates import tokenize_for_training
+from harness.training import weight_dtype
+
+NAME = "sftmix"
+DESCRIPTION = "SFTMix: confidence-split pairs with hidden-state mixup regularisation (Xiao et al. 2024)"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reference_model: str | None = Field(None, description="model-set name, path or hub id; None: the run's base model")
+    reference_model_path: str | None = None
+    reference_epochs: float | None = Field(None, gt=0, description="None: the run's training.epochs")
+    checkpoints_per_epoch: int = Field(1, gt=0, description="C = ceil(reference_epochs * this)")
+    mu: float = Field(0.2, ge=0)
+    alpha: float = Field(0.5, gt=0, description="lambda ~ Beta(alpha, alpha)")
+    lambda_per: Literal["pair", "batch"] = "pair"
+    states: Literal["post-norm", "pre-norm"] = "post-norm"
+    truncation: Literal["first", "last"] = "first"
+
+
+@dataclass
+class SFTMixLoss:
+    """The extra loss term the training core adds: mu * mixup loss over the batch's (c, u) pairs."""
+
+    mu: float
+    alpha: float
+    lambda_per: Literal["pair", "batch"]
+    state_kind: Literal["post-norm", "pre-norm"]
+    truncation: Literal["first", "last"]
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
+        if self.mu == 0:
+            return states.sum() * 0.0
+        pairs = int(batch["num_examples"]) // 2
+        lambdas = sample_lambdas(pairs, self.alpha, self.lambda_per, states.device)
+        return self.mu * mixup_loss(model, batch, states, lambdas, state_kind=self.state_kind, truncation=self.truncation)
+
+
+class CheckpointPerplexities(TrainerCallback):
+    """At each chosen optimizer step, the mean response perplexity of every training example."""
+
+    def __init__(self, steps: set[int], examples: list, pad_token_id: int):
+        self.steps = steps
+        self.examples = examples
+        self.pad_token_id = pad_token_id
+        self.perplexities: dict[int, list[float]] = {}
+        self.forward_tokens = 0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and state.global_step not in self.perplexities:
+            losses, stats = mean_response_losses(model, self.examples, pad_token_id=self.pad_token_id, description=f"confidence @ step {state.global_step}")
+            self.perplexities[state.global_step] = np.exp(losses).tolist()
+            self.forward_tokens += stats.forward_tokens
+            model.train()
+
+
+def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict[str, Any]]:
+    """[C, N] response perplexities of the reference model at C checkpoints (cached)."""
+    settings = ctx.spec.training
+    epochs = params.reference_epochs or settings.epochs
+    reference = params.reference_model
+    key = content_key(
+        kind="sftmix-dynamics", reference=reference or ctx.base_model_key, reference_path=params.reference_model_path,
+        epochs=epochs, per_epoch=params.checkpoints_per_epoch, training=settings.model_dump(mode="json"),
+        records=[r.id for r in ctx.data.records], seed=ctx.spec.seed,
+    )
+    cached = ctx.cache.load("sftmix", key)
+    if cached is not None:
+        return np.array(cached["perplexities"]), cached["details"] | {"cached": True}
+    if reference is None:
+        model, tokenizer = ctx.base_model()
+    else:
+        model, tokenizer = load_model_and_tokenizer(resolve_model(reference, params.reference_model_path), dtype=weight_dtype(settings.precision))
+    examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
+    from harness.batching import RowDataset
+
+    rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
+    steps_per_epoch = math.ceil(rows / (settings.batch_size * settings.gradient_accumulation_steps))
+    total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
+    checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
+    steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})
+    recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id)
+    _, result = ctx.train(model, tokenizer, ctx.data.records, stage="reference", overrides={"epochs": epochs},
+                          callbacks=[recorder], overhead=True)
+    perplexities = np.array([recorder.perplexities[step] for step in sorted(recorder.perplexities)])
+    details = {"checkpoint_steps": sorted(recorder.perplexities), "reference": reference or "base model",
+               "scoring_forward_tokens": recorder.forward_tokens, "reference_train_tokens": result.real_tokens}
+    ctx.cache.save("sftmix", key, {"perplexities": perplexities.tolist(), "details": details})
+    return perplexities, details | {"cached": False}
+
+
+def run(ctx: RunContext) -> RecipeOutput:
+    params: Params = ctx.params  # type: ignore[assignment]
+    perplexities, dynamics = training_dynamics(ctx, params)
+    conf = confidence(perplexities)
+    confident, unconfident = split_at_median(conf)
+    pairs = random_pairs(confident, unconfident, ctx.spec.seed)
+    records = ctx.data.records
+    halves = {i: "confident" for i in confident} | {i: "unconfident" for i in unconfident}
+    atomic_write_json(ctx.run_dir / "artifacts" / "sftmix_confidence.json", [
+        {"id": record.id, "confidence": float(conf[i]), "half": halves[i]} for i, record in enumerate(records)
+    ])
+    model, tokenizer = ctx.base_model()
+    loss = SFTMixLoss(params.mu, params.alpha, params.lambda_per, params.states, params.truncation)
+    # Each training row is one (confident, unconfident) pair: examples 2k and 2k+1 of a batch pair up.
+    ordered = [records[i] for pair in pairs for i in pair]
+    rows = [[2 * k, 2 * k + 1] for k in range(len(pairs))]
+    trained, _ = ctx.train(model, tokenizer, ordered, stage="sft", extra_loss=loss, rows=rows)
+    details = {
+        "checkpoints": len(perplexities),
+        "dynamics": dynamics,
+        "confident": len(confident),
+        "unconfident": len(unconfident),
+        "median_confidence": float(np.median(conf)),
+        "pairs": len(pairs),
+        # The method's cost whether or not this run found the dynamics cached:
+        "extra_scoring_tokens": int(dynamics.get("scoring_forward_tokens", 0)),
+        "cached_overhead_train_tokens": int(dynamics["reference_train_tokens"]) if dynamics.get("cached") else 0,
+    }
+    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details)
