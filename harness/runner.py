@@ -62,7 +62,9 @@ class PreparedRun:
 
     @property
     def run_id(self) -> str:
-        return self.spec.run_id()
+        """The spec's hash with the data's content and the harness version folded in: changing a config
+        value, the data file's content or the harness version gives a new run directory."""
+        return self.spec.run_id(salt=f"{self.data.content_hash()}|{__version__}")
 
 
 def prepare_run(spec: RunSpec) -> PreparedRun:
@@ -184,11 +186,57 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _execute(prepared, run_dir, console, save_model)
+        with run_lock(run_dir):
+            check_resumable(run_dir)
+            return _execute(prepared, run_dir, console, save_model)
     except HarnessError:
         if created:  # a user-input problem found late: leave nothing half-written behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One process per run directory: a second `harness run` into it fails at once instead of corrupting it."""
+    import fcntl
+    import os
+
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise HarnessError(f"run directory {run_dir} is in use by {holder}; wait for it or use another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Resuming an unfinished run with different harness code would mix versions in one result: refuse,
+    and say what differs (HARNESS_ALLOW_CODE_CHANGE=1 overrides, e.g. after a docs-only change)."""
+    import os
+
+    meta_path = run_dir / "run.json"
+    commit = git_commit()
+    if meta_path.is_file():
+        try:
+            started_with = json.loads(meta_path.read_text()).get("git_commit", "unknown")
+        except (OSError, json.JSONDecodeError):
+            started_with = "unknown"
+        if started_with != commit and "unknown" not in (started_with, commit) and not os.environ.get("HARNESS_ALLOW_CODE_CHANGE"):
+            raise HarnessError(
+                f"run directory {run_dir} was started by harness commit {started_with}, this is {commit}: "
+                "resuming would mix code versions; delete the directory to start over, or set HARNESS_ALLOW_CODE_CHANGE=1"
+            )
+    else:
+        atomic_write_json(meta_path, {"git_commit": commit, "harness_version": __version__})
 
 
 def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool) -> dict[str, Any]:

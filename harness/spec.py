@@ -82,9 +82,11 @@ class RunSpec(StrictModel):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def run_id(self) -> str:
+    def run_id(self, salt: str = "") -> str:
+        """<recipe>-<model>-<hash>; `salt` folds in what the spec names but does not contain (the data's content)."""
         model_slug = re.sub(r"[^a-z0-9.]+", "-", Path(self.model).name.lower()).strip("-")[:40]
-        return f"{self.recipe}-{model_slug}-{self.content_hash()[:10]}"
+        digest = hashlib.sha256((self.content_hash() + salt).encode()).hexdigest() if salt else self.content_hash()
+        return f"{self.recipe}-{model_slug}-{digest[:10]}"
 
 
 # ----------------------------------------------------------------------------- key paths
