@@ -139,6 +139,56 @@ def final_hidden_states(model: Any, batch: dict[str, torch.Tensor], inputs_embed
     return hidden.view(rows, width, -1)
 
 
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of hidden @ weight.T (+ bias) against targets.
+
+    Numerically the same as F.cross_entropy(head(hidden).float(), targets) (logsumexp in fp32), but
+    the fp32 [tokens, vocab] tensors only ever exist a few rows at a time: the unfused version writes
+    and rereads several of them (upcast logits, log-probabilities, their gradient), which on CPU costs
+    a large fraction of the LM head's own matmul time and hundreds of MB."""
+
+    CHUNK = 16  # rows per fp32 block: small enough to stay in cache
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):  # type: ignore[override]
+        logits = F.linear(hidden, weight, bias)  # model dtype (or the autocast dtype)
+        log_normalizers = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        losses = torch.empty_like(log_normalizers)
+        for start in range(0, logits.shape[0], _HeadCrossEntropy.CHUNK):
+            rows = slice(start, start + _HeadCrossEntropy.CHUNK)
+            block = logits[rows].float()
+            log_normalizers[rows] = torch.logsumexp(block, dim=-1)
+            losses[rows] = log_normalizers[rows] - block.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, logits, log_normalizers)
+        ctx.has_bias = bias is not None
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):  # type: ignore[override]
+        hidden, weight, targets, logits, log_normalizers = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], _HeadCrossEntropy.CHUNK):
+            rows = slice(start, start + _HeadCrossEntropy.CHUNK)
+            block = logits[rows].float().sub_(log_normalizers[rows, None]).exp_()  # softmax
+            block.scatter_add_(1, targets[rows, None], block.new_full((block.shape[0], 1), -1.0))
+            grad_logits[rows] = block.mul_(grad_losses[rows, None])
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.t() @ hidden.to(grad_logits.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.sum(0).to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy (float32) of the LM head's logits at `hidden` [N, dim] against `targets` [N]."""
+    if type(head) is torch.nn.Linear:
+        return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")  # e.g. a LoRA-wrapped head
+
+
 def response_token_losses(
     model: Any, batch: dict[str, torch.Tensor], hidden: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +200,7 @@ def response_token_losses(
     _, head = causal_lm_parts(model)
     targets = batch["labels"][:, 1:]
     mask = targets != -100
-    selected = hidden[:, :-1][mask]
-    logits = head(selected).float()
-    losses = F.cross_entropy(logits, targets[mask], reduction="none")
+    losses = head_cross_entropy(head, hidden[:, :-1][mask], targets[mask])
     return losses, batch["seq_ids"][:, 1:][mask]
 
 

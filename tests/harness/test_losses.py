@@ -1,6 +1,7 @@
 import copy
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM, LlamaModel
 
 from harness.batching import collate_rows
@@ -9,6 +10,7 @@ from harness.losses import (
     _padded_hidden_states,
     causal_lm_parts,
     final_hidden_states,
+    head_cross_entropy,
     response_token_losses,
 )
 from harness.templates import tokenize_for_training
@@ -85,3 +87,23 @@ def test_models_that_drop_attention_kwargs_fall_back_to_the_masked_path(tiny, sa
     assert _KwargDroppingModel in _NO_VARLEN
     real = batch["seq_ids"] >= 0
     torch.testing.assert_close(fallback[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+def test_fused_head_cross_entropy_matches_the_unfused_loss_and_gradients():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.nn.Linear(16, 50, bias=True).to(dtype)
+        hidden = torch.randn(37, 16, dtype=dtype)  # not a multiple of the chunk size
+        targets = torch.randint(0, 50, (37,))
+        weights = torch.rand(37)  # a non-uniform upstream gradient
+        results = []
+        for fused in (True, False):
+            h = hidden.clone().requires_grad_(True)
+            head.zero_grad()
+            losses = head_cross_entropy(head, h, targets) if fused else F.cross_entropy(head(h).float(), targets, reduction="none")
+            (losses * weights).sum().backward()
+            results.append((losses.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()))
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours.float(), reference.float(), atol=tolerance, rtol=tolerance)
+        assert results[0][0].dtype == torch.float32
