@@ -1,9 +1,15 @@
 """Response-token losses on packed or padded batches, shared by the training core and the scorers.
 
 A batch is a dict of (rows, tokens) tensors: input_ids, labels (-100 where no loss), position_ids
-(restarting at 0 for every example, so transformers masks attention block-diagonally), and seq_ids
-(the example index of each token within the batch, -1 on padding). The LM head is applied only at
-positions whose next token carries a label: at 49k-token vocabularies it is a large share of the FLOPs.
+(restarting at 0 for every example), and seq_ids (the example index of each token within the batch,
+-1 on padding). Two things make this fast on CPU:
+
+- Padding-free, per-example attention: the real tokens of the whole batch are flattened into one
+  sequence and attention runs separately over each example (`varlen` attention). Transformers' own
+  packed-sequence path instead builds a block-diagonal mask and computes full attention over every
+  row, most of it masked away; padding tokens would also go through every layer.
+- The LM head is applied only at positions whose next token carries a label: at 49k-token
+  vocabularies it is a large share of the FLOPs.
 """
 
 from __future__ import annotations
@@ -13,6 +19,62 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+VARLEN_ATTENTION = "harness_varlen"
+_SEGMENTS_KWARG = "harness_segment_lengths"
+_NO_VARLEN: set[type] = set()  # model classes whose attention does not receive our kwargs
+
+
+class _VarlenUnsupported(RuntimeError):
+    """The model's attention was called without the segment lengths (its layers drop extra kwargs)."""
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each segment of one flattened sequence ([1, heads, tokens, dim]).
+
+    Registered as a transformers attention implementation; the segment lengths come in as a kwarg.
+    Per segment it is transformers' eager attention (matmuls in the model dtype, softmax in fp32):
+    at these lengths (tens to hundreds of tokens) that is faster on CPU, forward plus backward,
+    than torch's flash-attention kernel. torch.split keeps the backward to one concatenation."""
+    lengths = kwargs.get(_SEGMENTS_KWARG)
+    if lengths is None:
+        raise _VarlenUnsupported(type(module).__name__)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: one repeat for the whole sequence, not one per segment
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dropout = dropout if module.training else 0.0
+    masks: dict[int, torch.Tensor] = {}
+    outputs = []
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True):
+        length = q.shape[2]
+        if length not in masks:
+            masks[length] = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(masks[length], float("-inf"))
+        probabilities = scores.softmax(dim=-1).to(q.dtype)
+        if dropout > 0:
+            probabilities = F.dropout(probabilities, p=dropout, training=True)
+        outputs.append(torch.matmul(probabilities, v).transpose(1, 2))
+    return torch.cat(outputs, dim=1), None  # [1, tokens, heads, dim], as transformers expects
+
+
+def _register_varlen_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
+_register_varlen_attention()
+
 
 def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder stack, LM head) of a causal LM, also through a peft wrapper."""
@@ -21,13 +83,110 @@ def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return decoder, base.get_output_embeddings()
 
 
-def final_hidden_states(model: Any, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    decoder, _ = causal_lm_parts(model)
+def _padded_hidden_states(
+    decoder: torch.nn.Module, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """Transformers' own packed path (block-diagonal mask from position_ids): the fallback."""
     if inputs_embeds is not None:
         output = decoder(inputs_embeds=inputs_embeds, position_ids=batch["position_ids"], use_cache=False)
     else:
         output = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     return output.last_hidden_state
+
+
+def _segment_lengths(seq_ids: torch.Tensor, positions: torch.Tensor) -> list[int]:
+    """Lengths of the consecutive examples in a flattened sequence of real tokens."""
+    starts = positions == 0
+    starts[1:] |= seq_ids[1:] != seq_ids[:-1]
+    starts[0] = True
+    bounds = starts.nonzero().squeeze(1).tolist() + [int(seq_ids.numel())]
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def final_hidden_states(model: Any, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states [rows, tokens, hidden]; zeros at padding (seq_ids -1).
+
+    Runs padding-free with per-example attention when the model's layers pass attention kwargs
+    through (Llama, Mistral, Qwen2, ... in transformers 5), else falls back to the masked path."""
+    decoder, _ = causal_lm_parts(model)
+    if type(decoder) in _NO_VARLEN or not hasattr(decoder, "config"):
+        return _padded_hidden_states(decoder, batch, inputs_embeds)
+    rows, width = batch["input_ids"].shape
+    seq_ids = batch["seq_ids"].reshape(-1) if "seq_ids" in batch else torch.zeros(rows * width, dtype=torch.long, device=batch["input_ids"].device)
+    real = (seq_ids >= 0).nonzero().squeeze(1)
+    positions = batch["position_ids"].reshape(-1)[real]
+    lengths = _segment_lengths(seq_ids[real].clone(), positions)
+    inputs: dict[str, torch.Tensor] = (
+        {"inputs_embeds": inputs_embeds.reshape(rows * width, -1)[real].unsqueeze(0)}
+        if inputs_embeds is not None
+        else {"input_ids": batch["input_ids"].reshape(-1)[real].unsqueeze(0)}
+    )
+    config = decoder.config
+    previous = config._attn_implementation
+    config._attn_implementation = VARLEN_ATTENTION
+    try:
+        flat = decoder(**inputs, position_ids=positions.unsqueeze(0), use_cache=False, **{_SEGMENTS_KWARG: lengths})
+    except _VarlenUnsupported:
+        _NO_VARLEN.add(type(decoder))
+        config._attn_implementation = previous
+        return _padded_hidden_states(decoder, batch, inputs_embeds)
+    finally:
+        config._attn_implementation = previous
+    flat_hidden = flat.last_hidden_state[0]
+    if real.numel() == rows * width:
+        return flat_hidden.view(rows, width, -1)
+    hidden = flat_hidden.new_zeros(rows * width, flat_hidden.shape[-1]).index_copy(0, real, flat_hidden)
+    return hidden.view(rows, width, -1)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of hidden @ weight.T (+ bias) against targets.
+
+    Numerically the same as F.cross_entropy(head(hidden).float(), targets) (logsumexp in fp32), but
+    the fp32 [tokens, vocab] tensors only ever exist a few rows at a time: the unfused version writes
+    and rereads several of them (upcast logits, log-probabilities, their gradient), which on CPU costs
+    a large fraction of the LM head's own matmul time and hundreds of MB."""
+
+    CHUNK = 16  # rows per fp32 block: small enough to stay in cache
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):  # type: ignore[override]
+        logits = F.linear(hidden, weight, bias)  # model dtype (or the autocast dtype)
+        log_normalizers = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        losses = torch.empty_like(log_normalizers)
+        for start in range(0, logits.shape[0], _HeadCrossEntropy.CHUNK):
+            rows = slice(start, start + _HeadCrossEntropy.CHUNK)
+            block = logits[rows].float()
+            log_normalizers[rows] = torch.logsumexp(block, dim=-1)
+            losses[rows] = log_normalizers[rows] - block.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, logits, log_normalizers)
+        ctx.has_bias = bias is not None
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):  # type: ignore[override]
+        hidden, weight, targets, logits, log_normalizers = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], _HeadCrossEntropy.CHUNK):
+            rows = slice(start, start + _HeadCrossEntropy.CHUNK)
+            block = logits[rows].float().sub_(log_normalizers[rows, None]).exp_()  # softmax
+            block.scatter_add_(1, targets[rows, None], block.new_full((block.shape[0], 1), -1.0))
+            grad_logits[rows] = block.mul_(grad_losses[rows, None])
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.t() @ hidden.to(grad_logits.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.sum(0).to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy (float32) of the LM head's logits at `hidden` [N, dim] against `targets` [N]."""
+    if type(head) is torch.nn.Linear:
+        return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")  # e.g. a LoRA-wrapped head
 
 
 def response_token_losses(
@@ -41,9 +200,7 @@ def response_token_losses(
     _, head = causal_lm_parts(model)
     targets = batch["labels"][:, 1:]
     mask = targets != -100
-    selected = hidden[:, :-1][mask]
-    logits = head(selected).float()
-    losses = F.cross_entropy(logits, targets[mask], reduction="none")
+    losses = head_cross_entropy(head, hidden[:, :-1][mask], targets[mask])
     return losses, batch["seq_ids"][:, 1:][mask]
 
 

@@ -48,41 +48,54 @@ def weight_dtype(precision: str) -> torch.dtype:
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
-    """AdamW that keeps fp32 master copies of low-precision (bf16) parameters.
+    """Fused AdamW over fp32 master copies of low-precision (bf16) parameters.
 
     Updates of size lr * g are far below bf16's resolution (2^-8 relative) for typical fine-tuning
     learning rates, so stepping bf16 weights directly would lose most updates. Forward and backward
-    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32."""
+    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32. Each
+    group's masters (and their gradients) live in one flat fp32 tensor, so the fused AdamW kernel
+    makes one pass over it. A parameter without a gradient counts as a zero gradient."""
 
     def __init__(self, param_groups: list[dict[str, Any]], **defaults: Any):
-        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its fp32 master view)
+        self.flat: list[tuple[torch.Tensor, torch.Tensor, list[tuple[torch.nn.Parameter, torch.Tensor]]]] = []
         master_groups = []
         for group in param_groups:
-            masters = []
-            for parameter in group["params"]:
-                master = parameter.detach().to(torch.float32).clone().requires_grad_(True)
-                self.pairs.append((parameter, master))
-                masters.append(master)
-            master_groups.append({**group, "params": masters})
+            parameters = list(group["params"])
+            flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in parameters]).requires_grad_(True)
+            grad = torch.zeros_like(flat)
+            sizes = [p.numel() for p in parameters]
+            grad_views = [g.view_as(p) for g, p in zip(grad.split(sizes), parameters, strict=True)]
+            masters = [m.detach().view_as(p) for m, p in zip(flat.split(sizes), parameters, strict=True)]
+            self.pairs += list(zip(parameters, masters, strict=True))
+            self.flat.append((flat, grad, list(zip(parameters, grad_views, strict=True))))
+            master_groups.append({**group, "params": [flat]})
+        defaults.setdefault("fused", flat.device.type in ("cpu", "cuda"))
         super().__init__(master_groups, **defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
-        for parameter, master in self.pairs:
-            master.grad = None if parameter.grad is None else parameter.grad.to(torch.float32)
+        for flat, grad, views in self.flat:
+            for parameter, grad_view in views:
+                if parameter.grad is None:
+                    grad_view.zero_()
+                else:
+                    grad_view.copy_(parameter.grad)
+            flat.grad = grad
         loss = super().step(closure)
         for parameter, master in self.pairs:
             parameter.copy_(master)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
+        for flat, _, _ in self.flat:
+            flat.grad = None  # the gradient buffer itself is kept and overwritten next step
         for parameter, _ in self.pairs:
             parameter.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["master_weights"] = [master.detach().clone() for _, master in self.pairs]
+        state["master_weights"] = [flat.detach().clone() for flat, _, _ in self.flat]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -91,9 +104,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         if masters is not None:
             with torch.no_grad():
-                for (parameter, master), saved in zip(self.pairs, masters, strict=True):
-                    master.copy_(saved)
-                    parameter.copy_(saved)
+                for (flat, _, _), saved in zip(self.flat, masters, strict=True):
+                    flat.copy_(saved)
+                for parameter, master in self.pairs:
+                    parameter.copy_(master)
 
 
 @dataclass

@@ -84,3 +84,27 @@ def test_master_weights_keep_updates_that_bf16_would_lose():
     restored = MasterWeightAdamW([{"params": [torch.nn.Parameter(start.clone().to(torch.bfloat16))]}], lr=1e-4)
     restored.load_state_dict(state)
     torch.testing.assert_close(restored.pairs[0][1], master)
+
+
+def test_master_weight_adamw_follows_torch_adamw():
+    """On fp32 parameters the master copy is exact, so the flat fused optimizer must match AdamW."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 7)]
+    reference = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in reference]
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    reference_opt = torch.optim.AdamW(
+        [{"params": reference[:2], "weight_decay": 0.1}, {"params": reference[2:], "weight_decay": 0.0}], **settings
+    )
+    our_opt = MasterWeightAdamW(
+        [{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}], **settings
+    )
+    for step in range(5):
+        gradients = [torch.randn(shape) for shape in shapes]
+        for parameters, optimizer in ((reference, reference_opt), (ours, our_opt)):
+            optimizer.zero_grad()
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        for expected, actual in zip(reference, ours, strict=True):
+            torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=f"step {step}")

@@ -1,0 +1,109 @@
+import copy
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM, LlamaModel
+
+from harness.batching import collate_rows
+from harness.losses import (
+    _NO_VARLEN,
+    _padded_hidden_states,
+    causal_lm_parts,
+    final_hidden_states,
+    head_cross_entropy,
+    response_token_losses,
+)
+from harness.templates import tokenize_for_training
+
+
+def _packed_batch(tiny, sample_records):
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:9], tokenizer, "chat", 512)
+    # Rows of different widths: the last row gets padding, which forms its own position run.
+    return collate_rows([examples[:4], examples[4:7], examples[7:]], tokenizer.pad_token_id)
+
+
+def test_padding_free_attention_matches_the_masked_path(tiny, sample_records):
+    model, _ = tiny
+    batch = _packed_batch(tiny, sample_records)
+    assert (batch["seq_ids"] < 0).any()  # there is padding to drop
+    implementation = model.config._attn_implementation
+    decoder, _ = causal_lm_parts(model)
+    with torch.no_grad():
+        fast = final_hidden_states(model, batch)
+        reference = _padded_hidden_states(decoder, batch, None)
+    assert type(decoder) not in _NO_VARLEN  # the padding-free path ran, not the fallback
+    assert model.config._attn_implementation == implementation  # restored after the call
+    real = batch["seq_ids"] >= 0
+    torch.testing.assert_close(fast[real], reference[real], atol=2e-5, rtol=1e-4)
+    assert fast[~real].abs().sum() == 0  # padding is never computed
+
+
+def test_padding_free_attention_handles_grouped_query_attention(tiny, sample_records):
+    model, _ = tiny
+    batch = _packed_batch(tiny, sample_records)
+    config = copy.deepcopy(model.config)
+    config.num_key_value_heads = config.num_attention_heads // 2  # SmolLM2 and Llama-3 use GQA
+    torch.manual_seed(0)
+    grouped = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        fast = final_hidden_states(grouped, batch)
+        reference = _padded_hidden_states(causal_lm_parts(grouped)[0], batch, None)
+    real = batch["seq_ids"] >= 0
+    torch.testing.assert_close(fast[real], reference[real], atol=2e-5, rtol=1e-4)
+
+
+def test_padding_free_gradients_match_the_masked_path(tiny, sample_records):
+    model, _ = tiny
+    batch = _packed_batch(tiny, sample_records)
+    decoder, _ = causal_lm_parts(model)
+    gradients = []
+    for hidden_fn in (lambda m: final_hidden_states(m, batch), lambda m: _padded_hidden_states(causal_lm_parts(m)[0], batch, None)):
+        trained = copy.deepcopy(model)
+        losses, _ = response_token_losses(trained, batch, hidden=hidden_fn(trained))
+        losses.mean().backward()
+        gradients.append({name: p.grad for name, p in trained.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradient, gradients[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _KwargDroppingModel(LlamaModel):
+    """A decoder whose forward drops extra kwargs, as older transformers models do."""
+
+    def forward(self, input_ids=None, position_ids=None, use_cache=None, inputs_embeds=None, **kwargs):
+        return super().forward(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, inputs_embeds=inputs_embeds)
+
+
+def test_models_that_drop_attention_kwargs_fall_back_to_the_masked_path(tiny, sample_records):
+    model, _ = tiny
+    batch = _packed_batch(tiny, sample_records)
+    dropping = LlamaForCausalLM(model.config)
+    dropping.model = _KwargDroppingModel(model.config)
+    dropping.load_state_dict(model.state_dict())
+    dropping.eval()
+    with torch.no_grad():
+        fallback = final_hidden_states(dropping, batch)
+        expected = final_hidden_states(model, batch)
+    assert _KwargDroppingModel in _NO_VARLEN
+    real = batch["seq_ids"] >= 0
+    torch.testing.assert_close(fallback[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+def test_fused_head_cross_entropy_matches_the_unfused_loss_and_gradients():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.nn.Linear(16, 50, bias=True).to(dtype)
+        hidden = torch.randn(37, 16, dtype=dtype)  # not a multiple of the chunk size
+        targets = torch.randint(0, 50, (37,))
+        weights = torch.rand(37)  # a non-uniform upstream gradient
+        results = []
+        for fused in (True, False):
+            h = hidden.clone().requires_grad_(True)
+            head.zero_grad()
+            losses = head_cross_entropy(head, h, targets) if fused else F.cross_entropy(head(h).float(), targets, reduction="none")
+            (losses * weights).sum().backward()
+            results.append((losses.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()))
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours.float(), reference.float(), atol=tolerance, rtol=tolerance)
+        assert results[0][0].dtype == torch.float32
