@@ -72,9 +72,19 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
 class RowDataset(torch.utils.data.Dataset):
     """Each item is one row: a list of examples (one example per row when packing is off)."""
 
-    def __init__(self, examples: Sequence[TokenizedExample], capacity: int, packing: bool, seed: int):
+    def __init__(
+        self,
+        examples: Sequence[TokenizedExample],
+        capacity: int,
+        packing: bool,
+        seed: int,
+        rows: list[list[int]] | None = None,
+    ):
+        """`rows` fixes the layout instead (e.g. SFTMix's confident/unconfident pairs, one pair per row)."""
         self.examples = list(examples)
-        if packing:
+        if rows is not None:
+            self.rows = [list(row) for row in rows]
+        elif packing:
             self.rows = pack_best_fit([len(example.input_ids) for example in self.examples], capacity, seed)
         else:
             self.rows = [[index] for index in range(len(self.examples))]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.losses import causal_lm_parts
+from harness.losses import causal_lm_parts, final_hidden_states
 
 States = Literal["post-norm", "pre-norm"]
 Truncation = Literal["first", "last"]
@@ -56,7 +56,9 @@ def sample_lambdas(num_pairs: int, alpha: float, per: Literal["pair", "batch"], 
 
 
 def hidden_states_with_prenorm(model: Any, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None):
-    """(post-norm, pre-norm) last-layer hidden states, the pre-norm ones captured at the final norm's input."""
+    """(post-norm, pre-norm) last-layer hidden states in the batch's [rows, tokens, hidden] layout; the
+    pre-norm ones are captured at the final norm's input (on the padding-free path that input is the
+    flattened real tokens, scattered back here)."""
     decoder, _ = causal_lm_parts(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -65,13 +67,15 @@ def hidden_states_with_prenorm(model: Any, batch: dict[str, torch.Tensor], input
 
     handle = decoder.norm.register_forward_hook(keep_input)
     try:
-        if inputs_embeds is not None:
-            output = decoder(inputs_embeds=inputs_embeds, position_ids=batch["position_ids"], use_cache=False)
-        else:
-            output = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        post = final_hidden_states(model, batch, inputs_embeds=inputs_embeds)
     finally:
         handle.remove()
-    return output.last_hidden_state, captured["pre"]
+    pre = captured["pre"]
+    if pre.shape[:2] != post.shape[:2]:  # flattened real tokens [1, N, hidden]
+        real = (batch["seq_ids"].reshape(-1) >= 0).nonzero().squeeze(1)
+        rows, width = post.shape[:2]
+        pre = pre[0].new_zeros(rows * width, pre.shape[-1]).index_copy(0, real, pre[0]).view(rows, width, -1)
+    return post, pre
 
 
 def mixup_loss(

@@ -39,7 +39,7 @@ from harness.records import (
 from harness.scoring import IFDScores, ScoringStats, compute_ifd
 from harness.spec import RunSpec, spec_to_yaml, validate_params
 from harness.templates import tokenize_for_training
-from harness.training import TrainResult, resolve_precision, train_sft, weight_dtype
+from harness.training import ExtraLoss, TrainResult, resolve_precision, train_sft, weight_dtype
 
 
 @dataclass
@@ -99,6 +99,7 @@ class RunContext:
         self.timings: dict[str, float] = {}
         self.suite = prepared.suite
         self.train_results: dict[str, TrainResult] = {}
+        self.overhead_stages: set[str] = set()
         self.tokenize_stats: dict[str, dict[str, int]] = {}
         self.cache = ArtifactCache()
         self.scoring = ScoringStats()  # forward passes spent on scoring (the recipe's overhead)
@@ -126,12 +127,20 @@ class RunContext:
         *,
         stage: str,
         overrides: dict[str, Any] | None = None,
+        extra_loss: ExtraLoss | None = None,
+        rows: list[list[int]] | None = None,
+        callbacks: list[Any] | None = None,
+        overhead: bool = False,
     ) -> tuple[Any, TrainResult]:
         """Tokenize with the run's template and train with the shared core; checkpoints under checkpoints/<stage>.
 
-        Each call builds a new Trainer, so the optimizer and LR schedule start afresh (Phased IFT's stages)."""
+        Each call builds a new Trainer, so the optimizer and LR schedule start afresh (Phased IFT's stages).
+        `overhead` marks training that is the method's cost rather than the result (SFTMix's reference
+        model, Cherry's brief experience): the record counts it apart from the target training."""
         settings = self.spec.training.model_copy(update=overrides or {})
         examples, stats = tokenize_for_training(records, tokenizer, settings.template, settings.max_length)
+        if rows is not None and len(examples) != len(records):
+            raise HarnessError(f"stage {stage}: {len(records) - len(examples)} examples exceed training.max_length; raise it")
         self.tokenize_stats[stage] = stats.as_record()
         with self.stage(f"train:{stage}"):
             trained, result = train_sft(
@@ -143,8 +152,13 @@ class RunContext:
                 seed=self.spec.seed,
                 console=self.console,
                 description=f"train {stage}",
+                extra_loss=extra_loss,
+                rows=rows,
+                callbacks=callbacks,
             )
         self.train_results[stage] = result
+        if overhead:
+            self.overhead_stages.add(stage)
         return trained, result
 
     def ifd(self, model: Any, tokenizer: Any, records: list[InstructionRecord], *, model_key: str, max_length: int) -> IFDScores:
@@ -265,7 +279,11 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             seed=prepared.spec.seed,
         )
     wall = time.perf_counter() - wall_started
-    train_tokens = sum(result.real_tokens for result in ctx.train_results.values())
+    target = {stage: result for stage, result in ctx.train_results.items() if stage not in ctx.overhead_stages}
+    train_tokens = sum(result.real_tokens for result in target.values())
+    overhead_train_tokens = sum(
+        result.real_tokens for stage, result in ctx.train_results.items() if stage in ctx.overhead_stages
+    ) + int(output.details.get("cached_overhead_train_tokens", 0))
     device_count = 1
     record = {
         "schema_version": RECORD_SCHEMA_VERSION,
@@ -286,7 +304,8 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "metrics": evaluation["tasks"],
         "cost": {
             "train_tokens": train_tokens,
-            "response_tokens": sum(result.response_tokens for result in ctx.train_results.values()),
+            "response_tokens": sum(result.response_tokens for result in target.values()),
+            "overhead_train_tokens": overhead_train_tokens,
             "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
             "wall_seconds": round(wall, 2),
             "device_hours": round(wall * device_count / 3600, 5),

@@ -49,6 +49,7 @@ class TrainingSpec(StrictModel):
         "auto", description="auto: bf16-mixed on a bf16 GPU, fp32 on CPU; bf16 = pure bf16 weights, fp32 master copy"
     )
     template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: the model set's template")
+    neftune_alpha: float | None = Field(None, gt=0, description="per-sequence NEFTune noise (None: off)")
     save_steps: int = Field(200, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     logging_steps: int = Field(10, gt=0)
     lora: LoraSpec | None = None

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from rich.console import Console
@@ -26,12 +26,50 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from harness.batching import RowDataset, collate_rows
-from harness.losses import response_token_losses
+from harness.losses import final_hidden_states, response_token_losses
+from harness.neftune import noisy_input_embeddings
 from harness.spec import TrainingSpec
 from harness.templates import TokenizedExample
 
-# An extra loss term (e.g. SFTMix's mixup): (model, batch, ntp_loss) -> scalar added to the loss.
-ExtraLoss = Callable[[Any, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+class ExtraLoss(Protocol):
+    """An extra loss term (e.g. SFTMix's mixup) added to the next-token loss while training.
+
+    It gets the batch's last-layer hidden states of the kind it names ("post-norm": the LM head's
+    input; "pre-norm": before the final norm), computed once for both terms."""
+
+    state_kind: str
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor: ...
+
+
+def sft_loss(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    *,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    extra_loss: ExtraLoss | None = None,
+    neftune_alpha: float | None = None,
+    accumulation_steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-token NTP losses) of one micro-batch: mean response-token cross entropy, plus the extra
+    term while training. NEFTune noise is added to the input embeddings only in training mode."""
+    embeds = noisy_input_embeddings(model, batch, neftune_alpha) if neftune_alpha and model.training else None
+    pre_norm = extra_loss is not None and model.training and extra_loss.state_kind == "pre-norm"
+    if pre_norm:
+        from harness.mixup import hidden_states_with_prenorm
+
+        hidden, states = hidden_states_with_prenorm(model, batch, embeds)
+    else:
+        hidden = states = final_hidden_states(model, batch, inputs_embeds=embeds)
+    losses, _ = response_token_losses(model, batch, hidden=hidden)
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(losses.numel(), 1)
+    loss = losses.sum() / denominator
+    if extra_loss is not None and model.training:
+        # The NTP sum is normalised over all micro-batches of a step; the extra term is a per-micro-batch
+        # mean, so it is divided by the number of micro-batches to keep its weight independent of it.
+        loss = loss + extra_loss(model, batch, states) / accumulation_steps
+    return loss, losses
 
 
 def resolve_precision(precision: str) -> str:
@@ -121,18 +159,29 @@ class ResponseOnlyTrainer(Trainer):
     """Trainer whose loss is the mean cross entropy over response tokens, with the LM head applied
     only at those positions, plus an optional extra term (SFTMix's mixup, ...)."""
 
-    def __init__(self, *args: Any, extra_loss: ExtraLoss | None = None, master_weights: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        extra_loss: ExtraLoss | None = None,
+        neftune_alpha: float | None = None,
+        master_weights: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.extra_loss = extra_loss
+        self.neftune_alpha = neftune_alpha
         self.master_weights = master_weights
         self.counter = TokenCounter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        losses, _ = response_token_losses(model, inputs)
-        denominator = num_items_in_batch if num_items_in_batch is not None else max(losses.numel(), 1)
-        loss = losses.sum() / denominator
-        if self.extra_loss is not None:
-            loss = loss + self.extra_loss(model, inputs, loss)
+        loss, losses = sft_loss(
+            model,
+            inputs,
+            num_items_in_batch=num_items_in_batch,
+            extra_loss=self.extra_loss,
+            neftune_alpha=self.neftune_alpha,
+            accumulation_steps=self.args.gradient_accumulation_steps,
+        )
         if model.training:
             self.counter.real_tokens += int((inputs["seq_ids"] >= 0).sum())
             self.counter.response_tokens += losses.numel()
@@ -203,7 +252,8 @@ class TrainResult:
     real_tokens: int  # non-pad tokens processed in forward/backward (all epochs)
     response_tokens: int  # tokens that carried loss
     epoch_tokens: int  # non-pad tokens in one pass over the data
-    final_loss: float | None
+    final_loss: float | None  # the last logged loss (None when the run was shorter than logging_steps)
+    mean_loss: float  # mean training loss over the whole run (Trainer's training_loss)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     wall_seconds: float = 0.0
     resumed_from_step: int = 0
@@ -236,6 +286,8 @@ def train_sft(
     console: Console | None = None,
     description: str = "train",
     extra_loss: ExtraLoss | None = None,
+    rows: list[list[int]] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[Any, TrainResult]:
     """Fine-tune `model` on tokenized examples; checkpoints go to output_dir and a rerun resumes there.
 
@@ -245,7 +297,7 @@ def train_sft(
     precision = resolve_precision(settings.precision)
     model = model.to(weight_dtype(precision))
     model = apply_lora(model, settings)
-    dataset = RowDataset(examples, settings.max_length, settings.packing, seed)
+    dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
     use_cpu = not torch.cuda.is_available()
@@ -282,8 +334,9 @@ def train_sft(
         train_dataset=dataset,
         data_collator=functools.partial(collate_rows, pad_token_id=tokenizer.pad_token_id),
         extra_loss=extra_loss,
+        neftune_alpha=settings.neftune_alpha,
         master_weights=precision == "bf16",
-        callbacks=[RichProgressCallback(console, description)],
+        callbacks=[RichProgressCallback(console, description), *(callbacks or [])],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -291,7 +344,7 @@ def train_sft(
     trainer.remove_callback(PrinterCallback)
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=last_checkpoint)
     wall = time.perf_counter() - started
     curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
     resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
@@ -303,6 +356,7 @@ def train_sft(
         response_tokens=trainer.counter.response_tokens,
         epoch_tokens=dataset.token_count(),
         final_loss=curve[-1][1] if curve else None,
+        mean_loss=float(train_output.training_loss),
         loss_curve=curve,
         wall_seconds=wall,
         resumed_from_step=resumed_step,

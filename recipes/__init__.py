@@ -11,6 +11,8 @@ RECIPE_MODULES = {
     "one-off": "recipes.one_off",
     "phased": "recipes.phased",
     "ifd": "recipes.ifd",
+    "sftmix": "recipes.sftmix",
+    "unifit": "recipes.unifit",
 }
 
 

@@ -108,3 +108,45 @@ def test_master_weight_adamw_follows_torch_adamw():
             optimizer.step()
         for expected, actual in zip(reference, ours, strict=True):
             torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=f"step {step}")
+
+
+def test_sftmix_term_with_mu_zero_is_exactly_the_one_off_loss_and_otherwise_changes_the_gradient(tiny, sample_records):
+    from harness.training import sft_loss
+    from recipes.sftmix import SFTMixLoss
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).train()
+    examples, _ = tokenize_for_training(sample_records[:4], tokenizer, "chat", 512)
+    batch = collate_rows([[examples[0], examples[1]], [examples[2], examples[3]]], tokenizer.pad_token_id)
+
+    def loss_and_grad(extra):
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss, _ = sft_loss(model, batch, extra_loss=extra)
+        loss.backward()
+        return loss.detach(), model.lm_head.weight.grad.clone()
+
+    plain_loss, plain_grad = loss_and_grad(None)
+    zero_loss, zero_grad = loss_and_grad(SFTMixLoss(0.0, 0.5, "pair", "post-norm", "first"))
+    assert torch.equal(plain_loss, zero_loss) and torch.equal(plain_grad, zero_grad)
+    mixed_loss, mixed_grad = loss_and_grad(SFTMixLoss(0.2, 0.5, "pair", "post-norm", "first"))
+    assert mixed_loss > plain_loss
+    assert (mixed_grad - plain_grad).abs().max() > 1e-4
+
+
+def test_neftune_noise_only_while_training(tiny, sample_records):
+    from harness.training import sft_loss
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    examples, _ = tokenize_for_training(sample_records[:3], tokenizer, "chat", 512)
+    batch = collate_rows([examples], tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.eval()
+        clean, _ = sft_loss(model, batch)
+        eval_noisy, _ = sft_loss(model, batch, neftune_alpha=5.0)
+        model.train()
+        train_clean, _ = sft_loss(model, batch)
+        train_noisy, _ = sft_loss(model, batch, neftune_alpha=5.0)
+    assert torch.equal(clean, eval_noisy)  # absent in eval mode
+    assert not torch.equal(train_clean, train_noisy)

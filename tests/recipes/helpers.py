@@ -25,9 +25,9 @@ class TrainCalls:
         self.calls: list[tuple[str, list]] = []
         original = RunContext.train
 
-        def recording(ctx, model, tokenizer, records, *, stage, overrides=None):
+        def recording(ctx, model, tokenizer, records, *, stage, **kwargs):
             self.calls.append((stage, list(records)))
-            return original(ctx, model, tokenizer, records, stage=stage, overrides=overrides)
+            return original(ctx, model, tokenizer, records, stage=stage, **kwargs)
 
         monkeypatch.setattr(RunContext, "train", recording)
 
