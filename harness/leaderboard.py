@@ -80,6 +80,7 @@ class Run:
     data_records: int | None
     data_sha256: str | None
     commit: str | None
+    chat_template: bool | None
     metrics: dict[tuple[str, str], tuple[float, float | None, int | None]]  # (task, metric) -> value, stderr, n
     cost: dict[str, float | None]
     samples: dict[str, ItemScores] = field(default_factory=dict)
@@ -132,7 +133,9 @@ def parse_record(path: Path) -> Run:
     run_id = _require(record, "run_id", str, "")
     recipe = _require(_require(record, "recipe", dict, ""), "name", str, "recipe.")
     model = _require(_require(record, "model", dict, ""), "name", str, "model.")
-    suite = _require(_require(record, "suite", dict, ""), "name", str, "suite.")
+    suite_entry = _require(record, "suite", dict, "")
+    suite = _require(suite_entry, "name", str, "suite.")
+    chat_template = suite_entry.get("chat_template")
     raw_metrics = _require(record, "metrics", dict, "")
     metrics: dict[tuple[str, str], tuple[float, float | None, int | None]] = {}
     for task, entry in raw_metrics.items():
@@ -174,6 +177,7 @@ def parse_record(path: Path) -> Run:
         data_records=data.get("records") if isinstance(data.get("records"), int) else None,
         data_sha256=data.get("sha256") if isinstance(data.get("sha256"), str) else None,
         commit=commit if isinstance(commit, str) else None,
+        chat_template=chat_template if isinstance(chat_template, bool) else None,
         metrics=metrics,
         cost=cost,
     )
@@ -465,6 +469,8 @@ def build_groups(runs: list[Run]) -> list[Group]:
             notes.append(f"no {BASELINE_RECIPE} run for this model and suite: no differences shown")
         if len({r.data_sha256 for r in members}) > 1:
             notes.append("runs were trained on different data (see the runs table)")
+        if len({r.chat_template for r in members}) > 1:
+            notes.append("runs were evaluated with and without the chat template: not the same protocol")
         groups.append(Group(model, suite, members, _labels(members), columns, cells, notes))
     return groups
 
@@ -522,10 +528,11 @@ def value_text(cell: Cell) -> str:
     return fmt_value(cell.value) + (f" ± {cell.stderr:.4f}" if cell.stderr is not None else " (no SE)")
 
 
-def delta_text(delta: Delta) -> str:
+def delta_lines(delta: Delta) -> tuple[str, str]:
+    """Two short lines (keeps table columns narrow): the difference with its CI, then p and n."""
     approx = "≈ " if delta.method != "paired bootstrap" else ""
     n = f" n={delta.n}" if delta.n is not None else ""
-    return (f"Δ {approx}{fmt_signed(delta.delta)} [{fmt_signed(delta.low)}, {fmt_signed(delta.high)}] "
+    return (f"Δ {approx}{fmt_signed(delta.delta)} [{fmt_signed(delta.low)}, {fmt_signed(delta.high)}]",
             f"{fmt_p(delta.p_value)}{n}")
 
 
@@ -569,7 +576,7 @@ def render_rich(groups: list[Group]) -> list[Any]:
                 text = value_text(cell)
                 text = f"[bold green]{text}[/]" if cell.best else text
                 if cell.delta is not None:
-                    text += "\n" + delta_text(cell.delta)
+                    text += "\n" + "\n".join(delta_lines(cell.delta))
                 row.append(text)
             table.add_row(*row, *cost_cells(run))
         table.caption = "\n".join([*group.notes, METHOD_NOTE])
@@ -602,7 +609,7 @@ def render_markdown(groups: list[Group], source: str) -> str:
                     continue
                 text = f"**{value_text(cell)}**" if cell.best else value_text(cell)
                 if cell.delta is not None:
-                    text += "<br>" + delta_text(cell.delta)
+                    text += "<br>" + "<br>".join(delta_lines(cell.delta))
                 row.append(text)
             lines.append("| " + " | ".join(row + cost_cells(run)) + " |")
         lines.append("")
@@ -622,7 +629,7 @@ def render_markdown(groups: list[Group], source: str) -> str:
 
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1200px;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1400px;
        padding: 0 1rem; color: #1f2328; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2.5rem; border-bottom: 1px solid #d0d7de; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
@@ -633,6 +640,7 @@ td.best .value { font-weight: 700; color: #1a7f37; }
 .delta { display: block; font-size: 0.8rem; color: #57606a; }
 .delta.sig { color: #0550ae; }
 .note { color: #57606a; font-size: 0.85rem; max-width: 60rem; }
+.scroll { overflow-x: auto; }
 figure { display: inline-block; margin: 0.5rem 1rem 0.5rem 0; } img { max-width: 100%; }
 code { font-size: 0.85rem; }
 """
@@ -651,7 +659,7 @@ def render_html(groups: list[Group], source: str) -> str:
     for group in groups:
         parts += [f'<section id="{esc(group.slug)}">', f"<h2>{esc(group.title)}</h2>",
                   f'<p class="note">Data: {esc(group.data_summary())}</p>',
-                  '<table class="leaderboard">', "<thead><tr><th>recipe</th>"
+                  '<div class="scroll"><table class="leaderboard">', "<thead><tr><th>recipe</th>"
                   + "".join(f"<th>{esc(c.title)}</th>" for c in group.columns)
                   + "".join(f"<th>{h}</th>" for h in COST_HEADERS) + "</tr></thead>", "<tbody>"]
         for run in group.runs:
@@ -664,11 +672,12 @@ def render_html(groups: list[Group], source: str) -> str:
                 text = f'<span class="value">{esc(value_text(cell))}</span>'
                 if cell.delta is not None:
                     significant = " sig" if cell.delta.p_value < 0.05 else ""
-                    text += f'<span class="delta{significant}">{esc(delta_text(cell.delta))}</span>'
+                    text += "".join(f'<span class="delta{significant}">{esc(line)}</span>'
+                                    for line in delta_lines(cell.delta))
                 row.append(f'<td class="num{" best" if cell.best else ""}">{text}</td>')
             row += [f'<td class="num">{esc(text)}</td>' for text in cost_cells(run)]
             parts.append("<tr>" + "".join(row) + "</tr>")
-        parts += ["</tbody>", "</table>"]
+        parts += ["</tbody>", "</table></div>"]
         parts += [f'<p class="note"><em>{esc(note)}</em></p>' for note in group.notes]
         parts.append(f'<p class="note">{esc(METHOD_NOTE)} Blue Δ: p &lt; 0.05.</p>')
         for name, stem in plot_files(group).items():

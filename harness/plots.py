@@ -60,6 +60,13 @@ def _errors(value: float, low: float | None, high: float | None) -> tuple[float,
     return max(0.0, value - low), max(0.0, high - value)
 
 
+def _legend_columns(entries: int, figure: Figure) -> int:
+    """As many legend entries per row as the figure's width holds, rows balanced (no orphan)."""
+    per_row = max(2, int(figure.get_figwidth() / 1.3))
+    rows = math.ceil(entries / per_row)
+    return math.ceil(entries / rows)
+
+
 def _tokens(value: float, _position: float | None = None) -> str:
     """20k, 1.5M: readable token counts on an axis (instead of an offset like 1e4)."""
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -113,7 +120,7 @@ def quality_vs_tokens(group: Group, colors: dict[str, tuple[str, str]]) -> Figur
                                               alpha=0.6)
         if handles:
             figure.legend(list(handles.values()), list(handles), loc="outside lower center",
-                          ncols=min(len(handles), 5), frameon=False)
+                          ncols=_legend_columns(len(handles), figure), frameon=False)
         return figure
 
 
@@ -146,7 +153,7 @@ def benchmark_bars(group: Group, colors: dict[str, tuple[str, str]]) -> Figure:
         ax.set_ylabel(f"score ({stats.CONFIDENCE:.0%} CI)")
         ax.grid(axis="x", visible=False)
         ax.set_title(f"{group.title}: per-benchmark scores")
-        figure.legend(loc="outside lower center", ncols=min(len(runs), 5), frameon=False)
+        figure.legend(loc="outside lower center", ncols=_legend_columns(len(runs), figure), frameon=False)
         return figure
 
 
