@@ -94,13 +94,13 @@ class Run:
         """Tokens spent beyond the recipe's own training: scoring passes and reference-model training."""
         parts = [self.cost.get("scoring_tokens"), self.cost.get("overhead_train_tokens")]
         known = [p for p in parts if p is not None]
-        return float(sum(known)) if known else None
+        return sum(known) if known else None
 
     @property
     def total_tokens(self) -> float | None:
         if self.train_tokens is None:
             return None
-        return self.train_tokens + (self.overhead_tokens or 0.0)
+        return self.train_tokens + (self.overhead_tokens or 0)
 
 
 def _number(value: Any) -> bool:
@@ -146,7 +146,8 @@ def parse_record(path: Path) -> Run:
             if not isinstance(cell, dict):
                 continue  # n, num_fewshot, limit, seconds
             value, stderr = cell.get("value"), cell.get("stderr")
-            if value is None:
+            value, stderr = (None if isinstance(x, float) and math.isnan(x) else x for x in (value, stderr))
+            if value is None:  # no result (null or NaN): the metric is left out, the run is kept
                 continue
             if not _number(value):
                 raise RecordError(f"key 'metrics.{task}.{metric}.value' = {value!r} is not a finite number")
@@ -162,7 +163,7 @@ def parse_record(path: Path) -> Run:
         value = raw_cost.get(key)
         if value is not None and not _number(value):
             raise RecordError(f"key 'cost.{key}' = {value!r} is not a finite number")
-        cost[key] = None if value is None else float(value)
+        cost[key] = value  # ints stay ints (token counts print as 19702, not 19702.0)
     data = record.get("data") if isinstance(record.get("data"), dict) else {}
     seed = record.get("seed")
     commit = record.get("git_commit")
@@ -879,6 +880,8 @@ def leaderboard_command(
     compare it with a fresh rendering (--check). Warnings go to `console` (stderr)."""
     if sum([write_all, check, out is not None]) > 1:
         raise HarnessError("use one of --write, --check and --out at a time")
+    if fmt == "rich" and out is not None:
+        raise HarnessError("--format rich prints to the terminal; use md, html, csv or json with --out")
     roots = roots or [DEFAULT_RESULTS]
     source = ", ".join(str(root) for root in roots)
     runs = load_runs(roots, lambda message: console.print(f"warning: {message}", markup=False, highlight=False))
@@ -897,8 +900,6 @@ def leaderboard_command(
     if not groups:
         console.print(f"no run records under {source}", markup=False)
     if fmt == "rich":
-        if out is not None:
-            raise HarnessError("--format rich prints to the terminal; use md, html, csv or json with --out")
         for table in render_rich(groups):
             stdout.print(table)
         return

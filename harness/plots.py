@@ -109,6 +109,8 @@ def quality_vs_tokens(group: Group, colors: dict[str, tuple[str, str]]) -> Figur
                 ax.set_xscale("log")
             if not xs:
                 ax.text(0.5, 0.5, "no token counts in the records", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
             ax.set_title(column.title + ("" if column.higher_is_better else " (lower is better)"))
             ax.set_xlabel("training tokens (own + overhead)")
             ax.set_ylabel(f"{column.metric} ({stats.CONFIDENCE:.0%} CI)")

@@ -133,7 +133,7 @@ def test_markdown_csv_and_json_carry_the_same_figures(two_runs):
     row = next(r for r in rows if r["recipe"] == "ifd" and r["task"] == "arc")
     assert float(row["delta"]) == pytest.approx(cell.delta.delta, abs=1e-6)
     assert float(row["p_value"]) == pytest.approx(cell.delta.p_value, abs=1e-6)
-    assert row["n_paired"] == "120" and row["best"] == "True" and row["total_tokens"] == "37000.0"
+    assert row["n_paired"] == "120" and row["best"] == "True" and row["total_tokens"] == "37000"
     payload = json.loads(board.render_json([group]))
     assert payload["bootstrap"]["resamples"] == stats.RESAMPLES
     ifd = payload["groups"][0]["runs"][1]
@@ -201,9 +201,18 @@ def test_corrupt_and_partial_records_are_skipped_with_a_warning_naming_the_file(
     record["metrics"]["arc"]["acc"]["value"] += 0.1
     (shifted / "record.json").write_text(json.dumps(record))
 
+    # NaN (what lm-eval gives for an undefined stderr) is "no value", not corruption
+    nan_run = write_run(results, "sftmix-tiny-ffff", "sftmix", {"arc": binary_scores(120, 0.5, 7)}, samples=False)
+    record = json.loads((nan_run / "record.json").read_text())
+    record["metrics"]["arc"]["acc"]["stderr"] = float("nan")
+    record["metrics"]["arc"]["acc_norm"] = {"value": float("nan"), "stderr": None}
+    (nan_run / "record.json").write_text(json.dumps(record))
+
     (group,), warnings = collect([results])
     assert {r.run_id for r in group.runs} == {"one-off-tiny-aaaa", "ifd-tiny-bbbb", "phased-tiny-cccc",
-                                              "unifit-tiny-dddd"}
+                                              "unifit-tiny-dddd", "sftmix-tiny-ffff"}
+    nan_cell = group.cells[("sftmix-tiny-ffff", board.Column("arc", "acc"))]
+    assert nan_cell.stderr is None and nan_cell.delta is None and board.Column("arc", "acc_norm") not in group.columns
     text = "\n".join(warnings)
     for name in bad:
         assert f"{results / name / 'record.json'}: " in text
