@@ -483,9 +483,9 @@ METHOD_NOTE = (
     f"value ± standard error; bold = best in its column. Δ = the recipe minus {BASELINE_RECIPE} (same seed and "
     f"data where such a run exists) on the items both were scored on, with its {stats.CONFIDENCE:.0%} percentile "
     f"CI and two-sided p-value from a paired bootstrap over items ({stats.RESAMPLES:,} resamples, seed "
-    f"{stats.SEED}); n = items paired. Δ marked ≈ had no per-example results: normal approximation from the two "
-    "standard errors. Tokens: the recipe's own training tokens; overhead = scoring passes (e.g. IFD) plus "
-    "reference-model training."
+    f"{stats.SEED}); n = items paired. Δ marked ≈: no per-example results (or no common items), so a normal "
+    "approximation from the two standard errors. Tokens: the recipe's own training tokens; overhead = scoring "
+    "passes (e.g. IFD) plus reference-model training."
 )
 
 
