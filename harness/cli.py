@@ -154,6 +154,26 @@ def suites() -> None:
     stdout_console().print(table)
 
 
+@cli.command()
+@click.option("--runs", "runs_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="folder of run directories, or one run directory (repeatable; default: results/)")
+@click.option("--format", "-f", "fmt", type=click.Choice(["rich", "md", "html", "csv", "json"]), default="rich",
+              show_default=True, help="output format when printing or writing one file")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="write the chosen format to this file (html also writes plots/ next to it)")
+@click.option("--write", "write_all", is_flag=True, help="write every format and the plots into --dir")
+@click.option("--check", is_flag=True, help="exit 1 when --dir differs from a fresh rendering of the runs")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("leaderboard"), show_default=True,
+              help="the leaderboard folder for --write and --check")
+def leaderboard(runs_dirs: tuple[Path, ...], fmt: str, out: Path | None, write_all: bool, check: bool,
+                directory: Path) -> None:
+    """Compare runs: one table per (model, suite), Δ vs one-off with paired bootstrap CIs, cost, plots."""
+    from harness.leaderboard import leaderboard_command
+
+    leaderboard_command(list(runs_dirs), fmt, out, write_all=write_all, check=check, directory=directory,
+                        console=console, stdout=stdout_console())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click without its own exception handling, so every user error is one line."""
     try:
