@@ -215,6 +215,10 @@ def mmlu_tasks() -> None:
         "mmlu/_local_mmlu_small.yaml",
         group_yaml("local_mmlu_small", [f"local_mmlu_{s}" for s in MMLU_SMALL], "MMLU, four subjects (one per category) for the small suite.", "mmlu (4 subjects)"),
     )
+    online = ROOT / "benchmarks" / "tasks_online" / "harness_mmlu_small.yaml"
+    online.parent.mkdir(parents=True, exist_ok=True)
+    comment = "local_mmlu_small's online counterpart: the same subjects as lm-eval's hub-backed tasks."
+    online.write_text(group_yaml("harness_mmlu_small", [f"mmlu_{s}" for s in MMLU_SMALL], comment, "mmlu (4 subjects)"), encoding="utf-8")
 
 
 def ifeval() -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+NLTK_DATA_DIR = DATA_DIR / "nltk_data"
 
 
 class MissingTaskData(FileNotFoundError):
@@ -61,3 +63,14 @@ def load_mmlu(subject: str, test_file: str = "mmlu/mmlu_test.jsonl.gz", dev_file
 def winogrande_gold(doc: dict[str, Any]) -> int:
     """Partial scoring (lm-eval's winogrande): the "text" is the index of the correct context."""
     return int(doc["gold"])
+
+
+def use_shipped_nltk_data() -> None:
+    """Put the shipped NLTK punkt tables first on NLTK's search path (also for an nltk imported earlier),
+    so IFEval's checkers inside lm-eval find them instead of downloading them on import."""
+    existing = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p and p != str(NLTK_DATA_DIR)]
+    os.environ["NLTK_DATA"] = os.pathsep.join([str(NLTK_DATA_DIR), *existing])
+    import nltk
+
+    if str(NLTK_DATA_DIR) not in nltk.data.path:
+        nltk.data.path.insert(0, str(NLTK_DATA_DIR))
