@@ -36,10 +36,11 @@ def test_gpt4_responses_score_the_published_prompt_level_strict_accuracy(no_netw
     docs = list(task.eval_docs)
     responses = [json.loads(line) for line in GPT4_RESPONSES.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(docs) == len(responses) == 541
-    scored = []
-    for doc, response in zip(docs, responses, strict=True):  # the two files list the same prompts in the same order
-        assert " ".join(doc["prompt"].split()) == " ".join(response["prompt"].split())
-        scored.append(task.process_results(doc, [response["response"]]))
+    # The files list the same prompts in the same order, except one prompt whose wording IFEval later
+    # revised ("at least 3 placeholders" -> "at least one placeholder"); its response is scored as given.
+    differing = [doc["prompt"] for doc, response in zip(docs, responses, strict=True) if doc["prompt"] != response["prompt"]]
+    assert len(differing) <= 1 and all("placeholder" in prompt for prompt in differing)
+    scored = [task.process_results(doc, [response["response"]]) for doc, response in zip(docs, responses, strict=True)]
     strict = 100 * sum(row["prompt_level_strict_acc"] for row in scored) / len(scored)
     assert abs(strict - PUBLISHED_PROMPT_STRICT) <= 1.0, strict
     loose = 100 * sum(row["prompt_level_loose_acc"] for row in scored) / len(scored)

@@ -71,8 +71,7 @@ def test_mmlu_group_has_57_subjects_weighted_by_size(manager, no_network):
     assert set(loaded["group_map"]["local_mmlu"]) == {
         "local_mmlu_stem", "local_mmlu_other", "local_mmlu_social_sciences", "local_mmlu_humanities"
     }
-    group_config = loaded["groups"]["local_mmlu"].config
-    assert [m.weight_by_size for m in group_config.aggregate_metric_list] == [True]
+    assert [m.weight_by_size for m in loaded["groups"]["local_mmlu"].aggregate_metric_list] == [True]
     anatomy = loaded["tasks"]["local_mmlu_anatomy"]
     assert len(list(anatomy.eval_docs)) == 135 and len(list(anatomy.fewshot_docs())) == 5
     mine = lm_eval_yaml("mmlu/default/_default_template_yaml")
@@ -157,3 +156,25 @@ def test_a_handful_of_items_evaluate_on_the_tiny_model(tiny, tmp_path, no_networ
         assert all(metric in row for metric in metrics)
         assert ("response" in row) == (name == "local_ifeval")
         assert ("loglikelihoods" in row) == (name != "local_ifeval")
+
+
+def test_mmlu_group_accuracy_is_weighted_by_subject_size(tiny, manager):
+    """As lm-eval's mmlu: the group's accuracy is the mean over all items, not the mean of subject means."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8)
+    subsets = {
+        "local_mmlu_college_biology": list(range(6)),
+        "local_mmlu_world_religions": [0],
+        "local_mmlu_high_school_geography": [0, 1],
+        "local_mmlu_nutrition": [0],
+    }
+    output = simple_evaluate(model=lm, tasks=["local_mmlu_small"], samples=subsets, task_manager=manager, bootstrap_iters=0)
+    per_item = [s["acc"] for name in subsets for s in output["samples"][name]]
+    assert len(per_item) == 10
+    group = output["results"]["local_mmlu_small"]["acc,none"]
+    assert group == pytest.approx(sum(per_item) / len(per_item))
+    means = [sum(s["acc"] for s in output["samples"][name]) / len(subsets[name]) for name in subsets]
+    assert group != pytest.approx(sum(means) / len(means))  # the items at hand tell the two apart
