@@ -102,6 +102,20 @@ def test_online_names_are_registered_lm_eval_tasks():
         online_task_name("my_task")
 
 
+def test_online_mode_without_hub_access_is_a_one_line_error(monkeypatch):
+    """Here the hub is unreachable (HF_*_OFFLINE=1): online tasks cannot load, and the error says so."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    restricted = TaskManager(include_path=[str(root / "piqa")], include_defaults=False)  # fast: one folder
+    monkeypatch.setattr(evaluation, "task_manager", lambda online=False: restricted)
+    with pytest.raises(HarnessError) as error:
+        plan_suite(make_suite(tasks=[{"task": "local_piqa"}]), online=True)
+    text = str(error.value)
+    assert text.startswith("task piqa (online): could not load it from the hub") and "\n" not in text
+
+
 def test_unknown_task_in_a_suite_is_a_one_line_error():
     with pytest.raises(HarnessError) as error:
         plan_suite(make_suite(tasks=[{"task": "local_arc_esy"}]))
