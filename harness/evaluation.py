@@ -178,16 +178,16 @@ def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]
         try:
             loaded = manager.load(name)
         except Exception as error:  # lm-eval wraps loader errors; report them on one line
-            missing = _missing_data(error)
-            if missing is not None and not use_online:
-                raise HarnessError(f"task {name}: {missing}") from None
             if use_online:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise HarnessError(
                     f"task {name} (online): could not load it from the hub ({reason}); "
                     "without --online the suite runs on the shipped data"
                 ) from None
-            raise
+            missing = _missing_data(error)
+            if missing is None:
+                raise
+            raise HarnessError(f"task {name}: {missing}") from None
         leaves = {task_name: len(list(task.eval_docs)) for task_name, task in loaded["tasks"].items()}
         planned.append(PlannedTask(entry, name, leaves, is_group=bool(loaded["groups"])))
     return planned

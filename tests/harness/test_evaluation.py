@@ -213,3 +213,17 @@ def test_run_suite_records_subsets_and_per_example_results(tiny, tmp_path, monke
     limited = run_suite(model, tokenizer, make_suite(tasks=[{"task": "local_arc_challenge", "sample": 5}]), output_dir=tmp_path, limit=2)
     assert limited["limit"] == 2 and limited["tasks"]["local_arc_challenge"]["sample"] is None
     assert limited["tasks"]["local_arc_challenge"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_arc_easy_is_clearly_above_chance(tmp_path):
+    """The real SmolLM2-135M-Instruct on 150 random ARC-Easy items (0-shot, plain prompt)."""
+    from harness.models import load_model_and_tokenizer, resolve_model
+    from tests.conftest import require_smollm2
+
+    model, tokenizer = load_model_and_tokenizer(resolve_model("smollm2-135m-instruct", str(require_smollm2())))
+    suite = make_suite(tasks=[{"task": "local_arc_easy", "sample": 150, "metrics": ["acc"]}])
+    accuracy = run_suite(model, tokenizer, suite, output_dir=tmp_path)["tasks"]["local_arc_easy"]["acc"]
+    rows = [json.loads(line) for line in (tmp_path / "samples_local_arc_easy.jsonl").read_text().splitlines()]
+    chance = sum(1 / len(row["loglikelihoods"]) for row in rows) / len(rows)
+    assert accuracy["value"] - chance > 4 * accuracy["stderr"], (accuracy, chance)
