@@ -53,6 +53,7 @@ def cli() -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--seed", type=int, default=None, help="random seed (default 0)")
 @click.option("--limit", type=int, default=None, help="evaluation items per task (overrides the suite)")
+@click.option("--online", is_flag=True, default=None, help="evaluate with lm-eval's own hub-backed tasks (needs hub access)")
 def run(
     recipe: str | None,
     model: str | None,
@@ -63,6 +64,7 @@ def run(
     output: Path,
     seed: int | None,
     limit: int | None,
+    online: bool | None,
 ) -> None:
     """Train with a recipe, evaluate, write a run record and print the results."""
     from harness.spec import build_spec
@@ -74,6 +76,7 @@ def run(
         "eval.suite": suite,
         "seed": seed,
         "eval.limit": limit,
+        "eval.online": online,
     }
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
     _quiet_libraries()

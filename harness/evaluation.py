@@ -1,34 +1,74 @@
 """Evaluation suites: named lists of lm-eval tasks over shipped data, run in-process on the trained model.
 
-A suite is a small YAML in benchmarks/suites/. Tasks are lm-eval task YAMLs in benchmarks/tasks/
-(loaded with TaskManager(include_path=..., include_defaults=False), so nothing touches the hub)."""
+A suite is a small YAML in benchmarks/suites/. Tasks are lm-eval task YAMLs in benchmarks/tasks/ (loaded
+with TaskManager(include_path=..., include_defaults=False), so nothing touches the hub). With `online`
+(suite option or `--online`) each task maps to lm-eval's own registered task instead (ONLINE_TASKS), for
+users with hub access. Suites may also name evaluations that are not lm-eval tasks (`alpaca_eval:`,
+`pairwise:`); those run through the module named in EXTRA_SECTIONS, or are skipped with a recorded note.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import logging
 import math
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from benchmarks.tasks.local_data import use_shipped_nltk_data
 from harness.errors import HarnessError, unknown_name
 from harness.records import atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 SUITES_DIR = BENCHMARKS_DIR / "suites"
 TASKS_DIR = BENCHMARKS_DIR / "tasks"
+ONLINE_TASKS_DIR = BENCHMARKS_DIR / "tasks_online"
+
+# Local task (or group) -> lm-eval's own registered name, used with `online: true`. MMLU subjects map by
+# rule (local_mmlu_<subject> -> mmlu_<subject>); local_mmlu_small maps to a group over lm-eval's subject
+# tasks defined in benchmarks/tasks_online/.
+ONLINE_TASKS: dict[str, str] = {
+    "local_arc_easy": "arc_easy",
+    "local_arc_challenge": "arc_challenge",
+    "local_hellaswag": "hellaswag",
+    "local_mmlu": "mmlu",
+    "local_mmlu_small": "harness_mmlu_small",
+    "local_truthfulqa_mc1": "truthfulqa_mc1",
+    "local_truthfulqa_mc2": "truthfulqa_mc2",
+    "local_piqa": "piqa",
+    "local_winogrande": "winogrande",
+    "local_boolq": "boolq",
+    "local_ifeval": "ifeval",
+}
+
+# Suite sections that are not lm-eval tasks -> the module that implements them. The module provides
+# run_suite_section(model, tokenizer, config: dict, *, output_dir: Path, seed: int) -> dict of metrics.
+EXTRA_SECTIONS: dict[str, str] = {"alpaca_eval": "harness.alpaca", "pairwise": "harness.pairwise"}
 
 
 class SuiteTask(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    task: str
+    task: str = Field(description="a local lm-eval task or group in benchmarks/tasks/")
     num_fewshot: int = Field(0, ge=0)
-    limit: int | None = Field(None, gt=0)
-    metrics: list[str] = ["acc"]
+    limit: int | None = Field(None, gt=0, description="the first N items (lm-eval's limit)")
+    sample: int | None = Field(None, gt=0, description="N items drawn at random (fixed seed) per task")
+    metrics: list[str] | None = Field(None, description="metrics to record; None: all that lm-eval reports")
+    chat_template: bool | None = Field(None, description="None: the suite's setting")
+    gen_kwargs: dict[str, Any] | None = Field(None, description="generation overrides, e.g. max_gen_toks")
+
+    @model_validator(mode="after")
+    def _limit_or_sample(self) -> SuiteTask:
+        if self.limit is not None and self.sample is not None:
+            raise ValueError(f"task {self.task}: give either limit or sample, not both")
+        return self
 
 
 class Suite(BaseModel):
@@ -36,7 +76,11 @@ class Suite(BaseModel):
     name: str
     description: str
     chat_template: bool = False
-    tasks: list[SuiteTask]
+    online: bool = Field(False, description="use lm-eval's registered (hub) tasks instead of the local ones")
+    sample_seed: int = Field(1234, description="seed of the fixed random subsets (`sample:`)")
+    tasks: list[SuiteTask] = []
+    alpaca_eval: dict[str, Any] | None = None
+    pairwise: dict[str, Any] | None = None
 
 
 def list_suites() -> dict[str, str]:
@@ -46,8 +90,12 @@ def list_suites() -> dict[str, str]:
 def _read_suite(path: Path) -> Suite:
     try:
         return Suite.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, ValidationError) as error:
-        raise HarnessError(f"suite file {path}: invalid ({str(error).splitlines()[0]})") from None
+    except ValidationError as error:
+        detail = error.errors()[0]
+        where = ".".join(str(part) for part in detail["loc"])
+        raise HarnessError(f"suite file {path}: {where}: {detail['msg']}") from None
+    except yaml.YAMLError as error:
+        raise HarnessError(f"suite file {path}: invalid YAML ({str(error).splitlines()[0]})") from None
 
 
 def load_suite(name: str) -> Suite:
@@ -57,9 +105,162 @@ def load_suite(name: str) -> Suite:
     return _read_suite(path)
 
 
+def online_task_name(local: str) -> str:
+    """lm-eval's registered name for a local task, subject task or group."""
+    if local in ONLINE_TASKS:
+        return ONLINE_TASKS[local]
+    if local.startswith("local_mmlu_"):
+        return local.removeprefix("local_")
+    raise HarnessError(f"task '{local}' has no lm-eval counterpart for online mode; add it to ONLINE_TASKS")
+
+
+def sample_key(task_name: str) -> str:
+    """Seed key of a task's random subset: the same for a local task and its online counterpart."""
+    return task_name.removeprefix("local_")
+
+
+def sample_indices(task_name: str, total: int, k: int, seed: int) -> list[int]:
+    """A fixed random subset of doc indices, recorded in the run record (k >= total: all docs)."""
+    if k >= total:
+        return list(range(total))
+    return sorted(random.Random(f"{seed}:{sample_key(task_name)}").sample(range(total), k))
+
+
 def _quiet_lm_eval() -> None:
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("lm_eval.tasks", "lm_eval.tasks._index", "lm_eval.tasks.manager", "lm_eval.evaluator_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@functools.lru_cache(maxsize=2)
+def task_manager(online: bool = False) -> Any:
+    """The local tasks only (offline), or lm-eval's registered tasks plus benchmarks/tasks_online/."""
+    from lm_eval.tasks import TaskManager
+
+    _quiet_lm_eval()
+    if online:
+        return TaskManager(include_path=str(ONLINE_TASKS_DIR), include_defaults=True)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def _missing_data(error: BaseException) -> BaseException | None:
+    """The MissingTaskData (a FileNotFoundError) anywhere in an exception chain lm-eval may have wrapped."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, FileNotFoundError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@dataclass
+class PlannedTask:
+    """One suite entry resolved against lm-eval: the name to run and its leaf tasks with their sizes."""
+
+    entry: SuiteTask
+    name: str
+    leaves: dict[str, int]
+    is_group: bool
+
+
+def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]:
+    """Resolve every lm-eval task of the suite and build its documents, before anything is evaluated:
+    an unknown task or a missing data file is a one-line error, not a failure halfway through."""
+    use_online = suite.online if online is None else online
+    use_shipped_nltk_data()  # IFEval's checkers (inside lm-eval) need NLTK's punkt tables: never download
+    manager = task_manager(use_online)
+    planned = []
+    for entry in suite.tasks:
+        name = online_task_name(entry.task) if use_online else entry.task
+        if name not in manager.all_tasks:
+            raise unknown_name("lm-eval task", name, manager.all_tasks)
+        try:
+            loaded = manager.load(name)
+        except Exception as error:  # lm-eval wraps loader errors; report them on one line
+            if use_online:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise HarnessError(
+                    f"task {name} (online): could not load it from the hub ({reason}); "
+                    "without --online the suite runs on the shipped data"
+                ) from None
+            missing = _missing_data(error)
+            if missing is None:
+                raise
+            raise HarnessError(f"task {name}: {missing}") from None
+        leaves = {task_name: len(list(task.eval_docs)) for task_name, task in loaded["tasks"].items()}
+        planned.append(PlannedTask(entry, name, leaves, is_group=bool(loaded["groups"])))
+    return planned
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and not math.isnan(value):
+        return float(value)
+    return None
+
+
+def stderr_from_samples(value: float, per_sample: list[Any]) -> float | None:
+    """A standard error when lm-eval reports none: the mean's (sd/sqrt(n)) for scalar per-item scores,
+    or the ratio estimator's (delta method, items as clusters) for list-valued ones that lm-eval
+    flattens (IFEval's instruction-level accuracy). None unless it reproduces lm-eval's value."""
+    n = len(per_sample)
+    if n < 2:
+        return None
+    if all(isinstance(v, (list, tuple)) for v in per_sample):
+        totals = [sum(float(x) for x in v) for v in per_sample]
+        counts = [len(v) for v in per_sample]
+        ratio = sum(totals) / sum(counts)
+        if abs(ratio - value) > 1e-9:
+            return None
+        residual_ss = sum((t - ratio * c) ** 2 for t, c in zip(totals, counts, strict=True))
+        return math.sqrt(n / (n - 1) * residual_ss) / sum(counts)
+    values = [float(v) for v in per_sample]
+    mean = sum(values) / n
+    if abs(mean - value) > 1e-9:
+        return None
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def _metric_names(task_results: dict[str, Any]) -> list[str]:
+    names = []
+    for key in task_results:
+        metric, _, filter_name = key.partition(",")
+        if filter_name == "none" and not metric.endswith("_stderr"):
+            names.append(metric)
+    return names
+
+
+def _metrics_entry(task_results: dict[str, Any], samples: list[dict[str, Any]], metrics: list[str] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"n": len(samples)}
+    for metric in metrics or _metric_names(task_results):
+        value = _number(task_results.get(f"{metric},none"))
+        stderr = _number(task_results.get(f"{metric}_stderr,none"))
+        if value is not None and stderr is None:
+            stderr = stderr_from_samples(value, [s[metric] for s in samples if metric in s])
+        entry[metric] = {"value": value, "stderr": stderr}
+    return entry
+
+
+def _sample_row(task_name: str, sample: dict[str, Any]) -> dict[str, Any]:
+    """One evaluated item, for paired statistics across runs: every metric lm-eval scored it on, plus the
+    model's output (generated text, or the log-likelihood of each choice)."""
+    row: dict[str, Any] = {
+        "task": task_name,
+        "doc_id": sample["doc_id"],
+        "doc_hash": sample.get("doc_hash"),
+        "prompt_hash": sample.get("prompt_hash"),
+        "target": sample.get("target"),
+    }
+    for metric in sample.get("metrics", []):
+        row[metric] = sample.get(metric)
+    responses = sample.get("filtered_resps") or []
+    if responses and isinstance(responses[0], str):
+        row["response"] = responses[0]
+    elif responses and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in responses):
+        row["loglikelihoods"] = [float(r[0]) for r in responses]
+    return row
 
 
 def run_lm_eval(
@@ -72,70 +273,137 @@ def run_lm_eval(
     batch_size: int = 8,
     chat_template: bool | None = None,
     seed: int = 0,
+    online: bool | None = None,
 ) -> dict[str, Any]:
     """Run every lm-eval task of the suite on an in-memory model.
 
-    Returns {task: {metric: {"value", "stderr"}, "n": items, "num_fewshot", "limit", "seconds"}} and
-    writes per-example results to output_dir/samples_<task>.jsonl (for paired statistics later)."""
+    Returns {"tasks": {task: {metric: {"value", "stderr"}, "n", "num_fewshot", "limit", "sample", ...}},
+    ...} and writes per-example results to output_dir/samples_<task>.jsonl (for paired statistics later).
+    `limit` (first N items per task) overrides the suite's limits and random subsets."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     _quiet_lm_eval()
-    use_chat = suite.chat_template if chat_template is None else chat_template
+    use_online = suite.online if online is None else online
+    planned = plan_suite(suite, online=use_online)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    manager = task_manager(use_online)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    for suite_task in suite.tasks:
-        if suite_task.task not in task_manager.all_tasks:
-            raise unknown_name("lm-eval task", suite_task.task, task_manager.all_tasks)
-        task_limit = limit if limit is not None else suite_task.limit
+    for plan in planned:
+        entry = plan.entry
+        use_chat = chat_template if chat_template is not None else (
+            entry.chat_template if entry.chat_template is not None else suite.chat_template
+        )
+        task_limit = limit if limit is not None else entry.limit
+        indices = None
+        if limit is None and entry.sample is not None:
+            indices = {leaf: sample_indices(leaf, total, entry.sample, suite.sample_seed) for leaf, total in plan.leaves.items()}
         started = time.perf_counter()
-        try:
-            output = simple_evaluate(
-                model=lm,
-                tasks=[suite_task.task],
-                num_fewshot=suite_task.num_fewshot,
-                limit=task_limit,
-                task_manager=task_manager,
-                apply_chat_template=use_chat,
-                fewshot_as_multiturn=use_chat,
-                bootstrap_iters=1000,
-                log_samples=True,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-        except FileNotFoundError as error:
-            raise HarnessError(f"task {suite_task.task}: {error}") from None
+        output = simple_evaluate(
+            model=lm,
+            tasks=[plan.name],
+            num_fewshot=entry.num_fewshot,
+            limit=task_limit,
+            samples=indices,
+            task_manager=manager,
+            apply_chat_template=use_chat,
+            fewshot_as_multiturn=use_chat,
+            gen_kwargs=entry.gen_kwargs,
+            bootstrap_iters=1000,
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
         seconds = time.perf_counter() - started
-        task_results = output["results"][suite_task.task]
-        samples = output["samples"][suite_task.task]
-        entry: dict[str, Any] = {
-            "n": len(samples),
-            "num_fewshot": suite_task.num_fewshot,
-            "limit": task_limit,
-            "seconds": round(seconds, 2),
-        }
-        for metric in suite_task.metrics:
-            value = task_results.get(f"{metric},none")
-            stderr = task_results.get(f"{metric}_stderr,none")
-            entry[metric] = {
-                "value": float(value) if value is not None else None,
-                "stderr": float(stderr) if isinstance(stderr, (int, float)) and not math.isnan(stderr) else None,
+        samples = [(leaf, s) for leaf in plan.leaves for s in output["samples"].get(leaf, [])]
+        record = _metrics_entry(output["results"][plan.name], [s for _, s in samples], entry.metrics)
+        record.update(
+            {
+                "lm_eval_task": plan.name,
+                "num_fewshot": entry.num_fewshot,
+                "limit": task_limit,
+                "sample": None
+                if indices is None
+                else {"per_task": entry.sample, "seed": suite.sample_seed, "doc_ids": indices},
+                "chat_template": use_chat,
+                "gen_kwargs": entry.gen_kwargs,
+                "seconds": round(seconds, 2),
             }
-        results[suite_task.task] = entry
-        lines = [
-            json.dumps(
-                {"doc_id": s["doc_id"], "doc_hash": s["doc_hash"], **{m: s.get(m) for m in suite_task.metrics}},
-                sort_keys=True,
-            )
-            for s in samples
-        ]
-        atomic_write_text(output_dir / f"samples_{suite_task.task}.jsonl", "\n".join(lines) + "\n")
-    return {"tasks": results, "chat_template": use_chat}
+        )
+        if plan.is_group:
+            record["subtasks"] = {
+                leaf: _metrics_entry(output["results"][leaf], output["samples"].get(leaf, []), entry.metrics)
+                for leaf in plan.leaves
+            }
+        results[entry.task] = record
+        lines = [json.dumps(_sample_row(leaf, s), sort_keys=True, default=str) for leaf, s in samples]
+        atomic_write_text(output_dir / f"samples_{entry.task}.jsonl", "\n".join(lines) + "\n")
+    return {
+        "tasks": results,
+        "online": use_online,
+        "chat_template": suite.chat_template if chat_template is None else chat_template,
+        "limit": limit,
+    }
+
+
+def run_extra_sections(
+    model: Any, tokenizer: Any, suite: Suite, *, output_dir: Path, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Suite sections that are not lm-eval tasks: run through their module's run_suite_section, or skip
+    with a note (returned, and recorded by the runner) when that module is not there yet."""
+    metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for key, module_name in EXTRA_SECTIONS.items():
+        config = getattr(suite, key)
+        if config is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            skipped[key] = f"not implemented yet ({module_name} is absent)"
+            continue
+        section = getattr(module, "run_suite_section", None)
+        if section is None:
+            skipped[key] = f"not implemented yet ({module_name} has no run_suite_section)"
+            continue
+        metrics[key] = section(model, tokenizer, dict(config), output_dir=output_dir / key, seed=seed)
+    return metrics, skipped
+
+
+def run_suite(
+    model: Any,
+    tokenizer: Any,
+    suite: Suite,
+    *,
+    output_dir: Path,
+    limit: int | None = None,
+    batch_size: int = 8,
+    chat_template: bool | None = None,
+    seed: int = 0,
+    online: bool | None = None,
+) -> dict[str, Any]:
+    """The whole suite: its lm-eval tasks, then its other sections. Returns {"tasks": metrics by task or
+    section, "online", "skipped": {section: why}}."""
+    evaluation = run_lm_eval(
+        model,
+        tokenizer,
+        suite,
+        output_dir=output_dir,
+        limit=limit,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        seed=seed,
+        online=online,
+    )
+    extra, skipped = run_extra_sections(model, tokenizer, suite, output_dir=output_dir, seed=seed)
+    evaluation["tasks"].update(extra)
+    evaluation["skipped"] = skipped
+    return evaluation

@@ -25,7 +25,7 @@ from harness import __version__
 from harness.artifacts import ArtifactCache
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
-from harness.evaluation import Suite, load_suite, run_lm_eval
+from harness.evaluation import Suite, load_suite, plan_suite, run_suite
 from harness.models import ResolvedModel, load_model_and_tokenizer, resolve_model
 from harness.records import (
     RECORD_SCHEMA_VERSION,
@@ -82,6 +82,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     )
     resolved = spec.model_copy(update={"params": params.model_dump(mode="json"), "training": training})
     suite = load_suite(spec.eval.suite)
+    plan_suite(suite, online=spec.eval.online)  # unknown tasks or missing data files fail before training
     data = load_instruction_data(spec.data.name, limit=spec.data.limit, dedupe=spec.data.dedupe)
     return PreparedRun(resolved, recipe, params, model_info, data, suite)
 
@@ -174,9 +175,10 @@ class RunContext:
     def evaluate(self, model: Any, tokenizer: Any, name: str) -> dict[str, Any]:
         """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage)."""
         with self.stage(f"evaluate:{name}"):
-            return run_lm_eval(
+            return run_suite(
                 model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
                 batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
+                online=self.spec.eval.online,
             )["tasks"]
 
 
@@ -268,7 +270,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             output.model.save_pretrained(run_dir / "model")
             output.tokenizer.save_pretrained(run_dir / "model")
     with ctx.stage("evaluate"):
-        evaluation = run_lm_eval(
+        evaluation = run_suite(
             output.model,
             output.tokenizer,
             prepared.suite,
@@ -277,6 +279,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             batch_size=prepared.spec.eval.batch_size,
             chat_template=prepared.spec.eval.chat_template,
             seed=prepared.spec.seed,
+            online=prepared.spec.eval.online,
         )
     wall = time.perf_counter() - wall_started
     target = {stage: result for stage, result in ctx.train_results.items() if stage not in ctx.overhead_stages}
@@ -300,7 +303,13 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "training": {stage: result.as_record() for stage, result in ctx.train_results.items()},
         "tokenization": ctx.tokenize_stats,
         "scoring": ctx.scoring.as_record(),
-        "suite": {"name": prepared.suite.name, "chat_template": evaluation["chat_template"]},
+        "suite": {
+            "name": prepared.suite.name,
+            "chat_template": evaluation["chat_template"],
+            "online": evaluation["online"],
+            "limit": evaluation["limit"],
+            "skipped": evaluation["skipped"],
+        },
         "metrics": evaluation["tasks"],
         "cost": {
             "train_tokens": train_tokens,

@@ -66,6 +66,7 @@ class EvalSpec(StrictModel):
     limit: int | None = Field(None, gt=0, description="items per task; None: the suite's own limit")
     batch_size: int = Field(8, gt=0)
     chat_template: bool | None = Field(None, description="None: the suite's setting")
+    online: bool | None = Field(None, description="lm-eval's hub-backed tasks instead of the shipped ones; None: the suite's setting")
 
 
 class RunSpec(StrictModel):

@@ -1,0 +1,229 @@
+"""Suites: the shipped suite files, fixed random subsets recorded in the record, per-example results,
+standard errors, online task names, non-lm-eval sections, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from harness import evaluation
+from harness.errors import HarnessError
+from harness.evaluation import (
+    ONLINE_TASKS,
+    Suite,
+    list_suites,
+    load_suite,
+    online_task_name,
+    plan_suite,
+    run_extra_sections,
+    run_suite,
+    sample_indices,
+    stderr_from_samples,
+)
+
+
+def make_suite(**fields) -> Suite:
+    return Suite.model_validate({"name": "t", "description": "t", **fields})
+
+
+def test_shipped_suites_validate_and_resolve_offline():
+    assert {"smoke", "small", "openllm-v1", "paper"} <= set(list_suites())
+    for name in ("smoke", "small", "openllm-v1", "paper"):
+        planned = plan_suite(load_suite(name))
+        assert all(sum(plan.leaves.values()) > 0 for plan in planned)
+
+
+def test_openllm_v1_is_the_leaderboard_protocol_on_full_sets():
+    suite = load_suite("openllm-v1")
+    setup = {t.task: (t.num_fewshot, t.metrics[0], t.limit, t.sample) for t in suite.tasks}
+    assert setup == {
+        "local_arc_challenge": (25, "acc_norm", None, None),
+        "local_hellaswag": (10, "acc_norm", None, None),
+        "local_mmlu": (5, "acc", None, None),
+        "local_truthfulqa_mc2": (0, "acc", None, None),
+    }
+    paper = load_suite("paper")
+    assert [t.task for t in paper.tasks[:4]] == [t.task for t in suite.tasks]
+    assert paper.alpaca_eval is not None and paper.pairwise is not None
+    assert any(t.task == "local_ifeval" and t.chat_template for t in paper.tasks)
+
+
+def test_small_suite_uses_fixed_random_subsets():
+    suite = load_suite("small")
+    assert all(t.limit is None for t in suite.tasks)
+    sizes = {t.task: t.sample for t in suite.tasks}
+    assert sizes["local_arc_easy"] == 500 and sizes["local_ifeval"] is not None
+
+
+def test_sample_indices_are_fixed_sorted_and_shared_with_online_names():
+    first = sample_indices("local_arc_easy", 2376, 500, 1234)
+    assert first == sample_indices("local_arc_easy", 2376, 500, 1234)
+    assert first == sorted(set(first)) and len(first) == 500 and 0 <= first[0] and first[-1] < 2376
+    assert first == sample_indices("arc_easy", 2376, 500, 1234)  # the online task draws the same items
+    assert first != sample_indices("local_arc_easy", 2376, 500, 1235)
+    assert first != sample_indices("local_arc_challenge", 2376, 500, 1234)
+    assert sample_indices("local_piqa", 10, 50, 0) == list(range(10))
+
+
+def test_stderr_from_samples_matches_hand_computation():
+    values = [1.0, 0.0, 1.0, 1.0]
+    mean = 0.75
+    assert stderr_from_samples(mean, values) == pytest.approx(math.sqrt(0.25 / 3 / 4 * 3))  # sd=0.5, /sqrt(4)
+    assert stderr_from_samples(0.5, values) is None  # does not reproduce the reported value
+    assert stderr_from_samples(1.0, [1.0]) is None
+    # IFEval instruction level: prompts are clusters of instructions; ratio estimator by hand.
+    per_prompt = [[True, False], [True], [False, False, True]]
+    totals, counts = [1, 1, 1], [2, 1, 3]
+    ratio = 3 / 6
+    residuals = [t - ratio * c for t, c in zip(totals, counts, strict=True)]  # 0, 0.5, -0.5
+    expected = math.sqrt(3 / 2 * sum(r * r for r in residuals)) / 6
+    assert stderr_from_samples(ratio, per_prompt) == pytest.approx(expected)
+
+
+def test_online_names_are_registered_lm_eval_tasks():
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    folders = ["arc", "hellaswag", "mmlu/default", "truthfulqa", "piqa", "winogrande", "super_glue/boolq", "ifeval"]
+    manager = TaskManager(include_path=[str(root / f) for f in folders] + [str(evaluation.ONLINE_TASKS_DIR)], include_defaults=False)
+    local = evaluation.task_manager(False).all_tasks
+    for name in local:
+        if name.startswith("local_") and not name.endswith("_tasks"):
+            assert online_task_name(name) in manager.all_tasks, name
+    assert set(ONLINE_TASKS) <= set(local)
+    with pytest.raises(HarnessError, match="no lm-eval counterpart"):
+        online_task_name("my_task")
+
+
+def test_online_mode_without_hub_access_is_a_one_line_error(monkeypatch):
+    """Here the hub is unreachable (HF_*_OFFLINE=1): online tasks cannot load, and the error says so."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    restricted = TaskManager(include_path=[str(root / "piqa")], include_defaults=False)  # fast: one folder
+    monkeypatch.setattr(evaluation, "task_manager", lambda online=False: restricted)
+    with pytest.raises(HarnessError) as error:
+        plan_suite(make_suite(tasks=[{"task": "local_piqa"}]), online=True)
+    text = str(error.value)
+    assert text.startswith("task piqa (online): could not load it from the hub") and "\n" not in text
+
+
+def test_unknown_task_in_a_suite_is_a_one_line_error():
+    with pytest.raises(HarnessError) as error:
+        plan_suite(make_suite(tasks=[{"task": "local_arc_esy"}]))
+    assert "local_arc_easy" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("name: x\ndescription: x\ntasks:\n  - {task: local_piqa, limit: 5, sample: 5}\n", "either limit or sample"),
+        ("name: x\ndescription: x\ntasks:\n  - {task: local_piqa, shots: 5}\n", "tasks.0.shots"),
+        ("name: x\ndescription: x\ntaks: []\n", "taks"),
+        ("name: x\ndescription: [unclosed\n", "invalid YAML"),
+    ],
+)
+def test_bad_suite_file_is_a_one_line_error_naming_file_and_key(tmp_path, monkeypatch, body, message):
+    (tmp_path / "bad.yaml").write_text(body)
+    monkeypatch.setattr(evaluation, "SUITES_DIR", tmp_path)
+    with pytest.raises(HarnessError) as error:
+        load_suite("bad")
+    text = str(error.value)
+    assert message in text and str(tmp_path / "bad.yaml") in text and "\n" not in text
+
+
+@pytest.fixture
+def tasks_without_data(tmp_path, monkeypatch):
+    """A copy of the task folder whose data folder is empty, as after a broken install."""
+    tasks = tmp_path / "benchmarks" / "tasks"
+    shutil.copytree(evaluation.TASKS_DIR, tasks, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "benchmarks" / "data").mkdir()
+    monkeypatch.setattr(evaluation, "TASKS_DIR", tasks)
+    evaluation.task_manager.cache_clear()
+    yield tmp_path / "benchmarks" / "data"
+    evaluation.task_manager.cache_clear()
+
+
+def test_missing_data_file_is_a_one_line_error_naming_it(tasks_without_data):
+    with pytest.raises(HarnessError) as error:
+        plan_suite(make_suite(tasks=[{"task": "local_piqa"}]))
+    text = str(error.value)
+    assert "\n" not in text and str(tasks_without_data / "mc" / "piqa.jsonl.gz") in text
+    assert text.startswith("task local_piqa: benchmark data file missing")
+
+
+def test_missing_data_fails_the_cli_before_training_and_writes_nothing(tasks_without_data, tmp_path, capsys):
+    from harness.cli import main
+
+    output = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--output", str(output), "--limit", "5"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and err.startswith("error: task local_arc_easy: benchmark data file missing")
+    assert len(err.splitlines()) == 1 and not output.exists()
+
+
+def test_sections_without_an_implementation_are_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(evaluation, "EXTRA_SECTIONS", {"alpaca_eval": "harness._absent_module", "pairwise": "harness._absent_module"})
+    metrics, skipped = run_extra_sections(None, None, make_suite(alpaca_eval={"version": 2}), output_dir=Path("unused"))
+    assert metrics == {} and skipped == {"alpaca_eval": "not implemented yet (harness._absent_module is absent)"}
+
+
+def test_sections_with_an_implementation_run_through_it(monkeypatch, tmp_path):
+    calls = []
+    module = types.ModuleType("harness._section_for_test")
+    module.run_suite_section = lambda model, tokenizer, config, *, output_dir, seed: calls.append((config, output_dir, seed)) or {"win_rate": {"value": 1.0, "stderr": 0.1}}
+    monkeypatch.setitem(sys.modules, "harness._section_for_test", module)
+    monkeypatch.setattr(evaluation, "EXTRA_SECTIONS", {"pairwise": "harness._section_for_test"})
+    metrics, skipped = run_extra_sections(None, None, make_suite(pairwise={"test_sets": ["vicuna"]}), output_dir=tmp_path, seed=3)
+    assert metrics == {"pairwise": {"win_rate": {"value": 1.0, "stderr": 0.1}}} and skipped == {}
+    assert calls == [({"test_sets": ["vicuna"]}, tmp_path / "pairwise", 3)]
+
+
+def test_run_suite_records_subsets_and_per_example_results(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    suite = make_suite(
+        sample_seed=7,
+        tasks=[{"task": "local_arc_challenge", "sample": 5}, {"task": "local_boolq", "limit": 2, "metrics": ["acc"]}],
+        pairwise={"test_sets": ["vicuna"]},
+    )
+    monkeypatch.setattr(evaluation, "EXTRA_SECTIONS", {"pairwise": "harness._absent_module"})
+    result = run_suite(model, tokenizer, suite, output_dir=tmp_path, batch_size=4)
+    arc = result["tasks"]["local_arc_challenge"]
+    expected_ids = sample_indices("local_arc_challenge", 1172, 5, 7)
+    assert arc["sample"] == {"per_task": 5, "seed": 7, "doc_ids": {"local_arc_challenge": expected_ids}}
+    assert arc["n"] == 5 and set(arc) >= {"acc", "acc_norm"} and arc["limit"] is None
+    rows = [json.loads(line) for line in (tmp_path / "samples_local_arc_challenge.jsonl").read_text().splitlines()]
+    assert sorted(row["doc_id"] for row in rows) == expected_ids
+    assert all(len(row["loglikelihoods"]) == 4 and row["acc"] in (0.0, 1.0) and "acc_norm" in row for row in rows)
+    assert arc["acc"]["value"] == pytest.approx(sum(row["acc"] for row in rows) / 5)
+    boolq = result["tasks"]["local_boolq"]
+    assert boolq["n"] == 2 and boolq["limit"] == 2 and boolq["sample"] is None and set(boolq) & {"acc_norm"} == set()
+    assert result["skipped"] == {"pairwise": "not implemented yet (harness._absent_module is absent)"}
+    assert result["online"] is False and result["chat_template"] is False
+    # A global limit replaces the suite's subsets (first N items) and is recorded.
+    limited = run_suite(model, tokenizer, make_suite(tasks=[{"task": "local_arc_challenge", "sample": 5}]), output_dir=tmp_path, limit=2)
+    assert limited["limit"] == 2 and limited["tasks"]["local_arc_challenge"]["sample"] is None
+    assert limited["tasks"]["local_arc_challenge"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_arc_easy_is_clearly_above_chance(tmp_path):
+    """The real SmolLM2-135M-Instruct on 150 random ARC-Easy items (0-shot, plain prompt)."""
+    from harness.models import load_model_and_tokenizer, resolve_model
+    from tests.conftest import require_smollm2
+
+    model, tokenizer = load_model_and_tokenizer(resolve_model("smollm2-135m-instruct", str(require_smollm2())))
+    suite = make_suite(tasks=[{"task": "local_arc_easy", "sample": 150, "metrics": ["acc"]}])
+    accuracy = run_suite(model, tokenizer, suite, output_dir=tmp_path)["tasks"]["local_arc_easy"]["acc"]
+    rows = [json.loads(line) for line in (tmp_path / "samples_local_arc_easy.jsonl").read_text().splitlines()]
+    chance = sum(1 / len(row["loglikelihoods"]) for row in rows) / len(rows)
+    assert accuracy["value"] - chance > 4 * accuracy["stderr"], (accuracy, chance)
