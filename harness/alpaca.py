@@ -37,6 +37,7 @@ ALPACA_DIR = BENCHMARKS_DIR / "alpaca_eval"
 N_INSTRUCTIONS = 805
 DIFFICULTY_FILE = ALPACA_DIR / "instruction_difficulty_local.csv"
 LC_BOOTSTRAP = 200
+LC_MIN_EXAMPLES = 10
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,18 @@ def load_difficulty(reference: list[dict[str, Any]] | None = None) -> list[float
     return [float(v) for v in frame["instruction_difficulty"]]
 
 
+def estimate_difficulty(preferences: list[list[float]]) -> list[float]:
+    """Instruction difficulty from other models' preferences on the same instructions (rows: models):
+    minus the logit of the mean preference for the model (clipped to [0.02, 0.98]), standardised. A
+    local stand-in for the official instruction_difficulty.csv, which is fitted on the whole leaderboard;
+    the GLM fits its own coefficient per model, so only ranking and spread matter."""
+    import numpy as np
+
+    mean = np.clip(np.nanmean(np.array(preferences, dtype=float) - 1, axis=0), 0.02, 0.98)
+    difficulty = -np.log(mean / (1 - mean))
+    return [float(v) for v in (difficulty - difficulty.mean()) / difficulty.std()]
+
+
 @contextlib.contextmanager
 def _local_hub_files(difficulty: list[float] | None, n_rows: int) -> Iterator[None]:
     """Serve the GLM's df_gamed.csv from a local file: difficulty by position, no gamed-baseline rows."""
@@ -131,6 +144,13 @@ def length_controlled_winrate(
     frame = frame[frame["preference"].notna()].reset_index(drop=True)
     if frame["generator_1"].iloc[0] == frame["generator_2"].iloc[0]:
         return {"value": 50.0, "stderr": 0.0, "glm": glm, "note": "model is the baseline"}
+    if len(frame) < LC_MIN_EXAMPLES:
+        return {
+            "value": None,
+            "stderr": None,
+            "glm": glm,
+            "note": f"not computed: the GLM's 5-fold cross-validation needs at least {LC_MIN_EXAMPLES} examples",
+        }
     n_index = max(N_INSTRUCTIONS, int(frame["index"].max()) + 1)
 
     def fit(sample: Any) -> float:
@@ -143,8 +163,10 @@ def length_controlled_winrate(
         draws = []
         for _ in range(bootstrap):
             sample = frame.iloc[rng.integers(0, len(frame), len(frame))].reset_index(drop=True)
-            if sample["preference"].nunique() > 1:
+            try:
                 draws.append(fit(sample))
+            except ValueError:  # a resample the GLM cannot fit (e.g. one class only); counted below
+                continue
     raw = float(frame["preference"].astype(float).sub(1).mean() * 100)
     note = (
         "gamed-baseline regularisation unavailable offline (hub file df_gamed.csv); "
@@ -159,6 +181,7 @@ def length_controlled_winrate(
         "stderr": float(np.std(draws, ddof=1)) if len(draws) > 1 else None,
         "glm": glm,
         "bootstrap": len(draws),
+        "bootstrap_failed": bootstrap - len(draws),
         "extreme_change_from_raw": bool(get_is_extreme_changes(raw, value)),
         "note": note,
     }

@@ -279,9 +279,11 @@ class OpenAIJudge:
                 | {
                     "preference": float(preference) if preference is not None else math.nan,
                     "annotator": note.get("annotator"),
-                    "price_per_example": _float_or_none(note.get("price_per_example")),
-                    "time_per_example": _float_or_none(note.get("time_per_example")),
-                    "raw_completion": note.get("raw_completion"),
+                    "price_per_example": _float_or_none(note.get("preference_price_per_example")),
+                    "time_per_example": _float_or_none(note.get("preference_time_per_example")),
+                    "raw_completion": note.get("preference_raw_completion"),
+                    "judge_version": note.get("preference_version"),
+                    "judge_date": note.get("preference_date"),
                 }
             )
         return out

@@ -2,9 +2,8 @@
 
 The official length-controlled GLM has an instruction-difficulty term that it downloads from the hub
 (instruction_difficulty.csv, fitted on the whole leaderboard). Offline we estimate it from the models
-annotated by weighted_alpaca_eval_gpt4_turbo against gpt4_1106_preview in ../shared: for each
-instruction, minus the logit of the mean preference for the model (clipped to [0.02, 0.98]),
-standardised. The GLM fits its own coefficient per model, so only the ranking and spread matter.
+annotated by weighted_alpaca_eval_gpt4_turbo against gpt4_1106_preview in ../shared
+(harness.alpaca.estimate_difficulty).
 
 Usage: python scripts/make_alpaca_difficulty.py [--shared ../shared] [--exclude MODEL]
 """
@@ -16,28 +15,24 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness.alpaca import DIFFICULTY_FILE, load_reference  # noqa: E402
+from harness.alpaca import DIFFICULTY_FILE, estimate_difficulty, load_reference  # noqa: E402
 
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 
 
-def estimate(annotation_files: list[Path], instructions: list[str]) -> np.ndarray:
-    """Minus the logit of the mean preference across models, per instruction, standardised."""
+def load_preferences(annotation_files: list[Path], instructions: list[str]) -> list[list[float]]:
     preferences = []
     for path in annotation_files:
         rows = json.loads(path.read_text(encoding="utf-8"))
         if [r["instruction"] for r in rows] != instructions:
             raise SystemExit(f"{path}: instructions are not in the official order")
-        preferences.append([float(r["preference"]) - 1 for r in rows])
-    mean = np.clip(np.nanmean(np.array(preferences), axis=0), 0.02, 0.98)
-    difficulty = -np.log(mean / (1 - mean))
-    return (difficulty - difficulty.mean()) / difficulty.std()
+        preferences.append([float(r["preference"]) for r in rows])
+    return preferences
 
 
 def main() -> None:
@@ -52,7 +47,7 @@ def main() -> None:
     files = [f for f in files if f.parent.name not in args.exclude]
     if not files:
         raise SystemExit(f"no {ANNOTATOR} annotations under {args.shared}")
-    difficulty = estimate(files, instructions)
+    difficulty = estimate_difficulty(load_preferences(files, instructions))
     frame = pd.DataFrame({"index": range(len(instructions)), "instruction": instructions, "instruction_difficulty": difficulty})
     frame.to_csv(args.output, index=False, float_format="%.6f")
     print(f"wrote {args.output} from {', '.join(f.parent.name for f in files)}")
