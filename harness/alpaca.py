@@ -140,8 +140,10 @@ def length_controlled_winrate(
     import numpy as np
     from alpaca_eval.metrics.glm_winrate import get_is_extreme_changes, get_length_controlled_winrate
 
-    glm = "length_controlled_noreg" if difficulty is not None else "length_controlled_minimal"
     frame = frame[frame["preference"].notna()].reset_index(drop=True)
+    if "index" not in frame:  # no official positions: the difficulty term cannot be aligned
+        frame["index"], difficulty = range(len(frame)), None
+    glm = "length_controlled_noreg" if difficulty is not None else "length_controlled_minimal"
     if frame["generator_1"].iloc[0] == frame["generator_2"].iloc[0]:
         return {"value": 50.0, "stderr": 0.0, "glm": glm, "note": "model is the baseline"}
     if len(frame) < LC_MIN_EXAMPLES:
@@ -151,6 +153,9 @@ def length_controlled_winrate(
             "glm": glm,
             "note": f"not computed: the GLM's 5-fold cross-validation needs at least {LC_MIN_EXAMPLES} examples",
         }
+    preference = frame["preference"].astype(float)
+    if (preference <= 1.0).all() or (preference >= 2.0).all():
+        return {"value": None, "stderr": None, "glm": glm, "note": "not computed: every preference is on one side"}
     n_index = max(N_INSTRUCTIONS, int(frame["index"].max()) + 1)
 
     def fit(sample: Any) -> float:
@@ -158,7 +163,10 @@ def length_controlled_winrate(
         return float(out["length_controlled_winrate"])
 
     with _local_hub_files(difficulty, n_index):
-        value = fit(frame.copy())
+        try:
+            value = fit(frame.copy())
+        except ValueError as error:  # e.g. every preference on one side: nothing to fit
+            return {"value": None, "stderr": None, "glm": glm, "note": f"GLM could not be fitted ({str(error).splitlines()[0]})"}
         rng = np.random.default_rng(seed)
         draws = []
         for _ in range(bootstrap):

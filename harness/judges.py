@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import ipaddress
+import json
 import math
 import os
 import shutil
@@ -232,6 +234,9 @@ class OpenAIJudge:
         key = os.environ.get("OPENAI_API_KEY")
         return text.replace(key, "***") if key else text
 
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:12]
+
     def write_annotator_config(self, directory: Path) -> Path:
         """The official config with only model, price and chat protocol changed, plus its prompt, in `directory`."""
         config = copy.deepcopy(self.config)
@@ -258,7 +263,8 @@ class OpenAIJudge:
         config_path = self.write_annotator_config(work_dir / "annotator")
         annotator = PairwiseAnnotator(
             annotators_config=str(config_path),
-            caching_path=str(work_dir / "annotator_cache.json"),  # resume after an interruption
+            # resume after an interruption; one cache per judge (alpaca_eval keys it by config name only)
+            caching_path=str(work_dir / f"annotator_cache_{self._fingerprint()}.json"),
             seed=0,
         )
         baseline = [{"instruction": r["instruction"], "output": r["output_1"], "generator": r["generator_1"]} for r in rows]
