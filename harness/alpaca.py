@@ -298,6 +298,7 @@ def judge_outputs(
         "benchmark": info.name,
         "version": version,
         "reference": info.reference,
+        "official_annotator": info.annotator,  # the leaderboard's judge for this version, for comparison
         "judge": judge.describe(),
         "n": len(rows),
         "subset": None if len(subset) == N_INSTRUCTIONS else subset,

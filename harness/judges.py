@@ -12,15 +12,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import ipaddress
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -270,9 +272,10 @@ class OpenAIJudge:
         baseline = [{"instruction": r["instruction"], "output": r["output_1"], "generator": r["generator_1"]} for r in rows]
         candidate = [{"instruction": r["instruction"], "output": r["output_2"], "generator": r["generator_2"]} for r in rows]
         try:
-            annotated = annotator.annotate_head2head(
-                outputs_1=baseline, outputs_2=candidate, is_ordered=True, **self._client_kwargs(work_dir)
-            )
+            with _quiet_client_config_warning():
+                annotated = annotator.annotate_head2head(
+                    outputs_1=baseline, outputs_2=candidate, is_ordered=True, **self._client_kwargs(work_dir)
+                )
         except openai.OpenAIError as error:
             raise HarnessError(f"judge '{self.name}' at {self.describe()['base_url']}: {self._scrub(error)}") from None
         if len(annotated) != len(rows):
@@ -304,7 +307,7 @@ class OpenAIJudge:
             f"<|im_start|>system\n{PAIRWISE_SYSTEM}\n<|im_end|>\n<|im_start|>user\n{pairwise_prompt(*item)}\n<|im_end|>"
             for item in items
         ]
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch, _quiet_client_config_warning():
             try:
                 result = openai_completions(
                     prompts,
@@ -322,6 +325,23 @@ class OpenAIJudge:
             Review(parse_score_pair(text), text, _float_or_none(price))
             for text, price in zip(result["completions"], result["price_per_example"], strict=True)
         ]
+
+
+class _DropClientConfigWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "We are using environment variables to construct the client configs" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_client_config_warning() -> Iterator[None]:
+    """alpaca_eval warns on every request that no client-config file exists; we pass the client on purpose."""
+    root = logging.getLogger()
+    dropper = _DropClientConfigWarning()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -6,7 +6,9 @@ order randomisation and parsers carry the decision through:
 - AlpacaEval classifier prompts (model identifiers "m"/"M"): the longer output wins, with
   log-probabilities WINNER_LOGPROB / LOSER_LOGPROB;
 - pairwise review prompts: "<score 1> <score 2>" where a score grows with the answer's length, or a
-  malformed reply when the question contains MALFORMED.
+  malformed reply when the question contains MALFORMED;
+- replay mode: for an AlpacaEval prompt whose instruction is in `replay`, the recorded completion of
+  the official judge (its message and logprobs), so official annotations can be re-derived end to end.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 WINNER_LOGPROB = -0.1
 LOSER_LOGPROB = -2.4
+ALPACA_INSTRUCTION = re.compile(r'"instruction": """(.*?)""",\n\}\n\n## Model Outputs', re.DOTALL)
 ALPACA_OUTPUT = re.compile(r'"model_identifier": "(m|M)",\s*"output": """(.*?)"""', re.DOTALL)
 PAIRWISE_ANSWER = re.compile(r"\[The Start of Assistant (\d)'s Answer\]\n(.*?)\n\n\[The End of Assistant \1's Answer\]", re.DOTALL)
 
@@ -58,7 +61,11 @@ class _Handler(BaseHTTPRequestHandler):
         logprobs = None
         outputs = dict(ALPACA_OUTPUT.findall(prompt))
         answers = dict(PAIRWISE_ANSWER.findall(prompt))
-        if set(outputs) == {"m", "M"}:
+        instruction = ALPACA_INSTRUCTION.search(prompt)
+        if instruction and instruction.group(1) in self.server.replay:
+            recorded = self.server.replay[instruction.group(1)]
+            content, logprobs = recorded["message"]["content"], recorded["logprobs"]
+        elif set(outputs) == {"m", "M"}:
             winner = "m" if len(outputs["m"]) > len(outputs["M"]) else "M"
             loser = "M" if winner == "m" else "m"
             content = winner
@@ -104,8 +111,9 @@ class OpenAIServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, replay: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.replay = replay or {}
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)

@@ -23,7 +23,7 @@ from harness.alpaca import (
 )
 from harness.errors import HarnessError
 from harness.generation import GenerationSettings
-from harness.judges import JudgeOptions, LocalJudge, make_judge
+from harness.judges import JudgeOptions, LocalJudge, alpaca_eval_modules, make_judge
 from tests.conftest import SHARED
 from tests.harness.openai_server import LOSER_LOGPROB, WINNER_LOGPROB, OpenAIServer
 
@@ -168,6 +168,24 @@ def test_openai_judge_runs_alpaca_eval_code_against_a_local_server(tmp_path, mon
             assert secret not in path.read_text(errors="ignore"), path
 
 
+def test_replaying_the_official_judge_reproduces_its_preferences(tmp_path, monkeypatch):
+    """The server answers with the official judge's recorded completions (message + logprobs): through
+    our openai judge, alpaca_eval's order randomisation and logprob parser, every preference comes out
+    exactly as in the official annotations (scripts/alpaca_metrics_check.py --replay does all 805)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    official = official_annotations("alpaca-7b", "weighted_alpaca_eval_gpt4_turbo")
+    replay = {r["instruction"]: r["raw_completion"] for r in official if r.get("raw_completion")}
+    chosen = [official[i] for i in fixed_subset(16, seed=3)]
+    outputs = [{"index": r["index"], "instruction": r["instruction"], "output": r["output_2"], "generator": "alpaca-7b"} for r in chosen]
+    with OpenAIServer(replay=replay) as server:
+        judge = make_judge("openai:gpt-4-1106-preview", JudgeOptions(base_url=server.base_url))
+        result = judge_outputs(outputs, judge=judge, output_dir=tmp_path, lc_bootstrap=0)
+    annotations = json.loads((tmp_path / "annotations.json").read_text())
+    assert [a["preference"] for a in annotations] == pytest.approx([float(r["preference"]) for r in chosen], abs=1e-9)
+    assert result["win_rate"]["value"] == pytest.approx(compute_metrics(chosen, lc=False)["win_rate"]["value"], abs=1e-6)
+    assert result["cost"]["cost_usd"] > 0  # priced by alpaca_eval from gpt-4-1106-preview's per-token price
+
+
 def test_remote_openai_judge_without_a_key_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
@@ -190,6 +208,17 @@ def test_openai_judge_server_error_is_a_one_line_error(tmp_path, monkeypatch):
         with pytest.raises(HarnessError, match="judge 'openai:judge-model'"):
             judge_outputs(outputs, judge=judge, output_dir=tmp_path, lc_bootstrap=0)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_alpaca_eval_1_annotator_config_loads_in_alpaca_eval(tmp_path):
+    alpaca_eval_modules()
+    from alpaca_eval.annotators import PairwiseAnnotator
+
+    judge = make_judge("openai:gpt-4", JudgeOptions(base_url="http://127.0.0.1:1/v1", annotator_config="alpaca_eval_gpt4"))
+    path = judge.write_annotator_config(tmp_path)
+    annotator = PairwiseAnnotator(annotators_config=str(path), caching_path=None)
+    [single] = annotator.annotators.values()
+    assert "{instruction}" in single.prompt_template and single.completions_kwargs["model_name"] == "gpt-4"
 
 
 def test_unknown_judges_and_configs_are_named():
