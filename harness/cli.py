@@ -53,6 +53,17 @@ def cli() -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--seed", type=int, default=None, help="random seed (default 0)")
 @click.option("--limit", type=int, default=None, help="evaluation items per task (overrides the suite)")
+@click.option("--docker", "in_docker", is_flag=True, help="run inside the harness image (built when missing)")
+@click.option("--image", default=None, help="with --docker: image tag (default: the image of this checkout)")
+@click.option("--gpus", default=None, help="with --docker: all | N | 0,1 | none (default: all if the host has GPUs)")
+@click.option(
+    "--distributed",
+    type=click.Choice(["ddp", "fsdp", "zero3"]),
+    default="ddp",
+    show_default=True,
+    help="with --docker and several GPUs: DDP, FSDP or DeepSpeed ZeRO-3",
+)
+@click.option("--docker-network", default=None, help="with --docker: container network, e.g. none (offline) or host")
 def run(
     recipe: str | None,
     model: str | None,
@@ -63,9 +74,17 @@ def run(
     output: Path,
     seed: int | None,
     limit: int | None,
+    in_docker: bool,
+    image: str | None,
+    gpus: str | None,
+    distributed: str,
+    docker_network: str | None,
 ) -> None:
     """Train with a recipe, evaluate, write a run record and print the results."""
     from harness.spec import build_spec
+
+    if not in_docker and (image or gpus or docker_network or distributed != "ddp"):
+        raise HarnessError("--image, --gpus, --distributed and --docker-network need --docker")
 
     flags: dict[str, Any] = {
         "recipe": recipe,
@@ -79,7 +98,26 @@ def run(
     _quiet_libraries()
     from harness.runner import execute_run, prepare_run
 
-    prepared = prepare_run(spec)
+    prepared = prepare_run(spec)  # with --docker too: bad input never starts a container
+    if in_docker:
+        from harness.container import container_argv, run_docker
+
+        argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)
+        status = run_docker(
+            spec=prepared.spec.model_dump(mode="json"),
+            run_id=prepared.run_id,
+            argv=argv,
+            config_file=config_file,
+            output=output,
+            image_tag=image,
+            gpus_value=gpus,
+            distributed=distributed,
+            network=docker_network,
+            console=console,
+        )
+        if status != 0:
+            sys.exit(status)
+        return
     record = execute_run(prepared, output, console)
     print_record_summary(record)
 
@@ -146,6 +184,36 @@ def suites() -> None:
     for name, description in list_suites().items():
         table.add_row(name, description)
     stdout_console().print(table)
+
+
+@cli.group("docker")
+def docker_group() -> None:
+    """The harness's Docker image (`harness run --docker` runs in it)."""
+
+
+@docker_group.command("build")
+@click.option("--base", envvar="HARNESS_DOCKER_BASE", default=None, help="base image (default: CUDA + PyTorch runtime)")
+@click.option("--tag", "-t", default=None, help="image tag (default: sft-recipe-harness:<version>-<content hash>)")
+@click.option("--install-torch", is_flag=True, envvar="HARNESS_DOCKER_INSTALL_TORCH", help="install torch from docker/torch.lock")
+@click.option("--find-links", envvar="HARNESS_DOCKER_FIND_LINKS", default=None, help="extra wheels: a directory or URL")
+@click.option("--deepspeed", is_flag=True, envvar="HARNESS_DOCKER_DEEPSPEED", help="add DeepSpeed (for --distributed zero3)")
+@click.option("--network", envvar="HARNESS_DOCKER_BUILD_NETWORK", default=None, help="network for RUN steps, e.g. host")
+@click.option("--no-cache", is_flag=True, help="rebuild every layer")
+def docker_build(
+    base: str | None,
+    tag: str | None,
+    install_torch: bool,
+    find_links: str | None,
+    deepspeed: bool,
+    network: str | None,
+    no_cache: bool,
+) -> None:
+    """Build the harness image from this checkout, showing the build's progress."""
+    from harness.container import DEFAULT_BASE_IMAGE, BuildOptions, build_image, connect
+
+    options = BuildOptions(base or DEFAULT_BASE_IMAGE, install_torch, find_links, deepspeed, network, no_cache)
+    image = build_image(connect(), options, tag, console)
+    stdout_console().print(f"{(image.tags or [image.id])[0]} {image.id}")
 
 
 def main(argv: list[str] | None = None) -> None:
