@@ -95,6 +95,10 @@ def run(
         "eval.limit": limit,
     }
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
+    if in_docker:
+        from harness.container import connect
+
+        client = connect()  # no daemon: a one-line error before anything heavy
     _quiet_libraries()
     from harness.runner import execute_run, prepare_run
 
@@ -104,6 +108,7 @@ def run(
 
         argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)
         status = run_docker(
+            client,
             spec=prepared.spec.model_dump(mode="json"),
             run_id=prepared.run_id,
             argv=argv,

@@ -255,7 +255,7 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
             "DEEPSPEED": "1" if options.deepspeed else "0",
             "HARNESS_GIT_COMMIT": git_commit(),
         }
-        console.print(f"[bold]building image {tag}[/] from {root} (base {options.base}); log: {log_path}")
+        console.print(f"[bold]building image {tag}[/] from {root} (base {options.base}); log: {log_path}", soft_wrap=True)
         progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]docker build"),
@@ -299,7 +299,7 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
                         number, total, instruction = int(match[1]), int(match[2]), match[3]
                         progress.update(task, total=total, completed=number - 1, step=instruction[:60])
                         if not console.is_terminal:
-                            console.print(f"  step {number}/{total}: {instruction[:100]}", highlight=False)
+                            console.print(f"  step {number}/{total}: {instruction[:100]}", highlight=False, soft_wrap=True)
             if error is None:
                 progress.update(task, completed=progress.tasks[0].total or 0, step="done")
     atomic_write_text(log_path, "\n".join(lines) + "\n")
@@ -308,7 +308,7 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
         where = f" at {steps[-1][:80]}" if steps else ""
         raise HarnessError(f"docker build failed{where}: {error.splitlines()[-1][:300]} (full log: {log_path})")
     image = client.images.get(image_id or tag)
-    console.print(f"[green]built {tag}[/] ({image.id[:19]}, {image.attrs['Size'] / 2**30:.2f} GiB)")
+    console.print(f"[green]built {tag}[/] ({image.id[:19]}, {image.attrs['Size'] / 2**30:.2f} GiB)", soft_wrap=True)
     return image
 
 
@@ -322,7 +322,7 @@ def ensure_image(client: Any, tag: str | None, options: BuildOptions, console: C
     try:
         return client.images.get(tag)
     except ImageNotFound:
-        console.print(f"image {tag} not found locally; building it")
+        console.print(f"image {tag} not found locally; building it", soft_wrap=True)
         return build_image(client, options, tag, console)
 
 
@@ -546,6 +546,7 @@ def run_in_container(
         f"[bold]container {container.short_id}[/] from {(image.tags or [image.short_id])[0]}: gpus {gpus.label}, "
         f"network {network or 'default'}, env {', '.join(passed) or 'none'} (values not shown)",
         highlight=False,
+        soft_wrap=True,
     )
     try:
         container.start()
@@ -572,6 +573,7 @@ def run_in_container(
 
 
 def run_docker(
+    client: Any,
     *,
     spec: dict[str, Any],
     run_id: str,
@@ -589,7 +591,6 @@ def run_docker(
     gpus = parse_gpus(gpus_value, len(host))
     if gpus.nproc == "1" and distributed != "ddp":
         console.print(f"[yellow]--distributed {distributed} has no effect with one process[/]")
-    client = connect()
     image = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
     mounts = plan_mounts(spec, [str(config_file)] if config_file else [], output, cwd, dict(os.environ))
