@@ -312,18 +312,19 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
     return image
 
 
-def ensure_image(client: Any, tag: str | None, options: BuildOptions, console: Console) -> Any:
-    """The image named by tag (default: the one for this checkout's content), built when missing."""
+def ensure_image(client: Any, tag: str | None, options: BuildOptions, console: Console) -> tuple[Any, str]:
+    """The image named by tag (default: the one for this checkout's content), built when missing;
+    returns it and its tag."""
     from docker.errors import ImageNotFound
 
     if tag is None:
         _, digest = build_context(repo_root())
         tag = default_tag(digest, options)
     try:
-        return client.images.get(tag)
+        return client.images.get(tag), tag
     except ImageNotFound:
         console.print(f"image {tag} not found locally; building it", soft_wrap=True)
-        return build_image(client, options, tag, console)
+        return build_image(client, options, tag, console), tag
 
 
 # --- running a container --------------------------------------------------------------------------
@@ -378,13 +379,13 @@ def parse_gpus(value: str | None, available: int) -> GpuRequest:
     raise HarnessError(f"--gpus '{value}': expected all, a count (2), device ids (0,1 or device=3), or none")
 
 
-def image_facts(image: Any) -> dict[str, str]:
+def image_facts(image: Any, tag: str) -> dict[str, str]:
     """What the run record keeps about the image: id, tag, registry digest, base, source commit."""
     labels = image.attrs.get("Config", {}).get("Labels") or {}
     digests = image.attrs.get("RepoDigests") or []
     return {
         "HARNESS_IMAGE_ID": image.id,
-        "HARNESS_IMAGE_TAG": (image.tags or [""])[0],
+        "HARNESS_IMAGE_TAG": tag,
         "HARNESS_IMAGE_DIGEST": digests[0] if digests else "",
         "HARNESS_IMAGE_BASE": labels.get(LABEL_BASE, ""),
         "HARNESS_GIT_COMMIT": labels.get(LABEL_REVISION, "unknown"),
@@ -502,6 +503,7 @@ def container_argv(
 def run_in_container(
     client: Any,
     image: Any,
+    tag: str,
     argv: list[str],
     *,
     mounts: list[Mount],
@@ -543,7 +545,7 @@ def run_in_container(
     )
     passed = sorted(name for name in environment if not name.startswith("HARNESS_") and name not in ("COLUMNS", "LINES"))
     console.print(
-        f"[bold]container {container.short_id}[/] from {(image.tags or [image.short_id])[0]}: gpus {gpus.label}, "
+        f"[bold]container {container.short_id}[/] from {tag}: gpus {gpus.label}, "
         f"network {network or 'default'}, env {', '.join(passed) or 'none'} (values not shown)",
         highlight=False,
         soft_wrap=True,
@@ -563,9 +565,10 @@ def run_in_container(
         status = container.wait()
         return int(status.get("StatusCode", 1))
     except KeyboardInterrupt:
-        console.print(f"\nstopping container {container.short_id} ...")
+        console.print(f"\nstopping container {container.short_id} ...", soft_wrap=True)
         with contextlib.suppress(Exception):
             container.stop(timeout=10)
+        console.print("stopped; rerun the same command to resume from the last checkpoint", soft_wrap=True)
         raise
     finally:
         with contextlib.suppress(Exception):
@@ -591,13 +594,14 @@ def run_docker(
     gpus = parse_gpus(gpus_value, len(host))
     if gpus.nproc == "1" and distributed != "ddp":
         console.print(f"[yellow]--distributed {distributed} has no effect with one process[/]")
-    image = ensure_image(client, image_tag, BuildOptions.from_env(), console)
+    image, tag = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
     mounts = plan_mounts(spec, [str(config_file)] if config_file else [], output, cwd, dict(os.environ))
-    environment = container_environment(dict(os.environ), image_facts(image), gpus, distributed, host)
+    environment = container_environment(dict(os.environ), image_facts(image, tag), gpus, distributed, host)
     return run_in_container(
         client,
         image,
+        tag,
         argv,
         mounts=mounts,
         environment=environment,

@@ -325,7 +325,7 @@ def test_ctrl_c_stops_and_removes_the_container(daemon, image, tmp_path: Path):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130, err[-2000:]
-    assert "stopping container" in err and "error: interrupted; rerun the same command to resume" in err
+    assert "stopping container" in err and "stopped; rerun the same command to resume" in err
     assert not daemon.containers.list(all=True, filters={"label": LABEL_RUN})
 
 
