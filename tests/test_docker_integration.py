@@ -118,8 +118,15 @@ def daemon() -> Iterator[Any]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+        unmount_under(exec_root)  # dockerd leaves its network namespace mounted there
         shutil.rmtree(exec_root, ignore_errors=True)
         lock.close()
+
+
+def unmount_under(root: Path) -> None:
+    mount_points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount_point in sorted((m for m in mount_points if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", mount_point], capture_output=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
