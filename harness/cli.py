@@ -54,6 +54,17 @@ def cli() -> None:
 @click.option("--seed", type=int, default=None, help="random seed (default 0)")
 @click.option("--limit", type=int, default=None, help="evaluation items per task (overrides the suite)")
 @click.option("--online", is_flag=True, default=None, help="evaluate with lm-eval's own hub-backed tasks (needs hub access)")
+@click.option("--docker", "in_docker", is_flag=True, help="run inside the harness image (built when missing)")
+@click.option("--image", default=None, help="with --docker: image tag (default: the image of this checkout)")
+@click.option("--gpus", default=None, help="with --docker: all | N | 0,1 | none (default: all if the host has GPUs)")
+@click.option(
+    "--distributed",
+    type=click.Choice(["ddp", "fsdp", "zero3"]),
+    default="ddp",
+    show_default=True,
+    help="with --docker and several GPUs: DDP, FSDP or DeepSpeed ZeRO-3",
+)
+@click.option("--docker-network", default=None, help="with --docker: container network, e.g. none (offline) or host")
 def run(
     recipe: str | None,
     model: str | None,
@@ -65,9 +76,17 @@ def run(
     seed: int | None,
     limit: int | None,
     online: bool | None,
+    in_docker: bool,
+    image: str | None,
+    gpus: str | None,
+    distributed: str,
+    docker_network: str | None,
 ) -> None:
     """Train with a recipe, evaluate, write a run record and print the results."""
     from harness.spec import build_spec
+
+    if not in_docker and (image or gpus or docker_network or distributed != "ddp"):
+        raise HarnessError("--image, --gpus, --distributed and --docker-network need --docker")
 
     flags: dict[str, Any] = {
         "recipe": recipe,
@@ -79,18 +98,48 @@ def run(
         "eval.online": online,
     }
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
-    _quiet_libraries()
-    if spec.recipe == "all":
-        from harness.compare import comparison_table, run_all
+    if in_docker:
+        from harness.container import connect
 
-        records = run_all(spec, output, console)
-        stdout_console().print(comparison_table(records))
-        return
+        client = connect()  # no daemon: a one-line error before anything heavy
+    _quiet_libraries()
     from harness.runner import execute_run, prepare_run
 
-    prepared = prepare_run(spec)
-    record = execute_run(prepared, output, console)
-    print_record_summary(record)
+    if spec.recipe == "all":
+        from harness.compare import specs_for_all
+
+        prepared_runs = [prepare_run(sub_spec) for sub_spec in specs_for_all(spec)]
+    else:
+        prepared_runs = [prepare_run(spec)]  # with --docker too: bad input never starts a container
+    if in_docker:
+        from harness.container import container_argv, run_docker
+
+        argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)
+        if online:
+            argv.insert(1, "--online")
+        status = run_docker(
+            client,
+            spec=spec.model_dump(mode="json"),
+            run_id=prepared_runs[0].run_id if len(prepared_runs) == 1 else f"all-{spec.content_hash()[:10]}",
+            argv=argv,
+            config_file=config_file,
+            output=output,
+            image_tag=image,
+            gpus_value=gpus,
+            distributed=distributed,
+            network=docker_network,
+            console=console,
+        )
+        if status != 0:
+            sys.exit(status)
+        return
+    records = [execute_run(prepared, output, console) for prepared in prepared_runs]
+    if spec.recipe == "all":
+        from harness.compare import comparison_table
+
+        stdout_console().print(comparison_table(records))
+    else:
+        print_record_summary(records[0])
 
 
 def print_record_summary(record: dict[str, Any]) -> None:
@@ -175,6 +224,36 @@ def leaderboard(runs_dirs: tuple[Path, ...], fmt: str, out: Path | None, write_a
 
     leaderboard_command(list(runs_dirs), fmt, out, write_all=write_all, check=check, directory=directory,
                         console=console, stdout=stdout_console())
+
+
+@cli.group("docker")
+def docker_group() -> None:
+    """The harness's Docker image (`harness run --docker` runs in it)."""
+
+
+@docker_group.command("build")
+@click.option("--base", envvar="HARNESS_DOCKER_BASE", default=None, help="base image (default: CUDA + PyTorch runtime)")
+@click.option("--tag", "-t", default=None, help="image tag (default: sft-recipe-harness:<version>-<content hash>)")
+@click.option("--install-torch", is_flag=True, envvar="HARNESS_DOCKER_INSTALL_TORCH", help="install torch from docker/torch.lock")
+@click.option("--find-links", envvar="HARNESS_DOCKER_FIND_LINKS", default=None, help="extra wheels: a directory or URL")
+@click.option("--deepspeed", is_flag=True, envvar="HARNESS_DOCKER_DEEPSPEED", help="add DeepSpeed (for --distributed zero3)")
+@click.option("--network", envvar="HARNESS_DOCKER_BUILD_NETWORK", default=None, help="network for RUN steps, e.g. host")
+@click.option("--no-cache", is_flag=True, help="rebuild every layer")
+def docker_build(
+    base: str | None,
+    tag: str | None,
+    install_torch: bool,
+    find_links: str | None,
+    deepspeed: bool,
+    network: str | None,
+    no_cache: bool,
+) -> None:
+    """Build the harness image from this checkout, showing the build's progress."""
+    from harness.container import DEFAULT_BASE_IMAGE, BuildOptions, build_image, connect
+
+    options = BuildOptions(base or DEFAULT_BASE_IMAGE, install_torch, find_links, deepspeed, network, no_cache)
+    image = build_image(connect(), options, tag, console)
+    stdout_console().print(f"{(image.tags or [image.id])[0]} {image.id}")
 
 
 def main(argv: list[str] | None = None) -> None:

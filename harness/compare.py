@@ -4,10 +4,8 @@ comparison table. In this mode `params` maps recipe names to their own parameter
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, unknown_name
@@ -23,14 +21,6 @@ def specs_for_all(spec: RunSpec) -> list[RunSpec]:
         if not isinstance(spec.params[name], dict):
             raise HarnessError(f"with --recipe all, params.{name} must be a mapping of that recipe's parameters")
     return [spec.model_copy(update={"recipe": name, "params": dict(spec.params.get(name, {}))}) for name in RECIPE_MODULES]
-
-
-def run_all(spec: RunSpec, output: Path, console: Console) -> list[dict[str, Any]]:
-    """Validate every recipe's run first (nothing is written for bad input), then run them in turn."""
-    from harness.runner import execute_run, prepare_run
-
-    prepared = [prepare_run(sub_spec) for sub_spec in specs_for_all(spec)]
-    return [execute_run(run, output, console) for run in prepared]
 
 
 def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None]]:

@@ -57,7 +57,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("HARNESS_GIT_COMMIT", "unknown")  # in the Docker image: the commit it was built from
 
 
 def peak_memory() -> dict[str, float]:
@@ -84,4 +84,9 @@ def host_info() -> dict[str, Any]:
             info["gpu_count"] = torch.cuda.device_count()
     except ImportError:
         pass
+    from harness.container import container_info
+
+    container = container_info()  # image id, tag, base, host GPU model: passed in by `harness run --docker`
+    if container is not None:
+        info["container"] = container
     return info
