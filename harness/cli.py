@@ -258,8 +258,14 @@ def docker_build(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click without its own exception handling, so every user error is one line."""
+    from harness.interrupts import EXIT_TERMINATED, RunTerminated, install_sigterm_handler
+
+    install_sigterm_handler()
     try:
         cli.main(args=argv, prog_name="harness", standalone_mode=False)
+    except RunTerminated as stopped:
+        click.echo(f"error: {stopped}", err=True)
+        sys.exit(EXIT_TERMINATED)
     except HarnessError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)

@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from harness.batching import RowDataset, collate_rows
+from harness.interrupts import StopOnSigterm, raise_if_terminated
 from harness.losses import final_hidden_states, response_token_losses
 from harness.neftune import noisy_input_embeddings
 from harness.spec import TrainingSpec
@@ -336,7 +337,7 @@ def train_sft(
         extra_loss=extra_loss,
         neftune_alpha=settings.neftune_alpha,
         master_weights=precision == "bf16",
-        callbacks=[RichProgressCallback(console, description), *(callbacks or [])],
+        callbacks=[RichProgressCallback(console, description), StopOnSigterm(), *(callbacks or [])],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -345,6 +346,7 @@ def train_sft(
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=last_checkpoint)
+    raise_if_terminated(trainer.state.global_step)
     wall = time.perf_counter() - started
     curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
     resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0

@@ -1,0 +1,51 @@
+"""SIGTERM (what spot instances and `docker stop` send): stop cleanly so that rerunning the same command
+resumes. Inside training the current optimizer step finishes, a checkpoint is saved, and the run exits;
+elsewhere (scoring, evaluation) the run exits at once - finished scoring chunks are already cached."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from transformers import TrainerCallback
+
+EXIT_TERMINATED = 75  # EX_TEMPFAIL: "try again later" - distinct from user errors (2) and crashes (1)
+
+
+class RunTerminated(Exception):
+    """Raised when a run stops on SIGTERM; the CLI exits with EXIT_TERMINATED."""
+
+
+class _State:
+    in_training = False
+    requested = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _State.requested = True
+    if not _State.in_training:
+        raise RunTerminated("stopped by SIGTERM; rerun the same command to resume")
+
+
+def install_sigterm_handler() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class StopOnSigterm(TrainerCallback):
+    """Checks the SIGTERM flag after every optimizer step: save a checkpoint, then stop training."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        _State.in_training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _State.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _State.in_training = False
+
+
+def raise_if_terminated(step: int) -> None:
+    if _State.requested:
+        raise RunTerminated(f"stopped by SIGTERM after step {step} (checkpoint saved); rerun the same command to resume")
