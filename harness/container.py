@@ -594,6 +594,12 @@ def run_docker(
     gpus = parse_gpus(gpus_value, len(host))
     if gpus.nproc == "1" and distributed != "ddp":
         console.print(f"[yellow]--distributed {distributed} has no effect with one process[/]")
+    if gpus.nproc != "1":  # until the runner evaluates and records on the main process only
+        console.print(
+            "[yellow]several GPUs: training runs distributed, but each process still evaluates and writes the "
+            "record, and its token counts cover that process's share only[/]",
+            soft_wrap=True,
+        )
     image, tag = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
     mounts = plan_mounts(spec, [str(config_file)] if config_file else [], output, cwd, dict(os.environ))

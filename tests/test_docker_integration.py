@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -313,26 +314,42 @@ def test_run_in_docker_reproduces_a_local_run(daemon, image, build_env, tmp_path
 
 
 def test_ctrl_c_stops_and_removes_the_container(daemon, image, tmp_path: Path):
+    """In a terminal (a pseudo-terminal here) the container gets a TTY and its output is passed through
+    as it comes; Ctrl-C (SIGINT) stops and removes it and exits 130."""
+    master, slave = os.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", *FAST, "--output", str(tmp_path / "runs"),
          "--docker", "--image", IMAGE, "--docker-network", "none"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child side is closed
+            while data := os.read(master, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while not daemon.containers.list(filters={"label": LABEL_RUN, "status": "running"}):
-            assert process.poll() is None, process.communicate()
+        while not (running := daemon.containers.list(filters={"label": LABEL_RUN, "status": "running"})):
+            assert process.poll() is None, b"".join(chunks).decode(errors="replace")[-2000:]
             assert time.monotonic() < deadline, "the container never started"
             time.sleep(0.5)
+        assert running[0].attrs["Config"]["Tty"] is True
         time.sleep(3)  # let it get going
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, err[-2000:]
-    assert "stopping container" in err and "stopped; rerun the same command to resume" in err
+        reader.join(timeout=10)
+        os.close(master)
+    said = " ".join(b"".join(chunks).decode(errors="replace").split())
+    assert process.returncode == 130, said[-2000:]
+    assert "stopping container" in said and "stopped; rerun the same command to resume" in said
     assert not daemon.containers.list(all=True, filters={"label": LABEL_RUN})
 
 
