@@ -363,3 +363,11 @@ def test_the_container_exit_status_is_the_commands(daemon, image, tmp_path: Path
     )  # fmt: skip
     assert code != 0 and "nobody/no-such-model" in err
     assert not daemon.containers.list(all=True, filters={"label": LABEL_RUN})
+
+
+def test_a_failed_build_is_one_line_naming_the_step_and_the_log(daemon, build_env, tmp_path: Path, capsys):
+    code, _, err = run_cli(["docker", "build", "--base", "no-such-base:1", "--tag", "harness-it:never"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: docker build failed at Step 2/") and "FROM ${BASE_IMAGE}" in last
+    assert "no-such-base" in last and "(full log: " in last and "Traceback" not in err
+    assert "harness-it:never" not in [tag for image in daemon.images.list() for tag in image.tags]
