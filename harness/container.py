@@ -465,7 +465,7 @@ def plan_mounts(spec: dict[str, Any], extra_paths: list[str], output: Path, cwd:
             continue
         host = Path(text).expanduser()
         host = host if host.is_absolute() else cwd / host
-        if not host.exists():
+        if not os.path.exists(host):  # False, not an error, for names that are no valid path at all
             continue
         if text == "~" or text.startswith("~/"):
             target = os.path.normpath(CONTAINER_HOME + text[1:])
