@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/harness run --recipe one-off
 
 test: setup
-	$(BIN)/ruff check harness recipes benchmarks tests perf scripts
+	$(BIN)/ruff check harness recipes benchmarks tests perf scripts docker
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup

@@ -262,6 +262,7 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[step]}", style="cyan"),
+            TextColumn("{task.fields[last]}", style="dim"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
@@ -269,7 +270,7 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
         step_pattern = re.compile(r"^Step (\d+)/(\d+) : (.*)")
         error = None
         with progress:
-            task = progress.add_task("build", total=None, step="sending context")
+            task = progress.add_task("build", total=None, step="sending context", last="")
             stream = client.api.build(
                 fileobj=io.BytesIO(context),
                 custom_context=True,
@@ -297,16 +298,22 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
                     match = step_pattern.match(line)
                     if match:
                         number, total, instruction = int(match[1]), int(match[2]), match[3]
-                        progress.update(task, total=total, completed=number - 1, step=instruction[:60])
+                        progress.update(task, total=total, completed=number - 1, step=instruction[:40], last="")
                         if not console.is_terminal:
                             console.print(f"  step {number}/{total}: {instruction[:100]}", highlight=False, soft_wrap=True)
+                    elif not line.startswith(" ---> "):
+                        progress.update(task, last=line.strip()[:50])
             if error is None:
-                progress.update(task, completed=progress.tasks[0].total or 0, step="done")
+                progress.update(task, completed=progress.tasks[0].total or 0, step="done", last="")
     atomic_write_text(log_path, "\n".join(lines) + "\n")
     if error is not None:
         steps = [line for line in lines if step_pattern.match(line)]
         where = f" at {steps[-1][:80]}" if steps else ""
-        raise HarnessError(f"docker build failed{where}: {error.splitlines()[-1][:300]} (full log: {log_path})")
+        if steps and ": FROM " in steps[-1]:
+            where += f" (base image {options.base}: pull it, or pass --base)"
+        output = [line.strip() for line in lines[:-1] if not step_pattern.match(line) and not line.startswith(" ---> ")]
+        last = f"; last output: {output[-1][:200]}" if steps and output and not steps[-1].endswith(output[-1]) else ""
+        raise HarnessError(f"docker build failed{where}: {error.splitlines()[-1][:300]}{last} (full log: {log_path})")
     image = client.images.get(image_id or tag)
     console.print(f"[green]built {tag}[/] ({image.id[:19]}, {image.attrs['Size'] / 2**30:.2f} GiB)", soft_wrap=True)
     return image
@@ -458,7 +465,7 @@ def plan_mounts(spec: dict[str, Any], extra_paths: list[str], output: Path, cwd:
             continue
         host = Path(text).expanduser()
         host = host if host.is_absolute() else cwd / host
-        if not host.exists():
+        if not os.path.exists(host):  # False, not an error, for names that are no valid path at all
             continue
         if text == "~" or text.startswith("~/"):
             target = os.path.normpath(CONTAINER_HOME + text[1:])
@@ -594,6 +601,12 @@ def run_docker(
     gpus = parse_gpus(gpus_value, len(host))
     if gpus.nproc == "1" and distributed != "ddp":
         console.print(f"[yellow]--distributed {distributed} has no effect with one process[/]")
+    if gpus.nproc != "1":  # see tests/test_docker_integration.py::test_two_processes_train_under_accelerate_launch
+        console.print(
+            "[yellow]several GPUs: the image launches one process per GPU, but the training core does not "
+            "support several processes yet (its loss bypasses the DDP/FSDP wrapper); use --gpus 1 for now[/]",
+            soft_wrap=True,
+        )
     image, tag = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
     mounts = plan_mounts(spec, [str(config_file)] if config_file else [], output, cwd, dict(os.environ))

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -313,26 +314,42 @@ def test_run_in_docker_reproduces_a_local_run(daemon, image, build_env, tmp_path
 
 
 def test_ctrl_c_stops_and_removes_the_container(daemon, image, tmp_path: Path):
+    """In a terminal (a pseudo-terminal here) the container gets a TTY and its output is passed through
+    as it comes; Ctrl-C (SIGINT) stops and removes it and exits 130."""
+    master, slave = os.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", *FAST, "--output", str(tmp_path / "runs"),
          "--docker", "--image", IMAGE, "--docker-network", "none"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child side is closed
+            while data := os.read(master, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while not daemon.containers.list(filters={"label": LABEL_RUN, "status": "running"}):
-            assert process.poll() is None, process.communicate()
+        while not (running := daemon.containers.list(filters={"label": LABEL_RUN, "status": "running"})):
+            assert process.poll() is None, b"".join(chunks).decode(errors="replace")[-2000:]
             assert time.monotonic() < deadline, "the container never started"
             time.sleep(0.5)
+        assert running[0].attrs["Config"]["Tty"] is True
         time.sleep(3)  # let it get going
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, err[-2000:]
-    assert "stopping container" in err and "stopped; rerun the same command to resume" in err
+        reader.join(timeout=10)
+        os.close(master)
+    said = " ".join(b"".join(chunks).decode(errors="replace").split())
+    assert process.returncode == 130, said[-2000:]
+    assert "stopping container" in said and "stopped; rerun the same command to resume" in said
     assert not daemon.containers.list(all=True, filters={"label": LABEL_RUN})
 
 
@@ -346,3 +363,48 @@ def test_the_container_exit_status_is_the_commands(daemon, image, tmp_path: Path
     )  # fmt: skip
     assert code != 0 and "nobody/no-such-model" in err
     assert not daemon.containers.list(all=True, filters={"label": LABEL_RUN})
+
+
+def test_a_failed_build_is_one_line_naming_the_step_and_the_log(daemon, build_env, tmp_path: Path, capsys):
+    code, _, err = run_cli(["docker", "build", "--base", "no-such-base:1", "--tag", "harness-it:never"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: docker build failed at Step 2/") and "FROM ${BASE_IMAGE}" in last
+    assert "no-such-base" in last and "(full log: " in last and "Traceback" not in err
+    assert "harness-it:never" not in [tag for image in daemon.images.list() for tag in image.tags]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the training core calls the decoder and LM head directly (harness/losses.py causal_lm_parts), "
+    "bypassing the DDP/FSDP wrapper; the runner also evaluates and records on every process",
+)
+def test_two_processes_train_under_accelerate_launch(daemon, image, tmp_path: Path):
+    """HARNESS_NPROC=2 makes the entry point run `harness run` under `accelerate launch` (DDP; gloo on
+    CPU): one record, whose token counts cover the whole epoch, not one process's share."""
+    output = tmp_path / "runs"
+    output.mkdir()
+    container = daemon.containers.run(
+        image.id,
+        ["run", "--set", "data.limit=32", "--limit", "8", "--output", "/runs"],
+        environment={"HARNESS_NPROC": "2"},
+        mounts=[docker_mount("/runs", output)],
+        user=f"{os.getuid()}:{os.getgid()}",
+        network_mode="none",
+        detach=True,
+    )
+    try:
+        status = container.wait(timeout=600)["StatusCode"]
+        logs = container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    assert "accelerate launch --config_file /opt/harness/docker/accelerate/ddp.yaml --num_processes 2" in logs
+    assert status == 0, logs[-3000:]
+    _, record = load_run(output)
+    sft = record["training"]["sft"]
+    assert sft["real_tokens"] == sft["epoch_tokens"] == record["cost"]["train_tokens"]
+
+
+def docker_mount(target: str, source: Path) -> Any:
+    from docker.types import Mount
+
+    return Mount(target, str(source), type="bind")

@@ -284,7 +284,8 @@ def test_shipped_distributed_configs_are_valid_accelerate_configs():
         path = ROOT / "docker" / "accelerate" / f"{name}.yaml"
         config = ClusterConfig.from_yaml_file(str(path))
         assert config.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
-        assert yaml.safe_load(path.read_text())["mixed_precision"] == "no"  # the run spec decides precision
+        # The run spec decides precision; with a DeepSpeed config file accelerate rejects the key.
+        assert yaml.safe_load(path.read_text()).get("mixed_precision") == (None if name == "zero3" else "no")
     assert container.DISTRIBUTED_CONFIGS["zero3"].endswith("zero3.yaml")
     zero3 = json.loads((ROOT / "docker" / "deepspeed" / "zero3.json").read_text())
     assert zero3["zero_optimization"]["stage"] == 3
