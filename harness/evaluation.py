@@ -263,6 +263,13 @@ def _sample_row(task_name: str, sample: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _uses_chat_template(entry: SuiteTask, suite: Suite, override: bool | None) -> bool:
+    """The run's setting (eval.chat_template) wins, then the task's, then the suite's."""
+    if override is not None:
+        return override
+    return entry.chat_template if entry.chat_template is not None else suite.chat_template
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -287,6 +294,13 @@ def run_lm_eval(
     _quiet_lm_eval()
     use_online = suite.online if online is None else online
     planned = plan_suite(suite, online=use_online)
+    chat = {plan.entry.task: _uses_chat_template(plan.entry, suite, chat_template) for plan in planned}
+    if any(chat.values()) and not getattr(tokenizer, "chat_template", None):
+        task = next(name for name, used in chat.items() if used)
+        raise HarnessError(
+            f"suite {suite.name}: task {task} uses the chat template but the model's tokenizer has none; "
+            "set eval.chat_template=false"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
@@ -295,9 +309,7 @@ def run_lm_eval(
     results: dict[str, Any] = {}
     for plan in planned:
         entry = plan.entry
-        use_chat = chat_template if chat_template is not None else (
-            entry.chat_template if entry.chat_template is not None else suite.chat_template
-        )
+        use_chat = chat[entry.task]
         task_limit = limit if limit is not None else entry.limit
         indices = None
         if limit is None and entry.sample is not None:

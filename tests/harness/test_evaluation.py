@@ -171,6 +171,15 @@ def test_missing_data_fails_the_cli_before_training_and_writes_nothing(tasks_wit
     assert len(err.splitlines()) == 1 and not output.exists()
 
 
+def test_chat_template_on_a_tokenizer_without_one_is_a_one_line_error(tiny, tmp_path):
+    model, tokenizer = tiny
+    plain = types.SimpleNamespace(chat_template=None)
+    suite = make_suite(tasks=[{"task": "local_piqa", "limit": 1}, {"task": "local_ifeval", "limit": 1, "chat_template": True}])
+    with pytest.raises(HarnessError, match="task local_ifeval uses the chat template but the model's tokenizer has none"):
+        run_suite(model, plain, suite, output_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_sections_without_an_implementation_are_skipped_with_a_note(monkeypatch):
     monkeypatch.setattr(evaluation, "EXTRA_SECTIONS", {"alpaca_eval": "harness._absent_module", "pairwise": "harness._absent_module"})
     metrics, skipped = run_extra_sections(None, None, make_suite(alpaca_eval={"version": 2}), output_dir=Path("unused"))
@@ -226,4 +235,4 @@ def test_smollm2_arc_easy_is_clearly_above_chance(tmp_path):
     accuracy = run_suite(model, tokenizer, suite, output_dir=tmp_path)["tasks"]["local_arc_easy"]["acc"]
     rows = [json.loads(line) for line in (tmp_path / "samples_local_arc_easy.jsonl").read_text().splitlines()]
     chance = sum(1 / len(row["loglikelihoods"]) for row in rows) / len(rows)
-    assert accuracy["value"] - chance > 4 * accuracy["stderr"], (accuracy, chance)
+    assert accuracy["value"] - chance > 3 * accuracy["stderr"], (accuracy, chance)  # p < 0.002
