@@ -21,6 +21,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,9 @@ def length_controlled_winrate(
         out = get_length_controlled_winrate(sample, glm_name=glm, save_weights_dir=None, is_warn_extreme_changes=False)
         return float(out["length_controlled_winrate"])
 
-    with _local_hub_files(difficulty, n_index):
+    # alpaca_eval passes scikit-learn options deprecated for 1.10 (pinned below it): not the user's concern
+    with _local_hub_files(difficulty, n_index), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         try:
             value = fit(frame.copy())
         except ValueError as error:  # e.g. every preference on one side: nothing to fit

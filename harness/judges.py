@@ -7,7 +7,8 @@
   the official ones. The key is read from OPENAI_API_KEY at call time, never stored or logged.
 - `local:<model>`: an in-process Hugging Face model (a model-set name, a directory or a .gguf). It
   reads its preference from the next-token probabilities of the two labels of the official prompt,
-  in BOTH orders (small judges mostly prefer whichever answer comes first), and reports that bias.
+  in BOTH orders (small judges mostly prefer one position whatever the content), and reports that
+  bias. Pairwise 1-10 scores are read by greedy decoding restricted to the grammar "<1-10> <1-10>".
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 LOCAL_ALPACA_PROMPT = "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 LOCAL_ALPACA_LABELS = ("m", "M")  # first output, second output (as in the official config)
 
-# Pairwise review prompt of the Vicuna evaluation as used by AlpaGasus, Cherry LLM and Phased IFT
-# (tianyi-lab/Cherry_LLM evaluation/generation/eval.py, Apache-2.0): scores 1-10 for both answers.
+# The pairwise review prompt of the Vicuna evaluation (lm-sys/FastChat), as Cherry LLM sends it to its
+# judge (tianyi-lab/Cherry_LLM evaluation/generation/eval.py; Phased IFT uses the same protocol):
+# the judge scores both answers 1-10 on its reply's first line.
 PAIRWISE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 PAIRWISE_TEMPLATE = (
     "[Question]\n{question}\n\n"
@@ -375,7 +377,7 @@ class LocalJudge:
             "alpaca_prompt": f"alpaca_eval {LOCAL_ALPACA_PROMPT}",
             "labels": list(LOCAL_ALPACA_LABELS),
             "orders": "both (baseline first, then model first); preference = mean P(model better)",
-            "pairwise": "scores read by greedy decoding restricted to digits, space and newline",
+            "pairwise": "scores read by greedy decoding restricted to the grammar '<1-10> <1-10>'",
             "max_answer_tokens": self.options.max_answer_tokens,
             "answers_truncated": self.answers_truncated,
         }

@@ -6,7 +6,7 @@ preferences from ../shared/data/alpaca_eval/annotated. Writes a summary JSON (an
 probabilities as JSONL) under benchmarks/alpaca_eval/judge_agreement/.
 
 Usage: python scripts/alpaca_judge_agreement.py [--limit 200] [--version 2] [--judge local:smollm2-135m-instruct]
-       [--model-path ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf]
+       [--model-path ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf] [--rescore]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="fixed seeded subset size (None: all 805)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rescore", action="store_true", help="recompute the summary from the saved per-example file")
     args = parser.parse_args()
 
     info = VERSIONS[args.version]
@@ -60,22 +61,32 @@ def main() -> None:
         {k: official[i][k] for k in ("instruction", "output_1", "output_2", "generator_1", "generator_2")} | {"index": i}
         for i in indices
     ]
-    model_path = args.model_path
-    if model_path is None and args.judge == "local:smollm2-135m-instruct":
-        model_path = str(args.shared / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    judge = make_judge(args.judge, JudgeOptions(model_path=model_path, batch_size=args.batch_size))
+    stem = f"{args.judge.replace(':', '_').replace('/', '_')}_{args.model}_v{args.version}_n{len(indices)}"
+    if args.rescore:  # recompute the summary from saved per-example probabilities, without judging again
+        previous = json.loads((OUT_DIR / f"{stem}.json").read_text(encoding="utf-8"))
+        saved = [json.loads(line) for line in (OUT_DIR / f"{stem}.jsonl").read_text(encoding="utf-8").splitlines()]
+        if [s["index"] for s in saved] != indices:
+            raise SystemExit(f"{stem}.jsonl does not hold this subset")
+        keys = ("p_model_baseline_first", "p_model_model_first")
+        local = [row | {"preference": s["local_preference"]} | {k: s[k] for k in keys} for row, s in zip(rows, saved, strict=True)]
+        description, seconds = previous["judge"], previous["seconds"]
+    else:
+        model_path = args.model_path
+        if model_path is None and args.judge == "local:smollm2-135m-instruct":
+            model_path = str(args.shared / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        judge = make_judge(args.judge, JudgeOptions(model_path=model_path, batch_size=args.batch_size))
+        started = time.perf_counter()
 
-    started = time.perf_counter()
+        def progress(done: int, total: int) -> None:
+            print(f"{done}/{total} judgments, {time.perf_counter() - started:.0f} s", flush=True)
 
-    def progress(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - started
-        print(f"{done}/{total} judgments, {elapsed:.0f} s", flush=True)
-
-    local = judge.annotate_alpaca(rows, progress=progress)
-    seconds = time.perf_counter() - started
+        local = judge.annotate_alpaca(rows, progress=progress)
+        seconds = time.perf_counter() - started
+        description = judge.describe()
 
     official_pref = np.array([float(official[i]["preference"]) for i in indices])
-    keep = ~np.isnan(official_pref) & (official_pref != 1.5)
+    draw = np.isin(official_pref, (0.0, 1.5))  # alpaca_eval encodes a draw as 1.5 (0 in older files)
+    keep = ~np.isnan(official_pref) & ~draw
     official_model = (official_pref > 1.5)[keep]
     p_combined = np.array([a["preference"] - 1 for a in local])[keep]
     p_baseline_first = np.array([a["p_model_baseline_first"] for a in local])[keep]
@@ -83,7 +94,7 @@ def main() -> None:
     local_model = p_combined > 0.5
 
     summary = {
-        "judge": judge.describe(),
+        "judge": description,
         "official_annotator": info.annotator,
         "pair": f"{args.model} vs {info.reference}",
         "subset": {"limit": args.limit, "seed": args.seed, "indices": indices},
@@ -106,7 +117,6 @@ def main() -> None:
         "seconds_per_judgment": round(seconds / (2 * len(indices)), 3),
     }
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.judge.replace(':', '_').replace('/', '_')}_{args.model}_v{args.version}_n{len(indices)}"
     atomic_write_json(OUT_DIR / f"{stem}.json", summary)
     lines = [
         json.dumps(

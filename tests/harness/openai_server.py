@@ -8,7 +8,8 @@ order randomisation and parsers carry the decision through:
 - pairwise review prompts: "<score 1> <score 2>" where a score grows with the answer's length, or a
   malformed reply when the question contains MALFORMED;
 - replay mode: for an AlpacaEval prompt whose instruction is in `replay`, the recorded completion of
-  the official judge (its message and logprobs), so official annotations can be re-derived end to end.
+  the official judge (its message, logprobs and token count), so official annotations and their
+  price can be re-derived end to end.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
         logprobs = None
+        usage_total = 0
         outputs = dict(ALPACA_OUTPUT.findall(prompt))
         answers = dict(PAIRWISE_ANSWER.findall(prompt))
         instruction = ALPACA_INSTRUCTION.search(prompt)
         if instruction and instruction.group(1) in self.server.replay:
             recorded = self.server.replay[instruction.group(1)]
             content, logprobs = recorded["message"]["content"], recorded["logprobs"]
+            usage_total = int(recorded["total_tokens"])  # the official run's token count, for its price
         elif set(outputs) == {"m", "M"}:
             winner = "m" if len(outputs["m"]) > len(outputs["M"]) else "M"
             loser = "M" if winner == "m" else "m"
@@ -80,8 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(400, {"error": {"message": "unrecognised judge prompt", "type": "invalid_request_error"}})
             return
-        prompt_tokens = len(prompt.split())
         completion_tokens = len(content.split())
+        prompt_tokens = usage_total - completion_tokens if usage_total else len(prompt.split())
         self._send(
             200,
             {

@@ -183,7 +183,8 @@ def test_replaying_the_official_judge_reproduces_its_preferences(tmp_path, monke
     annotations = json.loads((tmp_path / "annotations.json").read_text())
     assert [a["preference"] for a in annotations] == pytest.approx([float(r["preference"]) for r in chosen], abs=1e-9)
     assert result["win_rate"]["value"] == pytest.approx(compute_metrics(chosen, lc=False)["win_rate"]["value"], abs=1e-6)
-    assert result["cost"]["cost_usd"] > 0  # priced by alpaca_eval from gpt-4-1106-preview's per-token price
+    # priced by alpaca_eval from gpt-4-1106-preview's per-token price and the recorded token counts
+    assert result["cost"]["cost_usd"] == pytest.approx(sum(float(r["price_per_example"] or 0) for r in chosen), abs=1e-9)
 
 
 def test_remote_openai_judge_without_a_key_is_a_one_line_error(monkeypatch):
