@@ -52,50 +52,61 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     Updates of size lr * g are far below bf16's resolution (2^-8 relative) for typical fine-tuning
     learning rates, so stepping bf16 weights directly would lose most updates. Forward and backward
-    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32. Each
-    group's masters (and their gradients) live in one flat fp32 tensor, so the fused AdamW kernel
-    makes one pass over it. A parameter without a gradient counts as a zero gradient."""
+    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32.
+
+    The parameters are stepped in chunks of about CHUNK_ELEMENTS: each chunk's bf16 gradients are
+    upcast into one reused fp32 scratch buffer, so the fp32 gradients never exist all at once (that
+    would be another 4 bytes per parameter on top of the master copy and Adam's two moments)."""
+
+    CHUNK_ELEMENTS = 1 << 23
 
     def __init__(self, param_groups: list[dict[str, Any]], **defaults: Any):
-        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its fp32 master view)
-        self.flat: list[tuple[torch.Tensor, torch.Tensor, list[tuple[torch.nn.Parameter, torch.Tensor]]]] = []
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its fp32 master)
+        self.chunks: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
         master_groups = []
         for group in param_groups:
-            parameters = list(group["params"])
-            flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in parameters]).requires_grad_(True)
-            grad = torch.zeros_like(flat)
-            sizes = [p.numel() for p in parameters]
-            grad_views = [g.view_as(p) for g, p in zip(grad.split(sizes), parameters, strict=True)]
-            masters = [m.detach().view_as(p) for m, p in zip(flat.split(sizes), parameters, strict=True)]
-            self.pairs += list(zip(parameters, masters, strict=True))
-            self.flat.append((flat, grad, list(zip(parameters, grad_views, strict=True))))
-            master_groups.append({**group, "params": [flat]})
-        defaults.setdefault("fused", flat.device.type in ("cpu", "cuda"))
+            chunk: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+            for number, parameter in enumerate(group["params"], start=1):
+                master = parameter.detach().to(torch.float32, copy=True).requires_grad_(True)
+                chunk.append((parameter, master))
+                if sum(p.numel() for p, _ in chunk) >= self.CHUNK_ELEMENTS or number == len(group["params"]):
+                    master_groups.append({**group, "params": [m for _, m in chunk]})
+                    self.chunks.append(chunk)
+                    self.pairs += chunk
+                    chunk = []
+        largest = max(sum(p.numel() for p, _ in chunk) for chunk in self.chunks)
+        self.scratch = torch.empty(largest, dtype=torch.float32, device=self.pairs[0][1].device)
+        defaults.setdefault("fused", self.scratch.device.type in ("cpu", "cuda"))
         super().__init__(master_groups, **defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
-        for flat, grad, views in self.flat:
-            for parameter, grad_view in views:
-                if parameter.grad is None:
-                    grad_view.zero_()
-                else:
-                    grad_view.copy_(parameter.grad)
-            flat.grad = grad
-        loss = super().step(closure)
-        for parameter, master in self.pairs:
-            parameter.copy_(master)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for chunk in self.chunks:
+            offset = 0
+            for parameter, master in chunk:  # masters of other chunks have no gradient: AdamW skips them
+                if parameter.grad is not None:
+                    master.grad = self.scratch[offset : offset + master.numel()].view_as(master)
+                    master.grad.copy_(parameter.grad)
+                    offset += master.numel()
+            super().step()
+            for parameter, master in chunk:
+                if master.grad is not None:
+                    parameter.copy_(master)
+                    master.grad = None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for flat, _, _ in self.flat:
-            flat.grad = None  # the gradient buffer itself is kept and overwritten next step
+        super().zero_grad(set_to_none=True)
         for parameter, _ in self.pairs:
             parameter.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["master_weights"] = [flat.detach().clone() for flat, _, _ in self.flat]
+        state["master_weights"] = [master.detach().clone() for _, master in self.pairs]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -104,10 +115,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         if masters is not None:
             with torch.no_grad():
-                for (flat, _, _), saved in zip(self.flat, masters, strict=True):
-                    flat.copy_(saved)
-                for parameter, master in self.pairs:
-                    parameter.copy_(master)
+                for (parameter, master), saved in zip(self.pairs, masters, strict=True):
+                    master.copy_(saved)
+                    parameter.copy_(saved)
 
 
 @dataclass
