@@ -41,9 +41,10 @@ def varlen_attention(
     """Causal attention within each segment of one flattened sequence ([1, heads, tokens, dim]).
 
     Registered as a transformers attention implementation; the segment lengths come in as a kwarg.
-    Per segment it is transformers' eager attention (matmuls in the model dtype, softmax in fp32):
-    at these lengths (tens to hundreds of tokens) that is faster on CPU, forward plus backward,
-    than torch's flash-attention kernel. torch.split keeps the backward to one concatenation."""
+    Per segment it is eager attention in the model dtype (scale and causal mask fused into one
+    baddbmm, softmax accumulating in fp32): at these lengths (tens to hundreds of tokens) that is
+    faster on CPU, forward plus backward, than torch's flash-attention kernel (about 2x in our
+    measurements) or an fp32 softmax. torch.split keeps the backward to one concatenation."""
     lengths = kwargs.get(_SEGMENTS_KWARG)
     if lengths is None:
         raise _VarlenUnsupported(type(module).__name__)
@@ -53,18 +54,17 @@ def varlen_attention(
         value = value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
-    masks: dict[int, torch.Tensor] = {}
+    biases: dict[int, torch.Tensor] = {}
     outputs = []
-    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True):
-        length = q.shape[2]
-        if length not in masks:
-            masks[length] = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(masks[length], float("-inf"))
-        probabilities = scores.softmax(dim=-1).to(q.dtype)
+    for q, k, v in zip(query[0].split(lengths, dim=1), key[0].split(lengths, dim=1), value[0].split(lengths, dim=1), strict=True):
+        length = q.shape[1]  # q, k, v: [heads, length, dim]
+        if length not in biases:
+            biases[length] = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        probabilities = torch.baddbmm(biases[length], q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
         if dropout > 0:
             probabilities = F.dropout(probabilities, p=dropout, training=True)
-        outputs.append(torch.matmul(probabilities, v).transpose(1, 2))
-    return torch.cat(outputs, dim=1), None  # [1, tokens, heads, dim], as transformers expects
+        outputs.append(torch.bmm(probabilities, v).transpose(0, 1))
+    return torch.cat(outputs, dim=0).unsqueeze(0), None  # [1, tokens, heads, dim], as transformers expects
 
 
 def _register_varlen_attention() -> None:
