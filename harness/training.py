@@ -91,62 +91,107 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     Updates of size lr * g are far below bf16's resolution (2^-8 relative) for typical fine-tuning
     learning rates, so stepping bf16 weights directly would lose most updates. Forward and backward
-    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32. Each
-    group's masters (and their gradients) live in one flat fp32 tensor, so the fused AdamW kernel
-    makes one pass over it. A parameter without a gradient counts as a zero gradient."""
+    run in bf16 (fast on CPUs with avx512_bf16 and on GPUs); the optimizer steps in fp32.
 
-    def __init__(self, param_groups: list[dict[str, Any]], **defaults: Any):
-        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its fp32 master view)
-        self.flat: list[tuple[torch.Tensor, torch.Tensor, list[tuple[torch.nn.Parameter, torch.Tensor]]]] = []
+    Writing the masters back to bf16 uses stochastic rounding: with round-to-nearest, weights that
+    start on the bf16 grid (every bf16-loaded model) do not move in the forward pass until their
+    master has drifted half a bf16 step, which at lr 2e-5 is several optimizer steps of lag (on
+    SmolLM2 the loss fell visibly slower than in fp32). The rounding noise is deterministic: for
+    flat index i at write-back t it is (i * 25033 + t * 40503) mod 2^16 in the 16 bits that bf16
+    drops, an additive (Weyl) sequence, so each weight's rounding is unbiased over steps and a run
+    is reproducible without a random generator.
+
+    Parameters are stepped in chunks of about CHUNK_ELEMENTS: each chunk's bf16 gradients are
+    upcast into one reused fp32 scratch buffer, so the fp32 gradients never exist all at once (that
+    would be another 4 bytes per parameter on top of the master copy and Adam's two moments)."""
+
+    CHUNK_ELEMENTS = 1 << 23
+    ROUNDING_SLICE = 1 << 20  # elements rounded at a time; a multiple of the noise period 2^16
+
+    def __init__(self, param_groups: list[dict[str, Any]], stochastic_rounding: bool = True, **defaults: Any):
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its fp32 master)
+        self.chunks: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
         master_groups = []
         for group in param_groups:
-            parameters = list(group["params"])
-            flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in parameters]).requires_grad_(True)
-            grad = torch.zeros_like(flat)
-            sizes = [p.numel() for p in parameters]
-            grad_views = [g.view_as(p) for g, p in zip(grad.split(sizes), parameters, strict=True)]
-            masters = [m.detach().view_as(p) for m, p in zip(flat.split(sizes), parameters, strict=True)]
-            self.pairs += list(zip(parameters, masters, strict=True))
-            self.flat.append((flat, grad, list(zip(parameters, grad_views, strict=True))))
-            master_groups.append({**group, "params": [flat]})
-        defaults.setdefault("fused", flat.device.type in ("cpu", "cuda"))
+            chunk: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+            for number, parameter in enumerate(group["params"], start=1):
+                master = parameter.detach().to(torch.float32, copy=True).requires_grad_(True)
+                chunk.append((parameter, master))
+                if sum(p.numel() for p, _ in chunk) >= self.CHUNK_ELEMENTS or number == len(group["params"]):
+                    master_groups.append({**group, "params": [m for _, m in chunk]})
+                    self.chunks.append(chunk)
+                    self.pairs += chunk
+                    chunk = []
+        device = self.pairs[0][1].device
+        largest = max(sum(p.numel() for p, _ in chunk) for chunk in self.chunks)
+        self.scratch = torch.empty(largest, dtype=torch.float32, device=device)
+        self.stochastic_rounding = stochastic_rounding
+        self.rounding_step = 0
+        slice_index = torch.arange(self.ROUNDING_SLICE, dtype=torch.int32, device=device)
+        self.rounding_base = (slice_index & 0xFFFF) * 25033 & 0xFFFF  # no int32 overflow: < 2^16 * 25033
+        self.rounding_noise = torch.empty_like(self.rounding_base)
+        defaults.setdefault("fused", device.type in ("cpu", "cuda"))
         super().__init__(master_groups, **defaults)
+
+    def _set_rounding_step(self, step: int) -> None:
+        self.rounding_step = step
+        torch.add(self.rounding_base, step * 40503 % 65536, out=self.rounding_noise).bitwise_and_(0xFFFF)
+
+    def _write_back(self, parameter: torch.nn.Parameter, master: torch.Tensor) -> None:
+        if not (self.stochastic_rounding and parameter.dtype == torch.bfloat16 and parameter.is_contiguous()):
+            parameter.copy_(master)
+            return
+        bits, target = master.view(-1).view(torch.int32), parameter.view(-1)
+        rounded = self.scratch.view(torch.int32)[: self.ROUNDING_SLICE]
+        for start in range(0, bits.numel(), self.ROUNDING_SLICE):
+            size = min(self.ROUNDING_SLICE, bits.numel() - start)
+            # float bits are sign-magnitude: adding noise below the kept bits and truncating them
+            # rounds |x| up with probability (dropped part / 2^16), the same for either sign
+            torch.add(bits[start : start + size], self.rounding_noise[:size], out=rounded[:size])
+            target[start : start + size].copy_(rounded[:size].bitwise_and_(-65536).view(torch.float32))
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
-        for flat, grad, views in self.flat:
-            for parameter, grad_view in views:
-                if parameter.grad is None:
-                    grad_view.zero_()
-                else:
-                    grad_view.copy_(parameter.grad)
-            flat.grad = grad
-        loss = super().step(closure)
-        for parameter, master in self.pairs:
-            parameter.copy_(master)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._set_rounding_step(self.rounding_step + 1)
+        for chunk in self.chunks:
+            offset = 0
+            for parameter, master in chunk:  # masters of other chunks have no gradient: AdamW skips them
+                if parameter.grad is not None:
+                    master.grad = self.scratch[offset : offset + master.numel()].view_as(master)
+                    master.grad.copy_(parameter.grad)
+                    offset += master.numel()
+            super().step()
+            for parameter, master in chunk:
+                if master.grad is not None:
+                    master.grad = None  # frees the scratch buffer for the write-back below
+                    self._write_back(parameter, master)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for flat, _, _ in self.flat:
-            flat.grad = None  # the gradient buffer itself is kept and overwritten next step
+        super().zero_grad(set_to_none=True)
         for parameter, _ in self.pairs:
             parameter.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["master_weights"] = [flat.detach().clone() for flat, _, _ in self.flat]
+        state["master_weights"] = [master.detach().clone() for _, master in self.pairs]
+        state["rounding_step"] = self.rounding_step
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         masters = state_dict.pop("master_weights", None)
+        self._set_rounding_step(state_dict.pop("rounding_step", 0))
         super().load_state_dict(state_dict)
         if masters is not None:
             with torch.no_grad():
-                for (flat, _, _), saved in zip(self.flat, masters, strict=True):
-                    flat.copy_(saved)
-                for parameter, master in self.pairs:
-                    parameter.copy_(master)
+                for (parameter, master), saved in zip(self.pairs, masters, strict=True):
+                    master.copy_(saved)
+                    self._write_back(parameter, master)  # the same rounding as the interrupted run
 
 
 @dataclass
@@ -173,6 +218,13 @@ class ResponseOnlyTrainer(Trainer):
         self.neftune_alpha = neftune_alpha
         self.master_weights = master_weights
         self.counter = TokenCounter()
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):  # type: ignore[override]
+        """Mixed precision (bf16-mixed, fp16-mixed) around compute_loss.
+
+        transformers 5 leaves autocast to accelerate, which wraps model.forward; the loss here calls
+        the decoder and the LM head directly, so without this it would silently run in fp32."""
+        return self.accelerator.autocast()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         loss, losses = sft_loss(

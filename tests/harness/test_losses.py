@@ -107,3 +107,23 @@ def test_fused_head_cross_entropy_matches_the_unfused_loss_and_gradients():
         for ours, reference in zip(*results, strict=True):
             torch.testing.assert_close(ours.float(), reference.float(), atol=tolerance, rtol=tolerance)
         assert results[0][0].dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, sample_records):
+    """Checkpointed layers are recomputed in backward, after the attention implementation is restored:
+    the padding-free path must not be used then, or the recomputation would attend across examples."""
+    model, _ = tiny
+    batch = _packed_batch(tiny, sample_records)
+    gradients = []
+    for checkpointing in (False, True):
+        trained = copy.deepcopy(model).train()
+        if checkpointing:
+            if hasattr(trained, "activation_checkpointing_enable"):  # transformers >= 5.x
+                trained.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                trained.gradient_checkpointing_enable({"use_reentrant": False})
+        losses, _ = response_token_losses(trained, batch)
+        losses.mean().backward()
+        gradients.append({name: p.grad for name, p in trained.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradient, gradients[1][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -86,8 +87,11 @@ def test_master_weights_keep_updates_that_bf16_would_lose():
     torch.testing.assert_close(restored.pairs[0][1], master)
 
 
-def test_master_weight_adamw_follows_torch_adamw():
-    """On fp32 parameters the master copy is exact, so the flat fused optimizer must match AdamW."""
+@pytest.mark.parametrize("chunk_elements", [MasterWeightAdamW.CHUNK_ELEMENTS, 30])
+def test_master_weight_adamw_follows_torch_adamw(chunk_elements, monkeypatch):
+    """On fp32 parameters the master copy is exact, so the chunked fused optimizer must match AdamW,
+    also when a parameter has no gradient in some step (AdamW skips it)."""
+    monkeypatch.setattr(MasterWeightAdamW, "CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (3, 7)]
     reference = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
@@ -99,12 +103,13 @@ def test_master_weight_adamw_follows_torch_adamw():
     our_opt = MasterWeightAdamW(
         [{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}], **settings
     )
+    assert len(our_opt.chunks) == (2 if chunk_elements > 100 else 3)
     for step in range(5):
         gradients = [torch.randn(shape) for shape in shapes]
         for parameters, optimizer in ((reference, reference_opt), (ours, our_opt)):
             optimizer.zero_grad()
-            for parameter, gradient in zip(parameters, gradients, strict=True):
-                parameter.grad = gradient.clone()
+            for number, (parameter, gradient) in enumerate(zip(parameters, gradients, strict=True)):
+                parameter.grad = None if (step == 2 and number == 1) else gradient.clone()
             optimizer.step()
         for expected, actual in zip(reference, ours, strict=True):
             torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=f"step {step}")
