@@ -16,6 +16,7 @@ record says which. Its standard error is a bootstrap over instructions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import math
@@ -28,9 +29,21 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from pydantic import Field, field_validator
+
 from harness.errors import HarnessError
-from harness.generation import GenerationSettings, timed_generate
-from harness.judges import Judge, alpaca_eval_modules, position_bias
+from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
+from harness.generation import GenerationSettings, resumable_generate
+from harness.judges import (
+    CachedJudge,
+    Judge,
+    JudgeOptions,
+    alpaca_eval_modules,
+    check_judge,
+    judge_options,
+    make_judge,
+    position_bias,
+)
 from harness.records import atomic_write_json
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -325,8 +338,10 @@ def generate_outputs(
     indices: list[int],
     settings: GenerationSettings,
     progress: Any = None,
+    chunk_size: int = 64,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Model outputs for the chosen instructions; reused from output_dir when settings and subset match."""
+    """Model outputs for the chosen instructions; reused from output_dir when settings and subset match.
+    Generation is saved chunk by chunk (model_outputs.partial.json), so a killed run resumes."""
     path = output_dir / "model_outputs.json"
     reference = load_reference(VERSIONS["2"].reference)  # the instructions are the same in both versions
     key = {"generator": generator, "indices": indices, "settings": settings.as_record()}
@@ -335,7 +350,10 @@ def generate_outputs(
         if saved.get("key") == key:
             return saved["outputs"], saved["generation"]
     instructions = [reference[i]["instruction"] for i in indices]
-    generations, summary = timed_generate(model, tokenizer, instructions, settings, progress)
+    partial = output_dir / "model_outputs.partial.json"
+    generations, summary = resumable_generate(
+        model, tokenizer, instructions, settings, progress_file=partial, chunk_size=chunk_size, progress=progress
+    )
     outputs = [
         {
             "index": index,
@@ -350,6 +368,7 @@ def generate_outputs(
     ]
     generation = settings.as_record() | summary
     atomic_write_json(path, {"key": key, "generation": generation, "outputs": outputs})
+    partial.unlink(missing_ok=True)
     return outputs, generation
 
 
@@ -366,6 +385,7 @@ def run_alpaca_eval(
     subset_seed: int = 0,
     lc_bootstrap: int = LC_BOOTSTRAP,
     progress: Any = None,
+    chunk_size: int = 64,
 ) -> dict[str, Any]:
     """Generate greedily on AlpacaEval (all 805 instructions, or a fixed seeded subset of `limit`), judge
     against the version's baseline, and return metrics with standard errors. Writes to output_dir:
@@ -375,10 +395,131 @@ def run_alpaca_eval(
     output_dir.mkdir(parents=True, exist_ok=True)
     indices = fixed_subset(limit, subset_seed)
     outputs, generation = generate_outputs(
-        model, tokenizer, output_dir=output_dir, generator=generator, indices=indices, settings=settings, progress=progress
+        model,
+        tokenizer,
+        output_dir=output_dir,
+        generator=generator,
+        indices=indices,
+        settings=settings,
+        progress=progress,
+        chunk_size=chunk_size,
     )
     result = judge_outputs(outputs, judge=judge, output_dir=output_dir, version=version, lc_bootstrap=lc_bootstrap)
     result["generation"] = generation
     result["subset_seed"] = subset_seed if limit is not None else None
     atomic_write_json(output_dir / "metrics.json", result)
     return result
+
+
+# ----------------------------------------------------------------------------- as a suite section
+
+
+class AlpacaSection(SectionSettings):
+    """The `alpaca_eval:` keys of a suite (benchmarks/suites/paper.yaml)."""
+
+    version: str = Field("2", description="2: baseline gpt4_1106_preview; 1: text_davinci_003")
+    reference: str | None = Field(None, description="the baseline; must be the version's (documentation)")
+    annotator: str | None = Field(None, description="alpaca_eval annotator config of an openai judge; None: the version's")
+    judge: str = Field("openai:", description="default: the annotator config's own model (the official judge)")
+    subset_seed: int = Field(0, ge=0, description="seed of the fixed subset when limited; not the run's seed")
+    lc_bootstrap: int = Field(LC_BOOTSTRAP, ge=0)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _section_settings(config: dict[str, Any]) -> tuple[AlpacaSection, AlpacaVersion, JudgeOptions]:
+    settings = parse_section(AlpacaSection, config, "alpaca_eval")
+    try:
+        info = version_info(settings.version)
+    except HarnessError as error:
+        raise HarnessError(f"section alpaca_eval: {error}") from None
+    if settings.reference is not None and settings.reference != info.reference:
+        raise HarnessError(
+            f"section alpaca_eval: reference '{settings.reference}' is not {info.name}'s baseline '{info.reference}'; "
+            "drop the key or set version to the one that uses it"
+        )
+    options = judge_options(settings.judge_options, where="section alpaca_eval: judge_options")
+    options = dataclasses.replace(options, annotator_config=settings.annotator or info.annotator)
+    return settings, info, options
+
+
+def check_suite_section(config: dict[str, Any]) -> None:
+    """Called before training: the keys, the version and the judge (its key, its model) are usable."""
+    settings, _, options = _section_settings(config)
+    check_judge(settings.judge, options)
+
+
+def run_suite_section(
+    model: Any, tokenizer: Any, config: dict[str, Any], *, output_dir: Path, seed: int, context: SectionContext | None = None
+) -> dict[str, Any]:
+    """AlpacaEval as a suite section: generate on the instructions (all, or the fixed subset of `limit`),
+    judge against the version's baseline, and return win rate, discrete win rate and LC win rate as
+    metric cells, the judge's cost, and per-example win-rate rows for paired tests across runs.
+
+    Generation and verdicts are cached in output_dir (model_outputs.json, judge_cache.json), so a killed
+    or repeated evaluation resumes without generating or judging again. The subset depends on
+    subset_seed, not on the run's `seed`, so runs with different seeds are scored on the same items."""
+    del seed  # greedy decoding; the subset has its own seed (see above)
+    context = context or SectionContext()
+    settings, info, options = _section_settings(config)
+    generation = settings.generation_settings(context.template_for(tokenizer))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.json", chunk_size=settings.chunk_size)
+    result = run_alpaca_eval(
+        model,
+        tokenizer,
+        judge=judge,
+        output_dir=output_dir,
+        limit=settings.limit,
+        settings=generation,
+        version=settings.version,
+        generator=context.generator,
+        subset_seed=settings.subset_seed,
+        lc_bootstrap=settings.lc_bootstrap,
+        chunk_size=settings.chunk_size,
+    )
+    annotations = json.loads((output_dir / "annotations.json").read_text(encoding="utf-8"))
+    lc = result["length_controlled_win_rate"]
+    return {
+        "win_rate": metric_cell(result["win_rate"]["value"], result["win_rate"]["stderr"]),
+        "discrete_win_rate": metric_cell(result["discrete_win_rate"]["value"], result["discrete_win_rate"]["stderr"]),
+        "length_controlled_win_rate": metric_cell(lc["value"], lc["stderr"], glm=lc.get("glm"), note=lc.get("note")),
+        "n": result["n_total"],
+        "n_failed": result["n_failed"],
+        "benchmark": result["benchmark"],
+        "reference": result["reference"],
+        "judge": result["judge"]["judge"],
+        "judge_cost_usd": result["cost"]["cost_usd"],
+        "details": {
+            "judge": result["judge"],
+            "official_annotator": result["official_annotator"],
+            "subset": result["subset"],
+            "subset_seed": result["subset_seed"],
+            "n_wins": result["n_wins"],
+            "n_wins_base": result["n_wins_base"],
+            "n_draws": result["n_draws"],
+            "avg_length": result.get("avg_length"),
+            "position_bias": result.get("position_bias"),
+            "cost": result["cost"],
+            "generation": result["generation"],
+            "judge_seconds": result["judge_seconds"],
+            "files": ["model_outputs.json", "annotations.json", "metrics.json", "judge_cache.json"],
+        },
+        "samples": [
+            {"doc_id": a["index"], "dataset": a.get("dataset"), "win_rate": _item_win_rate(a["preference"])}
+            for a in annotations
+            if _item_win_rate(a["preference"]) is not None
+        ],
+    }
+
+
+def _item_win_rate(preference: Any) -> float | None:
+    """One example's share of the win rate, as alpaca_eval counts it: 100 * (preference - 1), 0 encoding a
+    draw; failed or out-of-range preferences are left out (alpaca_eval drops them too)."""
+    if preference is None or not math.isfinite(float(preference)):
+        return None
+    value = 1.5 if float(preference) == 0 else float(preference)
+    return (value - 1.0) * 100.0 if 1.0 <= value <= 2.0 else None

@@ -152,18 +152,23 @@ def print_record_summary(record: dict[str, Any]) -> None:
     for task, entry in record["metrics"].items():
         for metric, value in entry.items():
             if isinstance(value, dict) and "value" in value:
-                stderr = value["stderr"]
+                shown, stderr = value["value"], value.get("stderr")  # None: not computed (e.g. LC win rate on few items)
                 table.add_row(
-                    task, metric, f"{value['value']:.4f}", f"{stderr:.4f}" if stderr is not None else "n/a", str(entry["n"])
+                    task,
+                    metric,
+                    f"{shown:.4f}" if shown is not None else "n/a",
+                    f"{stderr:.4f}" if stderr is not None else "n/a",
+                    str(value.get("n", entry.get("n"))),
                 )
     out = stdout_console()
     out.print(table)
     cost = record["cost"]
     losses = [stage.get("final_loss") for stage in record["training"].values()]
     final = f"{losses[-1]:.4f}" if losses and losses[-1] is not None else "n/a"
+    judge_cost = f" | judge ${cost['judge_cost_usd']:.4f}" if cost.get("judge_cost_usd") else ""
     out.print(
         f"trained tokens {cost['train_tokens']:,} | final train loss {final} | wall {cost['wall_seconds']:.1f} s | "
-        f"peak RSS {record['memory']['peak_rss_gib']:.2f} GiB"
+        f"peak RSS {record['memory']['peak_rss_gib']:.2f} GiB{judge_cost}"
     )
 
 

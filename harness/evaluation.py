@@ -5,6 +5,9 @@ with TaskManager(include_path=..., include_defaults=False), so nothing touches t
 (suite option or `--online`) each task maps to lm-eval's own registered task instead (ONLINE_TASKS), for
 users with hub access. Suites may also name evaluations that are not lm-eval tasks (`alpaca_eval:`,
 `pairwise:`); those run through the module named in EXTRA_SECTIONS, or are skipped with a recorded note.
+A section returns metric cells in the lm-eval tasks' shape ({"value", "stderr", "ci_low", "ci_high"}),
+so records, comparison tables and the leaderboard show them, and may return per-example rows
+(`samples`) that are written to samples_<section>.jsonl for the leaderboard's paired tests.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from benchmarks.tasks.local_data import use_shipped_nltk_data
-from harness.errors import HarnessError, unknown_name
+from harness.errors import HarnessError, closest, unknown_name
 from harness.records import atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -50,8 +53,78 @@ ONLINE_TASKS: dict[str, str] = {
 }
 
 # Suite sections that are not lm-eval tasks -> the module that implements them. The module provides
-# run_suite_section(model, tokenizer, config: dict, *, output_dir: Path, seed: int) -> dict of metrics.
+# run_suite_section(model, tokenizer, config: dict, *, output_dir: Path, seed: int, context: SectionContext)
+# -> dict of metrics, and optionally check_suite_section(config: dict) -> None, called before training.
 EXTRA_SECTIONS: dict[str, str] = {"alpaca_eval": "harness.alpaca", "pairwise": "harness.pairwise"}
+
+
+@dataclass(frozen=True)
+class SectionContext:
+    """What a section needs to know about the run that the model object does not tell."""
+
+    template: str | None = None  # the run's training template (None: chat when the tokenizer has one, else alpaca)
+    base_model: str | None = None  # the run's base model (spec.model) and weights (spec.model_path): the
+    base_model_path: str | None = None  # pairwise section's `reference: base`
+    generator: str = "model"  # names the run's outputs (the run id)
+
+    def template_for(self, tokenizer: Any) -> str:
+        """Prompts are rendered as in training; without a run (tests, scripts) from the tokenizer."""
+        if self.template is not None:
+            return self.template
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+class SectionSettings(BaseModel):
+    """Keys every judged section shares: the judge, generation settings and the subset size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    judge: str = Field(description="openai:<model> or local:<model> (harness.judges); eval.judge overrides it")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="harness.judges.JudgeOptions fields")
+    limit: int | None = Field(None, gt=0, description="items (AlpacaEval) or questions per set (pairwise); eval.limit overrides it")
+    max_new_tokens: int = Field(512, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_prompt_tokens: int = Field(2048, gt=0)
+    chunk_size: int = Field(64, gt=0, description="generation and judging are saved after every chunk of this many items")
+
+    def generation_settings(self, template: str) -> Any:
+        from harness.generation import GenerationSettings
+
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            repetition_penalty=self.repetition_penalty,
+            template=template,
+            batch_size=self.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+
+
+def parse_section(model: type[BaseModel], config: dict[str, Any], section: str) -> Any:
+    """A section's config validated against its settings model; unknown keys and bad values are one line."""
+    from harness.spec import _field_paths
+
+    try:
+        return model.model_validate(config)
+    except ValidationError as error:
+        detail = error.errors()[0]
+        where = ".".join(str(part) for part in detail["loc"])
+        if detail["type"] == "extra_forbidden":
+            suggestion = closest(where, _field_paths(model))
+            hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+            raise HarnessError(f"section {section}: unknown key '{where}'{hint}") from None
+        value = detail.get("input")
+        shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+        raise HarnessError(f"section {section}: key '{where}' = {shown}: {detail['msg'].lower()}") from None
+
+
+def metric_cell(value: float | None, stderr: float | None, **extra: Any) -> dict[str, Any]:
+    """{"value", "stderr", "ci_low", "ci_high"} with a 95% normal interval, as the leaderboard reads it."""
+    from harness.stats import normal_interval
+
+    cell: dict[str, Any] = {"value": value, "stderr": stderr}
+    if value is not None and stderr is not None:
+        cell["ci_low"], cell["ci_high"] = normal_interval(value, stderr)
+    return cell | extra
 
 
 class SuiteTask(BaseModel):
@@ -364,29 +437,76 @@ def run_lm_eval(
     }
 
 
-def run_extra_sections(
-    model: Any, tokenizer: Any, suite: Suite, *, output_dir: Path, seed: int = 0
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Suite sections that are not lm-eval tasks: run through their module's run_suite_section, or skip
-    with a note (returned, and recorded by the runner) when that module is not there yet."""
-    metrics: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for key, module_name in EXTRA_SECTIONS.items():
+def _section_configs(suite: Suite, *, limit: int | None, judge: str | None) -> dict[str, dict[str, Any]]:
+    """Each configured section's keys, with the run's eval.limit and eval.judge laid over the suite's."""
+    configs = {}
+    for key in EXTRA_SECTIONS:
         config = getattr(suite, key)
         if config is None:
             continue
+        config = dict(config)
+        if limit is not None:
+            config["limit"] = limit
+        if judge is not None:
+            config["judge"] = judge
+        configs[key] = config
+    return configs
+
+
+def _section_function(module_name: str, function: str) -> tuple[Any, str | None]:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return None, f"not implemented yet ({module_name} is absent)"
+    found = getattr(module, function, None)
+    if found is None and function == "run_suite_section":
+        return None, f"not implemented yet ({module_name} has no run_suite_section)"
+    return found, None
+
+
+def check_sections(suite: Suite, *, limit: int | None = None, judge: str | None = None) -> None:
+    """Validate the sections' configs and judges before anything is trained: a mistyped key, an unknown
+    judge or a missing OPENAI_API_KEY is a one-line error now, not after hours of training."""
+    for key, config in _section_configs(suite, limit=limit, judge=judge).items():
+        check, _ = _section_function(EXTRA_SECTIONS[key], "check_suite_section")
+        if check is None:
+            continue
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            skipped[key] = f"not implemented yet ({module_name} is absent)"
-            continue
-        section = getattr(module, "run_suite_section", None)
+            check(config)
+        except HarnessError as error:
+            raise HarnessError(f"suite {suite.name}: {error}") from None
+
+
+def run_extra_sections(
+    model: Any,
+    tokenizer: Any,
+    suite: Suite,
+    *,
+    output_dir: Path,
+    seed: int = 0,
+    limit: int | None = None,
+    judge: str | None = None,
+    context: SectionContext | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Suite sections that are not lm-eval tasks: run through their module's run_suite_section, or skip
+    with a note (returned, and recorded by the runner) when that module is not there yet. `limit` and
+    `judge` (the run's eval.limit and eval.judge) override the sections' own. Per-example rows a section
+    returns under `samples` go to output_dir/samples_<section>.jsonl, like the lm-eval tasks' rows."""
+    metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for key, config in _section_configs(suite, limit=limit, judge=judge).items():
+        section, reason = _section_function(EXTRA_SECTIONS[key], "run_suite_section")
         if section is None:
-            skipped[key] = f"not implemented yet ({module_name} has no run_suite_section)"
+            skipped[key] = reason or "not implemented"
             continue
-        metrics[key] = section(model, tokenizer, dict(config), output_dir=output_dir / key, seed=seed)
+        result = section(model, tokenizer, config, output_dir=output_dir / key, seed=seed, context=context or SectionContext())
+        samples = result.pop("samples", None)
+        if samples:
+            lines = [json.dumps(row, sort_keys=True, default=str) for row in samples]
+            atomic_write_text(output_dir / f"samples_{key}.jsonl", "\n".join(lines) + "\n")
+        metrics[key] = result
     return metrics, skipped
 
 
@@ -401,9 +521,11 @@ def run_suite(
     chat_template: bool | None = None,
     seed: int = 0,
     online: bool | None = None,
+    judge: str | None = None,
+    context: SectionContext | None = None,
 ) -> dict[str, Any]:
     """The whole suite: its lm-eval tasks, then its other sections. Returns {"tasks": metrics by task or
-    section, "online", "skipped": {section: why}}."""
+    section, "online", "skipped": {section: why}, "judge_cost_usd": what the sections' judges cost}."""
     evaluation = run_lm_eval(
         model,
         tokenizer,
@@ -415,7 +537,12 @@ def run_suite(
         seed=seed,
         online=online,
     )
-    extra, skipped = run_extra_sections(model, tokenizer, suite, output_dir=output_dir, seed=seed)
+    extra, skipped = run_extra_sections(
+        model, tokenizer, suite, output_dir=output_dir, seed=seed, limit=limit, judge=judge, context=context
+    )
     evaluation["tasks"].update(extra)
     evaluation["skipped"] = skipped
+    costs = [entry.get("judge_cost_usd") for entry in extra.values()]
+    known = [c for c in costs if isinstance(c, (int, float))]
+    evaluation["judge_cost_usd"] = round(sum(known), 6) if known else None
     return evaluation

@@ -7,13 +7,17 @@ back in the caller's order. Greedy decoding is deterministic on CPU; the setting
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from harness.data import InstructionRecord
 from harness.errors import HarnessError
+from harness.records import atomic_write_json
 from harness.templates import render_prompt
 
 
@@ -181,3 +185,55 @@ def timed_generate(
     started = time.perf_counter()
     generations = generate(model, tokenizer, instructions, settings, progress)
     return generations, generation_summary(generations, time.perf_counter() - started)
+
+
+def _merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = {key: sum(s[key] for s in summaries) for key in ("n", "new_tokens", "cut_at_max_new_tokens", "prompts_truncated")}
+    seconds = sum(s["seconds"] for s in summaries)
+    merged["seconds"] = round(seconds, 2)
+    merged["tokens_per_second"] = round(merged["new_tokens"] / seconds, 2) if seconds > 0 else None
+    return merged
+
+
+def resumable_generate(
+    model: Any,
+    tokenizer: Any,
+    instructions: list[str],
+    settings: GenerationSettings,
+    *,
+    progress_file: Path,
+    chunk_size: int = 64,
+    progress: Any = None,
+) -> tuple[list[Generation], dict[str, Any]]:
+    """timed_generate in fixed chunks of the instruction list, each saved to `progress_file` as it
+    finishes: a killed job resumes at its first unfinished chunk, and because the chunks are fixed, a
+    resumed job batches (and so decodes) exactly like an uninterrupted one. The file is keyed by the
+    instructions and settings; a stale one is ignored. The caller deletes it once it has the results."""
+    if chunk_size < 1:
+        raise HarnessError(f"generation chunk_size={chunk_size}: must be >= 1")
+    key = {
+        "instructions": hashlib.sha256(json.dumps(instructions, ensure_ascii=False).encode()).hexdigest(),
+        "settings": settings.as_record(),
+        "chunk_size": chunk_size,
+    }
+    done: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    resumed = 0
+    if progress_file.is_file():
+        try:
+            saved = json.loads(progress_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
+            done, summaries = saved["generations"], saved["summaries"]
+            resumed = len(done)
+    total = len(instructions)
+    for start in range(len(done), total, chunk_size):
+        chunk = instructions[start : start + chunk_size]
+        report = None if progress is None else (lambda finished, _, start=start: progress(start + finished, total))
+        generations, summary = timed_generate(model, tokenizer, chunk, settings, report)
+        done += [asdict(g) for g in generations]
+        summaries.append(summary)
+        atomic_write_json(progress_file, {"key": key, "generations": done, "summaries": summaries})
+    summary = _merge_summaries(summaries) if summaries else generation_summary([], 0.0)
+    return [Generation(**g) for g in done], summary | {"chunk_size": chunk_size, "resumed_items": resumed}

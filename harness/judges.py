@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -31,7 +32,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from harness.errors import HarnessError, unknown_name
+from harness.errors import HarnessError, closest, unknown_name
+from harness.records import atomic_write_json
 
 JUDGE_KINDS = ("openai", "local")
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -122,6 +124,40 @@ class JudgeOptions:
     model_path: str | None = None  # local: weights (.gguf or directory) for a model-set name
     max_answer_tokens: int = 1024  # local: each answer is cut to this many judge tokens (counted)
     batch_size: int = 4  # local
+
+
+def judge_options(raw: dict[str, Any], where: str = "judge_options") -> JudgeOptions:
+    """JudgeOptions from a config mapping; an unknown key or a wrong type is a one-line error naming it."""
+    from pydantic import TypeAdapter, ValidationError
+
+    names = [f.name for f in dataclasses.fields(JudgeOptions)]
+    for key in raw:
+        if key not in names:
+            suggestion = closest(key, names)
+            hint = f"did you mean '{suggestion}'?" if suggestion else f"valid: {', '.join(names)}"
+            raise HarnessError(f"{where}: unknown key '{key}'; {hint}")
+    try:
+        return TypeAdapter(JudgeOptions).validate_python(dict(raw))
+    except ValidationError as error:
+        detail = error.errors()[0]
+        key = ".".join(str(part) for part in detail["loc"])
+        raise HarnessError(f"{where}.{key} = {detail.get('input')!r}: {detail['msg'].lower()}") from None
+
+
+def check_judge(name: str, options: JudgeOptions | None = None) -> None:
+    """Everything make_judge would reject, without loading a local judge's weights: run before training."""
+    options = options or JudgeOptions()
+    kind, _, target = name.partition(":")
+    if kind not in JUDGE_KINDS:
+        raise unknown_name("judge kind", kind, JUDGE_KINDS)
+    if kind == "openai":
+        OpenAIJudge(target, options)  # checks the annotator config and that a remote judge has its key
+        return
+    if not target:
+        raise HarnessError(f"judge '{name}': name the local model, e.g. local:smollm2-135m-instruct")
+    from harness.models import resolve_model
+
+    resolve_model(target, options.model_path)
 
 
 def make_judge(name: str, options: JudgeOptions | None = None, *, model: Any = None, tokenizer: Any = None) -> Judge:
@@ -520,6 +556,124 @@ class LocalJudge:
             progress=progress,
         )
         return [Review(parse_score_pair(g.text), g.text, None) for g in generations]
+
+
+# ----------------------------------------------------------------------------- cached verdicts
+
+JUDGE_CACHE_VERSION = 1
+
+
+def judge_identity(judge: Any) -> dict[str, Any]:
+    """What decides a judge's verdicts (not its counters or its price): the judge part of a cache key."""
+    inner = judge.judge if isinstance(judge, CachedJudge) else judge
+    if isinstance(inner, OpenAIJudge):
+        return {
+            "kind": "openai",
+            "model": inner.model,
+            "base_url": inner.describe()["base_url"],
+            "annotator_config": inner.options.annotator_config,
+            "pairwise_max_tokens": inner.options.pairwise_max_tokens,
+        }
+    if isinstance(inner, LocalJudge):
+        return {
+            "kind": "local",
+            "judge": inner.name,
+            "model_path": inner.options.model_path,
+            "alpaca_prompt": LOCAL_ALPACA_PROMPT,
+            "labels": list(LOCAL_ALPACA_LABELS),
+            "max_answer_tokens": inner.options.max_answer_tokens,
+        }
+    return {"judge": inner.name}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a failed annotation) as null: the cache stays strict JSON; readers coerce null back to NaN."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class CachedJudge:
+    """A judge whose verdicts are kept in one JSON file, keyed by (judge identity, task, instruction, both
+    answers as shown): a killed evaluation resumes where it stopped, and a rerun asks the judge nothing it
+    has answered. Work goes to the judge in chunks and the file is rewritten atomically after each chunk.
+    The file holds verdicts and raw replies only, never a key."""
+
+    def __init__(self, judge: Judge, path: Path, *, chunk_size: int = 64) -> None:
+        if chunk_size < 1:
+            raise HarnessError(f"judge cache chunk_size={chunk_size}: must be >= 1")
+        self.judge = judge
+        self.name = judge.name
+        self.path = path
+        self.chunk_size = chunk_size
+        self.identity = judge_identity(judge)
+        self.entries = self._load()
+        self.reused = 0  # verdicts read from the cache in this process
+        self.judged = 0  # verdicts asked of the judge in this process
+
+    def _load(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # written atomically, so only a foreign file gets here: recomputed, never trusted
+        if not isinstance(saved, dict) or saved.get("version") != JUDGE_CACHE_VERSION or not isinstance(saved.get("entries"), dict):
+            return {}
+        return saved["entries"]
+
+    def _save(self) -> None:
+        atomic_write_json(self.path, {"version": JUDGE_CACHE_VERSION, "entries": self.entries})
+
+    def _key(self, task: str, *texts: str) -> str:
+        canonical = json.dumps([self.identity, task, *texts], ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _missing(self, keys: list[str]) -> list[int]:
+        missing, seen = [], set()
+        for position, key in enumerate(keys):
+            if key not in self.entries and key not in seen:
+                missing.append(position)
+                seen.add(key)
+        self.reused += len(keys) - len(missing)
+        self.judged += len(missing)
+        return missing
+
+    def describe(self) -> dict[str, Any]:
+        return self.judge.describe() | {"cache": {"file": self.path.name, "reused": self.reused, "judged": self.judged}}
+
+    def annotate_alpaca(self, rows: list[dict[str, Any]], work_dir: Path) -> list[dict[str, Any]]:
+        keys = [self._key("alpaca_eval", r["instruction"], r["output_1"], r["output_2"]) for r in rows]
+        missing = self._missing(keys)
+        for start in range(0, len(missing), self.chunk_size):
+            chunk = missing[start : start + self.chunk_size]
+            notes = self.judge.annotate_alpaca([rows[i] for i in chunk], work_dir)
+            for position, note in zip(chunk, notes, strict=True):
+                added = {k: _json_safe(v) for k, v in note.items() if k not in rows[position]}
+                self.entries[keys[position]] = added
+            self._save()
+        out = []
+        for row, key in zip(rows, keys, strict=True):
+            added = dict(self.entries[key])
+            if added.get("preference") is None:
+                added["preference"] = math.nan
+            out.append(row | added)
+        return out
+
+    def review_pairs(self, items: list[tuple[str, str, str]]) -> list[Review]:
+        keys = [self._key("pairwise", *item) for item in items]
+        missing = self._missing(keys)
+        for start in range(0, len(missing), self.chunk_size):
+            chunk = missing[start : start + self.chunk_size]
+            reviews = self.judge.review_pairs([items[i] for i in chunk])
+            for position, review in zip(chunk, reviews, strict=True):
+                scores = list(review.scores) if review.scores is not None else None
+                self.entries[keys[position]] = {"scores": scores, "raw": review.raw, "price": _json_safe(review.price)}
+            self._save()
+        out = []
+        for key in keys:
+            entry = self.entries[key]
+            scores = tuple(entry["scores"]) if entry["scores"] is not None else None
+            out.append(Review(scores, entry["raw"], entry["price"]))  # type: ignore[arg-type]
+        return out
 
 
 def position_bias(annotations: list[dict[str, Any]]) -> dict[str, Any]:

@@ -6,6 +6,18 @@ first, then again with B shown first. Per question: win = won twice or won + tie
 won + lost; loss otherwise. WinRate = (win + tie/2) / N - 0.5 (xubuvd/PhasedSFT), per set and over
 all sets pooled (each set weighted by its size). Replies without two scores are counted skips and
 left out of N. Standard errors are over questions (outcome 1 / 0.5 / 0).
+
+As a suite section (`pairwise:` in a suite YAML, run by run_suite_section) the run's model is A and a
+reference is B; WinRate > 0 means the run's answers are preferred. The reference is one of:
+- `base` (default): the run's base model before fine-tuning (spec.model / model_path), so the section
+  measures what the recipe's training bought. Its answers are generated once per (weights, sets,
+  limit, generation settings) and kept in the artifact cache ($HARNESS_CACHE/artifacts), so every
+  recipe run on that base model is judged against the same answers.
+- `{model: NAME, model_path: PATH}`: any model the model set resolves, cached the same way.
+- `{outputs: DIR}`: saved answers, a directory of outputs_<set>.jsonl, e.g. another run's
+  eval/pairwise/model/ (the papers' comparison: a recipe's run against one-off's run).
+Both answers are generated from the same prompts (the run's template). Two finished runs can also be
+compared after the fact with judge_pairwise(runA/eval/pairwise/model, runB/eval/pairwise/model, ...).
 """
 
 from __future__ import annotations
@@ -17,13 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from harness.errors import HarnessError, unknown_name
-from harness.generation import GenerationSettings, timed_generate
-from harness.judges import Judge, Review
+from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
+from harness.generation import GenerationSettings, resumable_generate
+from harness.judges import CachedJudge, Judge, Review, check_judge, judge_options, make_judge
 from harness.records import atomic_write_json, atomic_write_text
 
 PAIRWISE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "pairwise"
 PAIRWISE_SETS = {"vicuna": 80, "koala": 180, "lima": 300, "sinstruct": 252, "wizardlm": 218}
+OUTPUTS_PREFIX = "outputs_"
 
 
 @dataclass(frozen=True)
@@ -94,25 +110,48 @@ def generate_pairwise_outputs(
     limit: int | None = None,
     generator: str = "model",
     progress: Any = None,
+    chunk_size: int = 64,
 ) -> dict[str, Any]:
-    """Greedy answers for every set, written to output_dir/outputs_<set>.jsonl (+ generation.json)."""
+    """Greedy answers for every set, written to output_dir/outputs_<set>.jsonl (+ generation.json).
+    Reused when generation.json says the same generator, sets, limit and settings; saved chunk by chunk
+    (generation.partial.json) while running, so a killed job resumes."""
     settings = settings or GenerationSettings()
     chosen = resolve_sets(sets)
+    key = {"generator": generator, "sets": chosen, "limit": limit, "settings": settings.as_record()}
+    record_path = output_dir / "generation.json"
+    if record_path.is_file() and all((output_dir / f"outputs_{name}.jsonl").is_file() for name in chosen):
+        try:
+            saved = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
+        if saved.get("key") == key:
+            return saved
     items = [item for name in chosen for item in load_pairwise_set(name, limit)]
-    generations, summary = timed_generate(model, tokenizer, [i.question for i in items], settings, progress)
-    for name in chosen:
-        lines = [
-            json.dumps(
-                {"id": i.id, "question": i.question, "output": g.text, "generator": generator, "new_tokens": g.new_tokens, "finished": g.finished},
-                ensure_ascii=False,
-            )
-            for i, g in zip(items, generations, strict=True)
-            if i.set == name
-        ]
-        atomic_write_text(output_dir / f"outputs_{name}.jsonl", "\n".join(lines) + "\n")
-    record = {"generator": generator, "sets": chosen, "limit": limit, "settings": settings.as_record(), **summary}
-    atomic_write_json(output_dir / "generation.json", record)
+    partial = output_dir / "generation.partial.json"
+    generations, summary = resumable_generate(
+        model, tokenizer, [i.question for i in items], settings, progress_file=partial, chunk_size=chunk_size, progress=progress
+    )
+    write_outputs(output_dir, items, [g.text for g in generations], generator, generations)
+    record = {"generator": generator, "sets": chosen, "limit": limit, "settings": settings.as_record(), **summary, "key": key}
+    atomic_write_json(record_path, record)
+    partial.unlink(missing_ok=True)
     return record
+
+
+def write_outputs(
+    output_dir: Path, items: list[PairwiseItem], texts: list[str], generator: str, generations: list[Any] | None = None
+) -> None:
+    """outputs_<set>.jsonl for every set among `items` (the format judge_pairwise reads)."""
+    for name in dict.fromkeys(i.set for i in items):
+        lines = []
+        for k, (item, text) in enumerate(zip(items, texts, strict=True)):
+            if item.set != name:
+                continue
+            row: dict[str, Any] = {"id": item.id, "question": item.question, "output": text, "generator": generator}
+            if generations is not None:
+                row |= {"new_tokens": generations[k].new_tokens, "finished": generations[k].finished}
+            lines.append(json.dumps(row, ensure_ascii=False))
+        atomic_write_text(output_dir / f"{OUTPUTS_PREFIX}{name}.jsonl", "\n".join(lines) + "\n")
 
 
 def read_outputs(directory: Path, name: str) -> dict[str, dict[str, Any]]:
@@ -230,3 +269,235 @@ def judge_pairwise(
     }
     atomic_write_json(output_dir / "pairwise.json", result)
     return result
+
+
+# ----------------------------------------------------------------------------- as a suite section
+
+
+class PairwiseSection(SectionSettings):
+    """The `pairwise:` keys of a suite (benchmarks/suites/paper.yaml)."""
+
+    test_sets: list[str] = Field(default_factory=lambda: list(PAIRWISE_SETS))
+    both_orders: bool = Field(True, description="the protocol judges both orders; false is refused")
+    reference: str | dict[str, Any] = Field("base", description="base | {model, model_path} | {outputs}")
+    judge: str = Field("openai:gpt-4", description="the papers used GPT-4")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Side B of the comparison."""
+
+    kind: str  # base | model | outputs
+    model: str | None = None
+    model_path: str | None = None
+    outputs: Path | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "outputs":
+            return f"outputs:{self.outputs}"
+        return f"{self.kind}:{self.model}"
+
+
+def parse_reference(raw: str | dict[str, Any]) -> Reference:
+    if raw == "base":
+        return Reference("base")
+    if isinstance(raw, dict) and set(raw) == {"outputs"} and isinstance(raw["outputs"], str):
+        return Reference("outputs", outputs=Path(raw["outputs"]).expanduser())
+    if (
+        isinstance(raw, dict)
+        and "model" in raw
+        and set(raw) <= {"model", "model_path"}
+        and isinstance(raw["model"], str)
+        and isinstance(raw.get("model_path"), (str, type(None)))
+    ):
+        return Reference("model", model=raw["model"], model_path=raw.get("model_path"))
+    shown = json.dumps(raw, default=str)
+    raise HarnessError(
+        f"section pairwise: reference = {shown}: give base, {{model: NAME, model_path: PATH}} or {{outputs: DIR}}"
+    )
+
+
+def _section_settings(config: dict[str, Any]) -> tuple[PairwiseSection, Reference, Any]:
+    settings = parse_section(PairwiseSection, config, "pairwise")
+    if not settings.both_orders:
+        raise HarnessError("section pairwise: both_orders = false: the protocol judges both orders (position bias); drop the key")
+    try:
+        resolve_sets(settings.test_sets)
+    except HarnessError as error:
+        raise HarnessError(f"section pairwise: test_sets: {error}") from None
+    options = judge_options(settings.judge_options, where="section pairwise: judge_options")
+    return settings, parse_reference(settings.reference), options
+
+
+def check_suite_section(config: dict[str, Any]) -> None:
+    """Called before training: keys, sets, judge and reference are usable."""
+    from harness.models import resolve_model
+
+    settings, reference, options = _section_settings(config)
+    check_judge(settings.judge, options)
+    if reference.kind == "model":
+        resolve_model(reference.model or "", reference.model_path)
+    if reference.kind == "outputs":
+        for name in settings.test_sets:
+            path = (reference.outputs or Path()) / f"{OUTPUTS_PREFIX}{name}.jsonl"
+            if not path.is_file():
+                raise HarnessError(f"section pairwise: reference outputs not found: {path}")
+
+
+def _weights_identity(weights: str) -> str:
+    """A file's content hash (a .gguf), else the name: what decides the reference model's answers."""
+    from harness.artifacts import file_digest
+
+    path = Path(weights)
+    return f"sha256:{file_digest(path)}" if path.is_file() else weights
+
+
+def reference_outputs(
+    reference: Reference,
+    *,
+    output_dir: Path,
+    sets: list[str],
+    limit: int | None,
+    settings: GenerationSettings,
+    chunk_size: int = 64,
+) -> dict[str, Any]:
+    """Write the reference's answers to output_dir/outputs_<set>.jsonl; a model's answers are generated
+    once per (weights, sets, limit, settings) into the artifact cache and copied from there after."""
+    from harness import __version__
+    from harness.artifacts import ArtifactCache, content_key
+    from harness.models import MODEL_SET_VERSION, load_model_and_tokenizer, resolve_model
+
+    if reference.kind == "outputs":
+        items, texts = [], []
+        for name in sets:
+            rows = read_outputs(reference.outputs or Path(), name)
+            for item in load_pairwise_set(name, limit):
+                if item.id in rows:
+                    items.append(item)
+                    texts.append(rows[item.id]["output"])
+        write_outputs(output_dir, items, texts, generator=reference.name)
+        return {"reference": reference.name, "answers": len(items)}
+    resolved = resolve_model(reference.model or "", reference.model_path)
+    cache = ArtifactCache()
+    kind = "pairwise_reference"
+    key = content_key(
+        weights=_weights_identity(resolved.weights),
+        model=resolved.entry.name,
+        sets=sets,
+        limit=limit,
+        settings=settings.as_record(),
+        harness=__version__,
+        model_set=MODEL_SET_VERSION,
+    )
+    saved = cache.load(kind, key)
+    from_cache = saved is not None
+    if saved is None:
+        import gc
+
+        import torch
+
+        model, tokenizer = load_model_and_tokenizer(resolved)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        items = [item for name in sets for item in load_pairwise_set(name, limit)]
+        progress_file = cache.partial_dir(kind, key) / "generation.json"
+        generations, summary = resumable_generate(
+            model, tokenizer, [i.question for i in items], settings, progress_file=progress_file, chunk_size=chunk_size
+        )
+        del model
+        gc.collect()
+        saved = {
+            "model": resolved.as_record(),
+            "generation": settings.as_record() | summary,
+            "answers": [{"set": i.set, "id": i.id, "output": g.text} for i, g in zip(items, generations, strict=True)],
+        }
+        cache.save(kind, key, saved)
+    answers = {(a["set"], a["id"]): a["output"] for a in saved["answers"]}
+    items = [item for name in sets for item in load_pairwise_set(name, limit)]
+    write_outputs(output_dir, items, [answers[(i.set, i.id)] for i in items], generator=reference.name)
+    return {
+        "reference": reference.name,
+        "answers": len(items),
+        "cache_key": key,
+        "from_cache": from_cache,
+        "generation": saved["generation"],
+    }
+
+
+def run_suite_section(
+    model: Any, tokenizer: Any, config: dict[str, Any], *, output_dir: Path, seed: int, context: SectionContext | None = None
+) -> dict[str, Any]:
+    """Pairwise judging as a suite section: the run's answers (A) against the reference's (B) on every
+    set, both orders, with WinRate (and a 95% interval) pooled and per set, the judge's cost and
+    per-question rows for paired tests across runs. Writes model/ and reference/ (answers),
+    judgments_<set>.jsonl, pairwise.json and judge_cache.json (verdicts, so a rerun judges nothing again)."""
+    del seed  # greedy decoding and a deterministic judge: nothing is drawn at random
+    context = context or SectionContext()
+    settings, reference, options = _section_settings(config)
+    if reference.kind == "base":
+        if context.base_model is None:
+            raise HarnessError("section pairwise: reference base needs the run's base model; give reference: {model: NAME}")
+        reference = Reference("base", model=context.base_model, model_path=context.base_model_path)
+    sets = resolve_sets(settings.test_sets)
+    generation = settings.generation_settings(context.template_for(tokenizer))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    produced = generate_pairwise_outputs(
+        model,
+        tokenizer,
+        output_dir=output_dir / "model",
+        settings=generation,
+        sets=sets,
+        limit=settings.limit,
+        generator=context.generator,
+        chunk_size=settings.chunk_size,
+    )
+    from_reference = reference_outputs(
+        reference,
+        output_dir=output_dir / "reference",
+        sets=sets,
+        limit=settings.limit,
+        settings=generation,
+        chunk_size=settings.chunk_size,
+    )
+    judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.json", chunk_size=settings.chunk_size)
+    result = judge_pairwise(
+        output_dir / "model",
+        output_dir / "reference",
+        judge=judge,
+        output_dir=output_dir,
+        sets=sets,
+        name_a=context.generator,
+        name_b=reference.name,
+    )
+    overall = result["overall"]
+    cells = {"win_rate": metric_cell(overall["win_rate"]["value"], overall["win_rate"]["stderr"])}
+    for name, entry in result["sets"].items():
+        cells[f"win_rate_{name}"] = metric_cell(entry["win_rate"]["value"], entry["win_rate"]["stderr"], n=entry["n"])
+    samples = []
+    for name in sets:
+        for line in (output_dir / f"judgments_{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["outcome"] is not None:
+                samples.append({"doc_id": f"{name}/{row['id']}", "set": name, "win_rate": OUTCOME_VALUE[row["outcome"]] - 0.5})
+    return cells | {
+        "n": overall["n"],
+        "win": overall["win"],
+        "tie": overall["tie"],
+        "loss": overall["loss"],
+        "skipped": overall["skipped"],
+        "reference": reference.name,
+        "judge": result["judge"]["judge"],
+        "judge_cost_usd": result["cost_usd"],
+        "details": {
+            "protocol": result["protocol"],
+            "judge": result["judge"],
+            "position_bias": result["position_bias"],
+            "sets": result["sets"],
+            "limit": settings.limit,
+            "generation": {key: value for key, value in produced.items() if key != "key"},
+            "reference": from_reference,
+            "judge_seconds": result["judge_seconds"],
+        },
+        "samples": samples,
+    }

@@ -25,7 +25,7 @@ from harness import __version__
 from harness.artifacts import ArtifactCache
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
-from harness.evaluation import Suite, load_suite, plan_suite, run_suite
+from harness.evaluation import SectionContext, Suite, check_sections, load_suite, plan_suite, run_suite
 from harness.models import ResolvedModel, load_model_and_tokenizer, resolve_model
 from harness.records import (
     RECORD_SCHEMA_VERSION,
@@ -83,6 +83,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     resolved = spec.model_copy(update={"params": params.model_dump(mode="json"), "training": training})
     suite = load_suite(spec.eval.suite)
     plan_suite(suite, online=spec.eval.online)  # unknown tasks or missing data files fail before training
+    check_sections(suite, limit=spec.eval.limit, judge=spec.eval.judge)  # judges and section keys, too
     data = load_instruction_data(spec.data.name, limit=spec.data.limit, dedupe=spec.data.dedupe)
     return PreparedRun(resolved, recipe, params, model_info, data, suite)
 
@@ -172,13 +173,21 @@ class RunContext:
         self.scoring.add(scores.stats)
         return scores
 
+    def section_context(self, generator: str) -> SectionContext:
+        """What the suite's judged sections need from the run: its template and base model."""
+        return SectionContext(
+            template=self.spec.training.template, base_model=self.spec.model, base_model_path=self.spec.model_path,
+            generator=generator,
+        )
+
     def evaluate(self, model: Any, tokenizer: Any, name: str) -> dict[str, Any]:
         """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage)."""
         with self.stage(f"evaluate:{name}"):
             return run_suite(
                 model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
                 batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
-                online=self.spec.eval.online,
+                online=self.spec.eval.online, judge=self.spec.eval.judge,
+                context=self.section_context(f"{self.run_dir.name}:{name}"),
             )["tasks"]
 
 
@@ -280,6 +289,8 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             chat_template=prepared.spec.eval.chat_template,
             seed=prepared.spec.seed,
             online=prepared.spec.eval.online,
+            judge=prepared.spec.eval.judge,
+            context=ctx.section_context(prepared.run_id),
         )
     wall = time.perf_counter() - wall_started
     target = {stage: result for stage, result in ctx.train_results.items() if stage not in ctx.overhead_stages}
@@ -318,7 +329,9 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
             "wall_seconds": round(wall, 2),
             "device_hours": round(wall * device_count / 3600, 5),
-            "judge_cost_usd": output.details.get("judge_cost_usd", 0.0),
+            # the recipe's judge (e.g. Phased IFT's difficulty scorer) plus the evaluation's judges
+            "judge_cost_usd": round((output.details.get("judge_cost_usd") or 0.0) + (evaluation.get("judge_cost_usd") or 0.0), 6),
+            "eval_judge_cost_usd": evaluation.get("judge_cost_usd"),
         },
         "timings": ctx.timings,
         "memory": peak_memory(),

@@ -20,8 +20,10 @@ from harness.alpaca import (
     load_difficulty,
     load_reference,
     run_alpaca_eval,
+    run_suite_section,
 )
 from harness.errors import HarnessError
+from harness.evaluation import SectionContext
 from harness.generation import GenerationSettings
 from harness.judges import JudgeOptions, LocalJudge, alpaca_eval_modules, make_judge
 from tests.conftest import SHARED
@@ -127,7 +129,7 @@ def test_run_alpaca_eval_end_to_end_on_the_tiny_model(tiny, tmp_path, monkeypatc
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again")
 
-    monkeypatch.setattr("harness.alpaca.timed_generate", no_generation)
+    monkeypatch.setattr("harness.generation.timed_generate", no_generation)
     again = run_alpaca_eval(
         model, tokenizer, judge=judge, output_dir=tmp_path, limit=3, settings=settings, generator="tiny", lc_bootstrap=3
     )
@@ -234,3 +236,82 @@ def test_reference_files_are_gzip_json():
         with gzip.open(path, "rt", encoding="utf-8") as stream:
             assert isinstance(json.load(stream), list)
     assert Path(ALPACA_DIR / "README.md").is_file()
+
+
+# ----------------------------------------------------------------------------- the suite section
+
+SECTION = {"judge": "local:tiny", "limit": 4, "max_new_tokens": 8, "batch_size": 2, "chunk_size": 3, "lc_bootstrap": 0}
+
+
+def test_suite_section_on_the_tiny_model_with_the_local_judge(tiny, tmp_path, monkeypatch):
+    """Cells in the lm-eval shape with 95% intervals, per-example rows that reproduce the win rate, and a
+    rerun that neither generates nor judges again (both cached in the section's directory)."""
+    model, tokenizer = tiny
+    config = SECTION | {"judge_options": {"max_answer_tokens": 64, "batch_size": 4}}
+    result = run_suite_section(model, tokenizer, config, output_dir=tmp_path, seed=5, context=SectionContext(generator="run-x"))
+    win = result["win_rate"]
+    assert result["n"] == 4 and result["judge"] == "local:tiny" and result["judge_cost_usd"] is None
+    assert 0 <= win["value"] <= 100 and win["stderr"] > 0 and win["ci_low"] < win["value"] < win["ci_high"]
+    assert result["length_controlled_win_rate"]["value"] is None  # the GLM needs 10 examples
+    assert result["details"]["subset"] == fixed_subset(4) and result["details"]["generation"]["chunk_size"] == 3
+    assert result["details"]["judge"]["cache"] == {"file": "judge_cache.json", "reused": 0, "judged": 4}
+    samples = result["samples"]
+    assert [row["doc_id"] for row in samples] == fixed_subset(4)
+    assert sum(row["win_rate"] for row in samples) / 4 == pytest.approx(win["value"], rel=1e-9)
+    outputs = json.loads((tmp_path / "model_outputs.json").read_text())
+    assert {o["generator"] for o in outputs["outputs"]} == {"run-x"} and not (tmp_path / "model_outputs.partial.json").exists()
+    assert outputs["generation"]["template"] == "chat"  # the tokenizer's chat template, as in training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("called again")
+
+    monkeypatch.setattr("harness.generation.timed_generate", refuse)
+    monkeypatch.setattr(LocalJudge, "label_probabilities", refuse)
+    again = run_suite_section(model, tokenizer, config, output_dir=tmp_path, seed=5, context=SectionContext(generator="run-x"))
+    assert again["win_rate"] == win and again["details"]["judge"]["cache"]["reused"] == 4
+
+
+def test_suite_section_bad_keys_are_one_line_errors(tiny, tmp_path):
+    from harness.alpaca import check_suite_section
+
+    model, tokenizer = tiny
+    cases = [
+        (SECTION | {"judge_option": {}}, "section alpaca_eval: unknown key 'judge_option'; did you mean 'judge_options'?"),
+        (SECTION | {"judge_options": {"base_ur": "x"}}, "unknown key 'base_ur'; did you mean 'base_url'?"),
+        (SECTION | {"version": 3}, "AlpacaEval version '3'"),
+        (SECTION | {"reference": "text_davinci_003"}, "is not AlpacaEval 2's baseline 'gpt4_1106_preview'"),
+        (SECTION | {"limit": 0}, "key 'limit' = 0"),
+        (SECTION | {"judge": "local:tinyy"}, "did you mean 'tiny'"),
+    ]
+    for config, message in cases:
+        with pytest.raises(HarnessError) as error:
+            check_suite_section(config)
+        assert message in str(error.value) and "\n" not in str(error.value), (config, str(error.value))
+    with pytest.raises(HarnessError, match="judge_option"):
+        run_suite_section(model, tokenizer, SECTION | {"judge_option": {}}, output_dir=tmp_path / "x", seed=0)
+    assert not (tmp_path / "x").exists()
+
+
+def test_suite_section_with_an_openai_protocol_judge_caches_its_verdicts(tiny, tmp_path, monkeypatch):
+    """The paid judge's stand-in is a real HTTP server; a rerun sends it nothing, a different judge model
+    is asked again, the cost is recorded and the key is written nowhere."""
+    secret = "sk-test-secret-section-42"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.delenv("OPENAI_CLIENT_CONFIG_PATH", raising=False)
+    model, tokenizer = tiny
+    with OpenAIServer() as server:
+        options = {"base_url": server.base_url, "price_per_token": 1e-6}
+        config = SECTION | {"judge": "openai:judge-model", "judge_options": options}
+        first = run_suite_section(model, tokenizer, config, output_dir=tmp_path, seed=0)
+        assert len(server.requests) == 4
+        again = run_suite_section(model, tokenizer, config, output_dir=tmp_path, seed=0)
+        assert len(server.requests) == 4  # every verdict came from judge_cache.json
+        other = run_suite_section(model, tokenizer, config | {"judge": "openai:other-model"}, output_dir=tmp_path, seed=0)
+        assert len(server.requests) == 8 and {r["body"]["model"] for r in server.requests[4:]} == {"other-model"}
+    assert again["win_rate"] == first["win_rate"] and other["win_rate"] == first["win_rate"]  # same rule, same verdicts
+    assert first["judge"] == "openai:judge-model" and first["judge_cost_usd"] > 0
+    assert again["judge_cost_usd"] == first["judge_cost_usd"]  # the evaluation's cost, paid once
+    assert again["details"]["judge"]["cache"] == {"file": "judge_cache.json", "reused": 4, "judged": 0}
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="ignore"), path

@@ -16,7 +16,9 @@ from harness import evaluation
 from harness.errors import HarnessError
 from harness.evaluation import (
     ONLINE_TASKS,
+    SectionContext,
     Suite,
+    check_sections,
     list_suites,
     load_suite,
     online_task_name,
@@ -188,13 +190,96 @@ def test_sections_without_an_implementation_are_skipped_with_a_note(monkeypatch)
 
 def test_sections_with_an_implementation_run_through_it(monkeypatch, tmp_path):
     calls = []
+
+    def section(model, tokenizer, config, *, output_dir, seed, context):
+        calls.append((config, output_dir, seed, context))
+        return {"win_rate": {"value": 1.0, "stderr": 0.1}, "judge_cost_usd": 0.25, "samples": [{"doc_id": 3, "win_rate": 1.0}]}
+
     module = types.ModuleType("harness._section_for_test")
-    module.run_suite_section = lambda model, tokenizer, config, *, output_dir, seed: calls.append((config, output_dir, seed)) or {"win_rate": {"value": 1.0, "stderr": 0.1}}
+    module.run_suite_section = section
     monkeypatch.setitem(sys.modules, "harness._section_for_test", module)
     monkeypatch.setattr(evaluation, "EXTRA_SECTIONS", {"pairwise": "harness._section_for_test"})
-    metrics, skipped = run_extra_sections(None, None, make_suite(pairwise={"test_sets": ["vicuna"]}), output_dir=tmp_path, seed=3)
-    assert metrics == {"pairwise": {"win_rate": {"value": 1.0, "stderr": 0.1}}} and skipped == {}
-    assert calls == [({"test_sets": ["vicuna"]}, tmp_path / "pairwise", 3)]
+    suite = make_suite(pairwise={"test_sets": ["vicuna"], "limit": 9, "judge": "openai:gpt-4"})
+    metrics, skipped = run_extra_sections(None, None, suite, output_dir=tmp_path, seed=3)
+    assert metrics == {"pairwise": {"win_rate": {"value": 1.0, "stderr": 0.1}, "judge_cost_usd": 0.25}} and skipped == {}
+    assert calls == [({"test_sets": ["vicuna"], "limit": 9, "judge": "openai:gpt-4"}, tmp_path / "pairwise", 3, SectionContext())]
+    assert json.loads((tmp_path / "samples_pairwise.jsonl").read_text()) == {"doc_id": 3, "win_rate": 1.0}
+    # the run's eval.limit and eval.judge override the suite's
+    context = SectionContext(template="alpaca", generator="run")
+    run_extra_sections(None, None, suite, output_dir=tmp_path, limit=2, judge="local:tiny", context=context)
+    assert calls[-1] == ({"test_sets": ["vicuna"], "limit": 2, "judge": "local:tiny"}, tmp_path / "pairwise", 0, context)
+
+
+def test_section_configs_are_checked_before_training(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_BASE", raising=False)
+    paper = load_suite("paper")
+    with pytest.raises(HarnessError) as error:
+        check_sections(paper)  # the official judge needs a key
+    assert str(error.value).startswith("suite paper: judge 'openai:gpt-4-1106-preview': OPENAI_API_KEY is not set")
+    check_sections(paper, judge="local:tiny", limit=3)  # offline with a local judge
+    with pytest.raises(HarnessError, match="suite t: section pairwise: unknown key 'test_set'; did you mean 'test_sets'"):
+        check_sections(make_suite(pairwise={"test_set": ["vicuna"], "judge": "local:tiny"}))
+
+
+def test_paper_suite_without_a_judge_key_fails_before_training_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_BASE", raising=False)
+    output = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--suite", "paper", "--output", str(output), "--limit", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: suite paper: judge 'openai:gpt-4-1106-preview': OPENAI_API_KEY is not set")
+    assert not output.exists()
+
+
+SECTIONS_SUITE = """\
+name: sections
+description: one lm-eval task and both judged sections, for tests
+tasks:
+  - {task: local_arc_easy, limit: 100, metrics: [acc]}
+alpaca_eval: {version: 2, judge: "openai:", max_new_tokens: 8, lc_bootstrap: 0}
+pairwise: {test_sets: [vicuna, koala], judge: openai:gpt-4, max_new_tokens: 8, reference: base}
+"""
+
+
+def test_cli_run_with_judged_sections_offline_and_the_leaderboard_reads_them(tmp_path, monkeypatch, capsys):
+    """`harness run` on the tiny model with AlpacaEval and pairwise sections, the local judge named by
+    eval.judge: metrics in the record with standard errors, per-example rows the leaderboard's paired
+    tests accept, judge cost in the record's cost."""
+    from harness.cli import main
+    from harness.leaderboard import load_runs
+
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "sections.yaml").write_text(SECTIONS_SUITE)
+    monkeypatch.setattr(evaluation, "SUITES_DIR", suites)
+    output = tmp_path / "runs"
+    args = ["run", "--suite", "sections", "--output", str(output), "--limit", "3", "--set", "data.limit=64", "--set", "eval.judge=local:tiny"]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert (exited.value.code or 0) == 0
+    assert "alpaca_eval" in out and "pairwise" in out
+    (run_dir,) = output.iterdir()
+    record = json.loads((run_dir / "record.json").read_text())
+    alpaca, pairwise = record["metrics"]["alpaca_eval"], record["metrics"]["pairwise"]
+    assert alpaca["n"] == 3 and alpaca["win_rate"]["stderr"] is not None and alpaca["judge"] == "local:tiny"
+    assert pairwise["n"] + pairwise["skipped"] == 6 and pairwise["reference"] == "base:tiny"
+    assert -0.5 <= pairwise["win_rate"]["value"] <= 0.5 and pairwise["win_rate"]["stderr"] is not None
+    assert record["suite"]["skipped"] == {} and record["cost"]["eval_judge_cost_usd"] is None
+    assert {"samples_alpaca_eval.jsonl", "samples_pairwise.jsonl"} <= {p.name for p in (run_dir / "eval").iterdir()}
+    warnings = []
+    (run,) = load_runs([output], warnings.append)
+    assert warnings == []
+    assert ("alpaca_eval", "win_rate") in run.metrics and ("pairwise", "win_rate_koala") in run.metrics
+    assert "win_rate" in run.samples["alpaca_eval"].metrics and "win_rate" in run.samples["pairwise"].metrics
 
 
 def test_run_suite_records_subsets_and_per_example_results(tiny, tmp_path, monkeypatch):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from harness import generation
 from harness.errors import HarnessError
 from harness.generation import (
     GenerationSettings,
     generate,
     generate_from_prompts,
     render_prompts,
+    resumable_generate,
     timed_generate,
 )
 
@@ -62,3 +64,29 @@ def test_constrained_decoding_only_emits_allowed_tokens(tiny):
 def test_bad_settings_are_one_line_errors(kwargs):
     with pytest.raises(HarnessError):
         GenerationSettings(**kwargs)
+
+
+def test_resumable_generation_resumes_a_killed_job_exactly(tiny, tmp_path, monkeypatch):
+    """Fixed chunks: a job killed after its first chunk resumes there and ends with exactly the outputs of
+    an uninterrupted job; a progress file from other settings is not trusted."""
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2)
+    whole, _ = resumable_generate(model, tokenizer, PROMPTS, settings, progress_file=tmp_path / "whole.json", chunk_size=3)
+    real = generation.timed_generate
+    calls = []
+
+    def killed_after_one_chunk(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "timed_generate", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        resumable_generate(model, tokenizer, PROMPTS, settings, progress_file=tmp_path / "killed.json", chunk_size=3)
+    monkeypatch.setattr(generation, "timed_generate", real)
+    resumed, summary = resumable_generate(model, tokenizer, PROMPTS, settings, progress_file=tmp_path / "killed.json", chunk_size=3)
+    assert resumed == whole and summary["resumed_items"] == 3 and summary["n"] == 4 and summary["chunk_size"] == 3
+    shorter = GenerationSettings(max_new_tokens=3, batch_size=2)
+    _, fresh = resumable_generate(model, tokenizer, PROMPTS, shorter, progress_file=tmp_path / "killed.json", chunk_size=3)
+    assert fresh["resumed_items"] == 0

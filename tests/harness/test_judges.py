@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import HarnessError
-from harness.judges import JudgeOptions, LocalJudge, OpenAIJudge, make_judge, parse_score_pair, position_bias
+from harness.judges import (
+    CachedJudge,
+    JudgeOptions,
+    LocalJudge,
+    OpenAIJudge,
+    judge_options,
+    make_judge,
+    parse_score_pair,
+    position_bias,
+)
 from tests.harness.openai_server import OpenAIServer, score_for
 
 ROWS = [
@@ -120,3 +129,40 @@ def test_loopback_base_url_needs_no_key(monkeypatch):
 def test_local_judge_needs_a_model_name():
     with pytest.raises(HarnessError, match="name the local model"):
         make_judge("local:")
+
+
+def test_cached_judge_resumes_a_killed_job_and_never_asks_twice(local_judge, tiny, tmp_path, monkeypatch):
+    items = [(f"Question {k}?", f"Answer number {k}.", "No.") for k in range(5)]
+    direct = local_judge.review_pairs(items)
+    real = local_judge.review_pairs
+    asked = []
+
+    def killed_on_the_second_chunk(batch):
+        asked.append(len(batch))
+        if len(asked) == 2:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    path = tmp_path / "judge_cache.json"
+    monkeypatch.setattr(local_judge, "review_pairs", killed_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        CachedJudge(local_judge, path, chunk_size=2).review_pairs(items)
+    monkeypatch.setattr(local_judge, "review_pairs", lambda batch: asked.append(len(batch)) or real(batch))
+    cached = CachedJudge(local_judge, path, chunk_size=2)
+    assert [(r.scores, r.raw) for r in cached.review_pairs(items)] == [(r.scores, r.raw) for r in direct]
+    assert asked == [2, 2, 2, 1] and (cached.reused, cached.judged) == (2, 3)
+    again = CachedJudge(local_judge, path, chunk_size=2)
+    again.review_pairs(items[::-1])
+    assert (again.reused, again.judged) == (5, 0) and len(asked) == 4
+    # the judge is part of the key: the same model with another answer budget is another judge
+    model, tokenizer = tiny
+    other = CachedJudge(LocalJudge("local:tiny", model, tokenizer, JudgeOptions(max_answer_tokens=16)), path)
+    assert other._key("pairwise", *items[0]) != again._key("pairwise", *items[0])
+
+
+def test_judge_options_from_a_config_name_bad_keys_and_values():
+    assert judge_options({"base_url": "http://127.0.0.1:1/v1", "batch_size": 2}) == JudgeOptions(base_url="http://127.0.0.1:1/v1", batch_size=2)
+    with pytest.raises(HarnessError, match="unknown key 'bach_size'; did you mean 'batch_size'"):
+        judge_options({"bach_size": 2})
+    with pytest.raises(HarnessError, match="judge_options.batch_size = 'many'"):
+        judge_options({"batch_size": "many"})

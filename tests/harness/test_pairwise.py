@@ -8,14 +8,18 @@ import json
 import pytest
 
 from harness.errors import HarnessError
+from harness.evaluation import SectionContext
 from harness.generation import GenerationSettings
 from harness.judges import JudgeOptions, LocalJudge, make_judge
 from harness.pairwise import (
     PAIRWISE_SETS,
+    check_suite_section,
     generate_pairwise_outputs,
     judge_pairwise,
     load_pairwise_set,
     outcome,
+    read_outputs,
+    run_suite_section,
     win_rate,
 )
 from tests.harness.openai_server import OpenAIServer
@@ -115,3 +119,72 @@ def test_missing_outputs_are_a_one_line_error(tmp_path, tiny):
     judge = LocalJudge("local:tiny", model, tokenizer)
     with pytest.raises(HarnessError, match="pairwise outputs not found"):
         judge_pairwise(tmp_path / "a", tmp_path / "b", judge=judge, output_dir=tmp_path / "out", sets=["vicuna"])
+
+
+# ----------------------------------------------------------------------------- the suite section
+
+SECTION = {"judge": "local:tiny", "test_sets": ["vicuna", "koala"], "limit": 2, "max_new_tokens": 6, "batch_size": 4, "chunk_size": 3}
+
+
+def test_section_against_the_base_model_itself_is_an_exact_tie(tiny, tmp_path):
+    """The run's model is its own base here, so both answers are equal and every question must be a
+    tie whatever the judge's position bias (the two orders are the same prompt): WinRate 0 exactly.
+    The base model's answers are generated once into the artifact cache and reused by the next run."""
+    model, tokenizer = tiny
+    context = SectionContext(base_model="tiny", generator="run-a")
+    result = run_suite_section(model, tokenizer, SECTION, output_dir=tmp_path / "a", seed=0, context=context)
+    assert result["win_rate"] == {"value": 0.0, "stderr": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert result["tie"] == result["n"] == 4 and result["skipped"] == 0
+    assert result["win_rate_vicuna"]["n"] == 2 and result["win_rate_koala"]["value"] == 0.0
+    assert result["reference"] == "base:tiny" and result["judge"] == "local:tiny" and result["judge_cost_usd"] is None
+    assert [row["doc_id"] for row in result["samples"]] == ["vicuna/1", "vicuna/2", "koala/koala_0", "koala/koala_1"]
+    assert all(row["win_rate"] == 0.0 for row in result["samples"])
+    for name in ("vicuna", "koala"):
+        mine, base = (read_outputs(tmp_path / "a" / side, name) for side in ("model", "reference"))
+        assert {k: r["output"] for k, r in mine.items()} == {k: r["output"] for k, r in base.items()}
+        assert {r["generator"] for r in mine.values()} == {"run-a"} and {r["generator"] for r in base.values()} == {"base:tiny"}
+    other = run_suite_section(model, tokenizer, SECTION, output_dir=tmp_path / "b", seed=0, context=context)
+    assert other["details"]["reference"]["from_cache"] is True
+    assert other["details"]["reference"]["cache_key"] == result["details"]["reference"]["cache_key"]
+
+
+def test_section_against_saved_outputs_through_an_openai_protocol_server(tiny, tmp_path, monkeypatch):
+    """Reference: another run's saved answers; the judge: a real local HTTP server scoring by length.
+    A rerun sends the server nothing (verdicts cached by question, both answers and judge)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    model, tokenizer = tiny
+    _write_outputs(tmp_path / "one-off", lambda i: "A much longer and more detailed answer than the other. " * 3)
+    with OpenAIServer() as server:
+        config = SECTION | {
+            "judge": "openai:judge-model",
+            "judge_options": {"base_url": server.base_url, "price_per_token": 1e-6},
+            "reference": {"outputs": str(tmp_path / "one-off")},
+        }
+        check_suite_section(config)
+        result = run_suite_section(model, tokenizer, config, output_dir=tmp_path / "eval", seed=0)
+        assert len(server.requests) == 8  # 4 questions x 2 orders
+        again = run_suite_section(model, tokenizer, config, output_dir=tmp_path / "eval", seed=0)
+        assert len(server.requests) == 8
+    assert result["win_rate"]["value"] == pytest.approx(-0.5)  # the reference's longer answers win every time
+    assert result["loss"] == 4 and result["judge_cost_usd"] > 0 and again["win_rate"] == result["win_rate"]
+    assert again["details"]["judge"]["cache"]["reused"] == 8
+    assert result["reference"] == f"outputs:{tmp_path / 'one-off'}"
+    assert sum(row["win_rate"] for row in result["samples"]) / 4 == pytest.approx(result["win_rate"]["value"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"both_orders": False}, "both_orders = false"),
+        ({"test_sets": ["vicuna", "kaola"]}, "did you mean 'koala'"),
+        ({"reference": {"modle": "tiny"}}, "reference = {\"modle\": \"tiny\"}: give base"),
+        ({"reference": {"outputs": "/nonexistent/run"}}, "reference outputs not found: /nonexistent/run/outputs_vicuna.jsonl"),
+        ({"reference": {"model": "tiniy"}}, "did you mean 'tiny'"),
+        ({"judge": "gpt4"}, "unknown judge kind 'gpt4'"),
+        ({"test_set": ["vicuna"]}, "unknown key 'test_set'; did you mean 'test_sets'?"),
+    ],
+)
+def test_section_bad_config_is_a_one_line_error(change, message):
+    with pytest.raises(HarnessError) as error:
+        check_suite_section(SECTION | change)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
