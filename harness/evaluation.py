@@ -235,6 +235,7 @@ class PlannedTask:
     name: str
     leaves: dict[str, int]
     is_group: bool
+    max_gen_toks: int | None = None  # the largest generation budget of its leaves (generative tasks)
 
 
 def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]:
@@ -262,7 +263,13 @@ def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]
                 raise
             raise HarnessError(f"task {name}: {missing}") from None
         leaves = {task_name: len(list(task.eval_docs)) for task_name, task in loaded["tasks"].items()}
-        planned.append(PlannedTask(entry, name, leaves, is_group=bool(loaded["groups"])))
+        budgets = [
+            int((task.config.generation_kwargs or {}).get("max_gen_toks", 0) or 0)
+            for task in loaded["tasks"].values()
+            if task.config.output_type == "generate_until"
+        ]
+        max_gen_toks = max(budgets) if budgets and max(budgets) > 0 else None
+        planned.append(PlannedTask(entry, name, leaves, is_group=bool(loaded["groups"]), max_gen_toks=max_gen_toks))
     return planned
 
 
@@ -343,6 +350,19 @@ def _uses_chat_template(entry: SuiteTask, suite: Suite, override: bool | None) -
     return entry.chat_template if entry.chat_template is not None else suite.chat_template
 
 
+def _fit_generation_budget(plan: PlannedTask, context: int) -> tuple[dict[str, Any] | None, str | None]:
+    """The task's gen_kwargs, with max_gen_toks capped to half the model's context when the task's budget
+    would leave no room for the prompt (lm-eval refuses then; e.g. IFEval's 1280 on a 1024-token model).
+    Models with a long enough context run the task exactly as configured."""
+    gen_kwargs = plan.entry.gen_kwargs
+    budget = (gen_kwargs or {}).get("max_gen_toks", plan.max_gen_toks)
+    if budget is None or int(budget) < context:
+        return gen_kwargs, None
+    capped = context // 2
+    note = f"max_gen_toks capped from {budget} to {capped}: the model's context is {context} tokens"
+    return {**(gen_kwargs or {}), "max_gen_toks": capped}, note
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -387,6 +407,7 @@ def run_lm_eval(
         indices = None
         if limit is None and entry.sample is not None:
             indices = {leaf: sample_indices(leaf, total, entry.sample, suite.sample_seed) for leaf, total in plan.leaves.items()}
+        gen_kwargs, capped = _fit_generation_budget(plan, lm.max_length)
         started = time.perf_counter()
         output = simple_evaluate(
             model=lm,
@@ -397,7 +418,7 @@ def run_lm_eval(
             task_manager=manager,
             apply_chat_template=use_chat,
             fewshot_as_multiturn=use_chat,
-            gen_kwargs=entry.gen_kwargs,
+            gen_kwargs=gen_kwargs,
             bootstrap_iters=1000,
             log_samples=True,
             random_seed=seed,
@@ -417,10 +438,12 @@ def run_lm_eval(
                 if indices is None
                 else {"per_task": entry.sample, "seed": suite.sample_seed, "doc_ids": indices},
                 "chat_template": use_chat,
-                "gen_kwargs": entry.gen_kwargs,
+                "gen_kwargs": gen_kwargs,
                 "seconds": round(seconds, 2),
             }
         )
+        if capped:
+            record["note"] = capped
         if plan.is_group:
             record["subtasks"] = {
                 leaf: _metrics_entry(output["results"][leaf], output["samples"].get(leaf, []), entry.metrics)

@@ -18,6 +18,7 @@ from harness.evaluation import (
     ONLINE_TASKS,
     SectionContext,
     Suite,
+    _fit_generation_budget,
     check_sections,
     list_suites,
     load_suite,
@@ -180,6 +181,18 @@ def test_chat_template_on_a_tokenizer_without_one_is_a_one_line_error(tiny, tmp_
     with pytest.raises(HarnessError, match="task local_ifeval uses the chat template but the model's tokenizer has none"):
         run_suite(model, plain, suite, output_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_generation_budget_is_capped_only_when_the_model_cannot_fit_it():
+    """IFEval asks for 1280 new tokens; a 1024-token model (the tiny one) gets half its context, noted in
+    the record; models with room run the task as configured."""
+    (ifeval,) = plan_suite(make_suite(tasks=[{"task": "local_ifeval", "limit": 1}]))
+    assert ifeval.max_gen_toks == 1280
+    assert _fit_generation_budget(ifeval, 8192) == (None, None)
+    kwargs, note = _fit_generation_budget(ifeval, 1024)
+    assert kwargs == {"max_gen_toks": 512} and note == "max_gen_toks capped from 1280 to 512: the model's context is 1024 tokens"
+    (arc,) = plan_suite(make_suite(tasks=[{"task": "local_arc_easy"}]))
+    assert arc.max_gen_toks is None and _fit_generation_budget(arc, 16) == (None, None)
 
 
 def test_sections_without_an_implementation_are_skipped_with_a_note(monkeypatch):
