@@ -414,6 +414,9 @@ def run_alpaca_eval(
 # ----------------------------------------------------------------------------- as a suite section
 
 
+PERCENT = (0.0, 100.0)
+
+
 class AlpacaSection(SectionSettings):
     """The `alpaca_eval:` keys of a suite (benchmarks/suites/paper.yaml)."""
 
@@ -484,9 +487,13 @@ def run_suite_section(
     annotations = json.loads((output_dir / "annotations.json").read_text(encoding="utf-8"))
     lc = result["length_controlled_win_rate"]
     return {
-        "win_rate": metric_cell(result["win_rate"]["value"], result["win_rate"]["stderr"]),
-        "discrete_win_rate": metric_cell(result["discrete_win_rate"]["value"], result["discrete_win_rate"]["stderr"]),
-        "length_controlled_win_rate": metric_cell(lc["value"], lc["stderr"], glm=lc.get("glm"), note=lc.get("note")),
+        "win_rate": metric_cell(result["win_rate"]["value"], result["win_rate"]["stderr"], bounds=PERCENT),
+        "discrete_win_rate": metric_cell(
+            result["discrete_win_rate"]["value"], result["discrete_win_rate"]["stderr"], bounds=PERCENT
+        ),
+        "length_controlled_win_rate": metric_cell(
+            lc["value"], lc["stderr"], bounds=PERCENT, glm=lc.get("glm"), note=lc.get("note")
+        ),
         "n": result["n_total"],
         "n_failed": result["n_failed"],
         "benchmark": result["benchmark"],

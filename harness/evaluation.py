@@ -117,13 +117,19 @@ def parse_section(model: type[BaseModel], config: dict[str, Any], section: str) 
         raise HarnessError(f"section {section}: key '{where}' = {shown}: {detail['msg'].lower()}") from None
 
 
-def metric_cell(value: float | None, stderr: float | None, **extra: Any) -> dict[str, Any]:
-    """{"value", "stderr", "ci_low", "ci_high"} with a 95% normal interval, as the leaderboard reads it."""
+def metric_cell(
+    value: float | None, stderr: float | None, *, bounds: tuple[float, float] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """{"value", "stderr", "ci_low", "ci_high"} as the leaderboard reads it: a 95% normal interval,
+    clipped to the metric's range when given (a win rate near 100% cannot go above it)."""
     from harness.stats import normal_interval
 
     cell: dict[str, Any] = {"value": value, "stderr": stderr}
     if value is not None and stderr is not None:
-        cell["ci_low"], cell["ci_high"] = normal_interval(value, stderr)
+        low, high = normal_interval(value, stderr)
+        if bounds is not None:
+            low, high = max(low, bounds[0]), min(high, bounds[1])
+        cell["ci_low"], cell["ci_high"] = low, high
     return cell | extra
 
 

@@ -628,12 +628,13 @@ class CachedJudge:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def _missing(self, keys: list[str]) -> list[int]:
+        """Positions to ask the judge about: not cached, first occurrence only (equal items are asked once)."""
         missing, seen = [], set()
         for position, key in enumerate(keys):
             if key not in self.entries and key not in seen:
                 missing.append(position)
                 seen.add(key)
-        self.reused += len(keys) - len(missing)
+        self.reused += sum(key in self.entries for key in keys)
         self.judged += len(missing)
         return missing
 

@@ -471,9 +471,11 @@ def run_suite_section(
         name_b=reference.name,
     )
     overall = result["overall"]
-    cells = {"win_rate": metric_cell(overall["win_rate"]["value"], overall["win_rate"]["stderr"])}
+    bounds = (-0.5, 0.5)  # WinRate's range
+    cells = {"win_rate": metric_cell(overall["win_rate"]["value"], overall["win_rate"]["stderr"], bounds=bounds)}
     for name, entry in result["sets"].items():
-        cells[f"win_rate_{name}"] = metric_cell(entry["win_rate"]["value"], entry["win_rate"]["stderr"], n=entry["n"])
+        cell = metric_cell(entry["win_rate"]["value"], entry["win_rate"]["stderr"], bounds=bounds, n=entry["n"])
+        cells[f"win_rate_{name}"] = cell
     samples = []
     for name in sets:
         for line in (output_dir / f"judgments_{name}.jsonl").read_text(encoding="utf-8").splitlines():

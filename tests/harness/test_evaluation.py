@@ -22,6 +22,7 @@ from harness.evaluation import (
     check_sections,
     list_suites,
     load_suite,
+    metric_cell,
     online_task_name,
     plan_suite,
     run_extra_sections,
@@ -181,6 +182,13 @@ def test_chat_template_on_a_tokenizer_without_one_is_a_one_line_error(tiny, tmp_
     with pytest.raises(HarnessError, match="task local_ifeval uses the chat template but the model's tokenizer has none"):
         run_suite(model, plain, suite, output_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_metric_cells_carry_a_95_percent_interval_clipped_to_the_range():
+    cell = metric_cell(50.0, 5.0)
+    assert cell["ci_low"] == pytest.approx(50 - 1.959964 * 5, abs=1e-5) and cell["ci_high"] == pytest.approx(50 + 1.959964 * 5, abs=1e-5)
+    assert metric_cell(95.0, 5.0, bounds=(0.0, 100.0))["ci_high"] == 100.0
+    assert metric_cell(None, None, note="not computed") == {"value": None, "stderr": None, "note": "not computed"}
 
 
 def test_generation_budget_is_capped_only_when_the_model_cannot_fit_it():
