@@ -107,6 +107,7 @@ class RunContext:
         self.scoring = ScoringStats()  # forward passes spent on scoring (the recipe's overhead)
         precision = self.spec.training.precision
         self.base_model_key = f"{self.model_info.entry.name}|{self.model_info.weights}|{precision}"
+        self.eval_judge_cost_usd = 0.0  # judged suite sections of intermediate evaluations (evaluate())
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -183,12 +184,14 @@ class RunContext:
     def evaluate(self, model: Any, tokenizer: Any, name: str) -> dict[str, Any]:
         """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage)."""
         with self.stage(f"evaluate:{name}"):
-            return run_suite(
+            evaluation = run_suite(
                 model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
                 batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
                 online=self.spec.eval.online, judge=self.spec.eval.judge,
                 context=self.section_context(f"{self.run_dir.name}:{name}"),
-            )["tasks"]
+            )
+        self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
+        return evaluation["tasks"]
 
 
 def find_record(run_dir: Path) -> dict[str, Any] | None:
@@ -293,6 +296,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             context=ctx.section_context(prepared.run_id),
         )
     wall = time.perf_counter() - wall_started
+    eval_judge_cost = round(ctx.eval_judge_cost_usd + (evaluation.get("judge_cost_usd") or 0.0), 6)
     target = {stage: result for stage, result in ctx.train_results.items() if stage not in ctx.overhead_stages}
     train_tokens = sum(result.real_tokens for result in target.values())
     overhead_train_tokens = sum(
@@ -329,9 +333,9 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
             "wall_seconds": round(wall, 2),
             "device_hours": round(wall * device_count / 3600, 5),
-            # the recipe's judge (e.g. Phased IFT's difficulty scorer) plus the evaluation's judges
-            "judge_cost_usd": round((output.details.get("judge_cost_usd") or 0.0) + (evaluation.get("judge_cost_usd") or 0.0), 6),
-            "eval_judge_cost_usd": evaluation.get("judge_cost_usd"),
+            # the recipe's judge (e.g. Phased IFT's difficulty scorer) plus the evaluations' judges
+            "judge_cost_usd": round((output.details.get("judge_cost_usd") or 0.0) + eval_judge_cost, 6),
+            "eval_judge_cost_usd": eval_judge_cost,
         },
         "timings": ctx.timings,
         "memory": peak_memory(),

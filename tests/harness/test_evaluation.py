@@ -264,29 +264,57 @@ name: sections
 description: one lm-eval task and both judged sections, for tests
 tasks:
   - {task: local_arc_easy, limit: 100, metrics: [acc]}
-alpaca_eval: {version: 2, judge: "openai:", max_new_tokens: 8, lc_bootstrap: 0}
-pairwise: {test_sets: [vicuna, koala], judge: openai:gpt-4, max_new_tokens: 8, reference: base}
+alpaca_eval: {version: 2, judge: "openai:", max_new_tokens: 8, lc_bootstrap: 0, judge_options: {price_per_token: 1.0e-6}}
+pairwise: {test_sets: [vicuna, koala], judge: openai:gpt-4, max_new_tokens: 8, reference: base, judge_options: {price_per_token: 1.0e-6}}
 """
+
+
+def _run_sections_suite(tmp_path, monkeypatch, capsys, output, judge):
+    from harness.cli import main
+
+    suites = tmp_path / "suites"
+    suites.mkdir(exist_ok=True)
+    (suites / "sections.yaml").write_text(SECTIONS_SUITE)
+    monkeypatch.setattr(evaluation, "SUITES_DIR", suites)
+    args = ["run", "--suite", "sections", "--output", str(output), "--limit", "3", "--set", "data.limit=64", "--set", f"eval.judge={judge}"]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+        raise SystemExit(0)
+    return exited.value.code or 0, capsys.readouterr().out
+
+
+def test_cli_run_with_a_paid_judge_records_its_cost_and_never_its_key(tmp_path, monkeypatch, capsys):
+    """The paid judge's stand-in: a real local server speaking the OpenAI protocol, reached through
+    OPENAI_BASE_URL. The record's cost is what both sections' judges reported; the key is in no file."""
+    from tests.harness.openai_server import OpenAIServer
+
+    secret = "sk-test-secret-record-7731"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.delenv("OPENAI_CLIENT_CONFIG_PATH", raising=False)
+    output = tmp_path / "runs"
+    with OpenAIServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        code, _ = _run_sections_suite(tmp_path, monkeypatch, capsys, output, "openai:judge-model")
+        assert code == 0 and len(server.requests) == 3 + 2 * 6  # AlpacaEval: 1 per item; pairwise: 2 orders
+    (run_dir,) = output.iterdir()
+    record = json.loads((run_dir / "record.json").read_text())
+    alpaca, pairwise = record["metrics"]["alpaca_eval"]["judge_cost_usd"], record["metrics"]["pairwise"]["judge_cost_usd"]
+    assert alpaca > 0 and pairwise > 0
+    assert record["cost"]["judge_cost_usd"] == record["cost"]["eval_judge_cost_usd"] == pytest.approx(alpaca + pairwise)
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes().decode(errors="ignore"), path
 
 
 def test_cli_run_with_judged_sections_offline_and_the_leaderboard_reads_them(tmp_path, monkeypatch, capsys):
     """`harness run` on the tiny model with AlpacaEval and pairwise sections, the local judge named by
     eval.judge: metrics in the record with standard errors, per-example rows the leaderboard's paired
     tests accept, judge cost in the record's cost."""
-    from harness.cli import main
     from harness.leaderboard import load_runs
 
-    suites = tmp_path / "suites"
-    suites.mkdir()
-    (suites / "sections.yaml").write_text(SECTIONS_SUITE)
-    monkeypatch.setattr(evaluation, "SUITES_DIR", suites)
     output = tmp_path / "runs"
-    args = ["run", "--suite", "sections", "--output", str(output), "--limit", "3", "--set", "data.limit=64", "--set", "eval.judge=local:tiny"]
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr().out
-    assert (exited.value.code or 0) == 0
+    code, out = _run_sections_suite(tmp_path, monkeypatch, capsys, output, "local:tiny")
+    assert code == 0
     assert "alpaca_eval" in out and "pairwise" in out
     (run_dir,) = output.iterdir()
     record = json.loads((run_dir / "record.json").read_text())
@@ -294,7 +322,7 @@ def test_cli_run_with_judged_sections_offline_and_the_leaderboard_reads_them(tmp
     assert alpaca["n"] == 3 and alpaca["win_rate"]["stderr"] is not None and alpaca["judge"] == "local:tiny"
     assert pairwise["n"] + pairwise["skipped"] == 6 and pairwise["reference"] == "base:tiny"
     assert -0.5 <= pairwise["win_rate"]["value"] <= 0.5 and pairwise["win_rate"]["stderr"] is not None
-    assert record["suite"]["skipped"] == {} and record["cost"]["eval_judge_cost_usd"] is None
+    assert record["suite"]["skipped"] == {} and record["cost"]["eval_judge_cost_usd"] == 0.0
     assert {"samples_alpaca_eval.jsonl", "samples_pairwise.jsonl"} <= {p.name for p in (run_dir / "eval").iterdir()}
     warnings = []
     (run,) = load_runs([output], warnings.append)
