@@ -11,6 +11,9 @@ available, so the GLM is fitted without that regularisation; the instruction-dif
 local estimate from shipped AlpacaEval 2 annotations when it exists (see
 benchmarks/alpaca_eval/README.md), and is left out (GLM `length_controlled_minimal`) otherwise. The
 record says which. Its standard error is a bootstrap over instructions.
+
+As a suite section (`alpaca_eval:` in a suite YAML; keys: AlpacaSection) run_suite_section does all of
+this on the trained model, with generation and the judge's verdicts cached in the section's directory.
 """
 
 from __future__ import annotations

@@ -218,7 +218,10 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
             check_resumable(run_dir)
             return _execute(prepared, run_dir, console, save_model)
     except HarnessError:
-        if created:  # a user-input problem found late: leave nothing half-written behind
+        # a user-input problem found late: leave nothing half-written behind, unless the run got as far as
+        # evaluating (e.g. a judge API outage): the trained model and cached answers and verdicts are kept,
+        # and rerunning the command resumes from them (no record.json: the run counts as unfinished)
+        if created and not (run_dir / "eval").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 

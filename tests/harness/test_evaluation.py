@@ -306,6 +306,28 @@ def test_cli_run_with_a_paid_judge_records_its_cost_and_never_its_key(tmp_path, 
             assert secret not in path.read_bytes().decode(errors="ignore"), path
 
 
+def test_a_judge_outage_keeps_the_run_and_a_rerun_resumes_it(tmp_path, monkeypatch, capsys):
+    """The judge fails after training and generation: one-line error, the run directory (model, answers)
+    is kept, and the rerun finishes without generating the answers again."""
+    from tests.harness.openai_server import OpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.delenv("OPENAI_CLIENT_CONFIG_PATH", raising=False)
+    output = tmp_path / "runs"
+    with OpenAIServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url.removesuffix("/v1") + "/down")
+        code, _ = _run_sections_suite(tmp_path, monkeypatch, capsys, output, "openai:judge-model")
+        assert code == 2
+        (run_dir,) = output.iterdir()
+        outputs = run_dir / "eval" / "alpaca_eval" / "model_outputs.json"
+        assert not (run_dir / "record.json").exists() and outputs.is_file() and (run_dir / "model").is_dir()
+        generated_at = outputs.stat().st_mtime_ns
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        code, _ = _run_sections_suite(tmp_path, monkeypatch, capsys, output, "openai:judge-model")
+        assert code == 0 and (run_dir / "record.json").is_file()
+    assert outputs.stat().st_mtime_ns == generated_at
+
+
 def test_cli_run_with_judged_sections_offline_and_the_leaderboard_reads_them(tmp_path, monkeypatch, capsys):
     """`harness run` on the tiny model with AlpacaEval and pairwise sections, the local judge named by
     eval.judge: metrics in the record with standard errors, per-example rows the leaderboard's paired
