@@ -159,10 +159,18 @@ def print_record_summary(record: dict[str, Any]) -> None:
     out = stdout_console()
     out.print(table)
     cost = record["cost"]
-    losses = [stage.get("final_loss") for stage in record["training"].values()]
-    final = f"{losses[-1]:.4f}" if losses and losses[-1] is not None else "n/a"
+    stages = list(record["training"].values())
+    if stages and stages[-1].get("final_loss") is not None:
+        loss = f"final train loss {stages[-1]['final_loss']:.4f}"
+    elif stages and stages[-1].get("mean_loss") is not None:  # fewer steps than logging_steps
+        loss = f"mean train loss {stages[-1]['mean_loss']:.4f}"
+    else:
+        loss = "train loss n/a"
+    overhead = ""
+    if cost.get("overhead_train_tokens") or cost.get("scoring_tokens"):
+        overhead = f" (+ method overhead: {cost['overhead_train_tokens']:,} reference training, {cost['scoring_tokens']:,} scoring tokens)"
     out.print(
-        f"trained tokens {cost['train_tokens']:,} | final train loss {final} | wall {cost['wall_seconds']:.1f} s | "
+        f"trained tokens {cost['train_tokens']:,}{overhead} | {loss} | wall {cost['wall_seconds']:.1f} s | "
         f"peak RSS {record['memory']['peak_rss_gib']:.2f} GiB"
     )
 
