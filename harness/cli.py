@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -163,11 +164,19 @@ def print_record_summary(record: dict[str, Any]) -> None:
     out = stdout_console()
     out.print(table)
     cost = record["cost"]
-    losses = [stage.get("final_loss") for stage in record["training"].values()]
-    final = f"{losses[-1]:.4f}" if losses and losses[-1] is not None else "n/a"
+    stages = list(record["training"].values())
+    if stages and stages[-1].get("final_loss") is not None:
+        loss = f"final train loss {stages[-1]['final_loss']:.4f}"
+    elif stages and stages[-1].get("mean_loss") is not None:  # fewer steps than logging_steps
+        loss = f"mean train loss {stages[-1]['mean_loss']:.4f}"
+    else:
+        loss = "train loss n/a"
+    overhead = ""
+    if cost.get("overhead_train_tokens") or cost.get("scoring_tokens"):
+        overhead = f" (+ method overhead: {cost['overhead_train_tokens']:,} reference training, {cost['scoring_tokens']:,} scoring tokens)"
     judge_cost = f" | judge ${cost['judge_cost_usd']:.4f}" if cost.get("judge_cost_usd") else ""
     out.print(
-        f"trained tokens {cost['train_tokens']:,} | final train loss {final} | wall {cost['wall_seconds']:.1f} s | "
+        f"trained tokens {cost['train_tokens']:,}{overhead} | {loss} | wall {cost['wall_seconds']:.1f} s | "
         f"peak RSS {record['memory']['peak_rss_gib']:.2f} GiB{judge_cost}"
     )
 
@@ -209,6 +218,78 @@ def suites() -> None:
     for name, description in list_suites().items():
         table.add_row(name, description)
     stdout_console().print(table)
+
+
+@cli.group("alpaca-eval")
+def alpaca_eval_group() -> None:
+    """AlpacaEval utilities."""
+
+
+def read_annotations(path: Path) -> list[dict[str, Any]]:
+    """An AlpacaEval annotations file (official format: a JSON list of objects with `preference`)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HarnessError(f"{path}: no such file; pass an AlpacaEval annotations JSON file") from None
+    except UnicodeDecodeError as error:
+        raise HarnessError(f"{path}: not UTF-8 text (byte {error.start}); pass an AlpacaEval annotations JSON file") from None
+    except json.JSONDecodeError as error:
+        raise HarnessError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    if not isinstance(rows, list) or not rows:
+        raise HarnessError(f"{path}: expected a non-empty JSON list of annotations (objects with a 'preference' key)")
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict) or "preference" not in row:
+            raise HarnessError(f"{path}: entry {number} has no 'preference' key; is this an annotations file?")
+    return rows
+
+
+@alpaca_eval_group.command("metrics")
+@click.argument("annotations_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="bootstrap resamples for the LC win rate's standard error (0: none)")
+def alpaca_eval_metrics(annotations_file: Path, as_json: bool, bootstrap: int) -> None:
+    """Win rate, standard error, discrete and length-controlled win rate from an annotations file.
+
+    Rows keep their order as the instruction index; with all 805 rows against gpt4_1106_preview the
+    LC GLM uses the shipped local instruction-difficulty estimate, otherwise the GLM without it."""
+    warnings.filterwarnings("ignore")  # alpaca_eval's pkg_resources deprecation notice
+    from harness.alpaca import N_INSTRUCTIONS, compute_metrics, load_difficulty
+
+    rows = read_annotations(annotations_file)
+    rows = [{"index": number, **row} for number, row in enumerate(rows)]
+    full_ae2 = len(rows) == N_INSTRUCTIONS and all(row.get("generator_1") == "gpt4_1106_preview" for row in rows)
+    metrics = compute_metrics(rows, difficulty=load_difficulty() if full_ae2 else None, lc_bootstrap=bootstrap)
+    lc = metrics["length_controlled_win_rate"]
+    summary = {
+        "win_rate": metrics["win_rate"]["value"],
+        "standard_error": metrics["win_rate"]["stderr"],
+        "discrete_win_rate": metrics["discrete_win_rate"]["value"],
+        "length_controlled_winrate": lc.get("value"),
+        "length_controlled_winrate_stderr": lc.get("stderr"),
+        "n_total": metrics["n_total"],
+        "n_failed": metrics["n_failed"],
+        "lc_note": lc.get("note"),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    table = Table(title=f"AlpacaEval metrics: {annotations_file}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("± stderr", justify="right")
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    table.add_row("win rate", number(summary["win_rate"]), number(summary["standard_error"]))
+    table.add_row("discrete win rate", number(summary["discrete_win_rate"]), number(metrics["discrete_win_rate"]["stderr"]))
+    table.add_row("LC win rate", number(summary["length_controlled_winrate"]), number(summary["length_controlled_winrate_stderr"]))
+    table.add_row("examples (failed)", f"{summary['n_total']} ({summary['n_failed']})", "")
+    out = stdout_console()
+    out.print(table)
+    if summary["lc_note"]:
+        out.print(f"LC: {summary['lc_note']}")
 
 
 @cli.command()

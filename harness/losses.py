@@ -12,10 +12,15 @@ A batch is a dict of (rows, tokens) tensors: input_ids, labels (-100 where no lo
   vocabularies it is a large share of the FLOPs.
 - The cross entropy is fused with the LM head and computed a few rows at a time, so no fp32
   [tokens, vocabulary] tensor is ever written out.
+
+For scoring (no gradients) a prompt prefix shared by many examples (the template's preamble) can be
+run once: its keys and values are captured per layer (`shared_prefix_states`) and every example
+that starts with it attends to them instead of recomputing them (`SharedPrefixes`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,11 +28,43 @@ import torch.nn.functional as F
 
 VARLEN_ATTENTION = "harness_varlen"
 _SEGMENTS_KWARG = "harness_segment_lengths"
+_PREFIX_KWARG = "harness_shared_prefixes"  # (SharedPrefixes, prefix index of each segment or -1)
+_CAPTURE_KWARG = "harness_capture_kv"  # dict filled with each layer's (key, value)
 _NO_VARLEN: set[type] = set()  # model classes whose attention does not receive our kwargs
 
 
 class _VarlenUnsupported(RuntimeError):
     """The model's attention was called without the segment lengths (its layers drop extra kwargs)."""
+
+
+@dataclass
+class SharedPrefixes:
+    """Keys and values of token prefixes shared by many sequences, per attention layer.
+
+    layers[layer_index][prefix] = (key, value), each [heads, prefix length, head dim] after the
+    rotary embedding and the grouped-query repeat, exactly as the layer computed them."""
+
+    token_ids: list[list[int]]
+    layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def length(self, prefix: int) -> int:
+        return len(self.token_ids[prefix])
+
+
+_CAUSAL_BIASES: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _causal_bias(length: int, seen: int, like: torch.Tensor) -> torch.Tensor:
+    """[length, seen + length] additive mask: all `seen` (shared-prefix) keys visible, then causal.
+    Kept across layers and batches (a few hundred distinct lengths at most)."""
+    key = (length, seen, like.dtype, like.device)
+    bias = _CAUSAL_BIASES.get(key)
+    if bias is None:
+        if len(_CAUSAL_BIASES) > 4096:
+            _CAUSAL_BIASES.clear()
+        bias = torch.full((length, length + seen), float("-inf"), dtype=like.dtype, device=like.device).triu_(1 + seen)
+        _CAUSAL_BIASES[key] = bias
+    return bias
 
 
 def varlen_attention(
@@ -55,15 +92,22 @@ def varlen_attention(
     if groups > 1:  # grouped-query attention: one repeat for the whole sequence, not one per segment
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    capture = kwargs.get(_CAPTURE_KWARG)
+    if capture is not None:
+        capture[module.layer_idx] = (key[0], value[0])
+    shared, segment_prefixes = kwargs.get(_PREFIX_KWARG) or (None, None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
-    biases: dict[int, torch.Tensor] = {}
     outputs = []
-    for q, k, v in zip(query[0].split(lengths, dim=1), key[0].split(lengths, dim=1), value[0].split(lengths, dim=1), strict=True):
+    segments = zip(query[0].split(lengths, dim=1), key[0].split(lengths, dim=1), value[0].split(lengths, dim=1), strict=True)
+    for number, (q, k, v) in enumerate(segments):
         length = q.shape[1]  # q, k, v: [heads, length, dim]
-        if length not in biases:
-            biases[length] = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        probabilities = torch.baddbmm(biases[length], q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
+        prefix = segment_prefixes[number] if segment_prefixes is not None else -1
+        seen = 0
+        if prefix >= 0:  # the segment continues a shared prefix: attend to its stored keys and values too
+            prefix_key, prefix_value = shared.layers[module.layer_idx][prefix]
+            k, v, seen = torch.cat([prefix_key, k], dim=1), torch.cat([prefix_value, v], dim=1), prefix_key.shape[1]
+        probabilities = torch.baddbmm(_causal_bias(length, seen, q), q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
         if dropout > 0:
             probabilities = F.dropout(probabilities, p=dropout, training=True)
         outputs.append(torch.bmm(probabilities, v).transpose(0, 1))
@@ -106,15 +150,58 @@ def _segment_lengths(seq_ids: torch.Tensor, positions: torch.Tensor) -> list[int
     return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def final_hidden_states(model: Any, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+def _run_varlen(decoder: torch.nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor, lengths: list[int], **extra: Any) -> Any:
+    """The decoder's output with per-segment attention, or None when its layers drop our kwargs."""
+    config = decoder.config
+    previous = config._attn_implementation
+    config._attn_implementation = VARLEN_ATTENTION
+    try:
+        return decoder(**inputs, position_ids=positions, use_cache=False, **{_SEGMENTS_KWARG: lengths}, **extra)
+    except _VarlenUnsupported:
+        _NO_VARLEN.add(type(decoder))
+        return None
+    finally:
+        config._attn_implementation = previous
+
+
+@torch.no_grad()
+def shared_prefix_states(model: Any, token_ids: list[list[int]]) -> SharedPrefixes | None:
+    """Run each shared prefix once and keep every layer's keys and values (None: not supported here)."""
+    decoder, _ = causal_lm_parts(model)
+    if type(decoder) in _NO_VARLEN or not hasattr(decoder, "config"):
+        return None
+    device = next(model.parameters()).device
+    shared = SharedPrefixes([list(ids) for ids in token_ids])
+    for ids in shared.token_ids:
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        inputs = {"input_ids": torch.tensor([ids], device=device)}
+        positions = torch.arange(len(ids), device=device).unsqueeze(0)
+        if _run_varlen(decoder, inputs, positions, [len(ids)], **{_CAPTURE_KWARG: captured}) is None:
+            return None
+        for layer, key_value in captured.items():
+            shared.layers.setdefault(layer, []).append(key_value)
+    return shared
+
+
+def final_hidden_states(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    inputs_embeds: torch.Tensor | None = None,
+    shared_prefixes: tuple[SharedPrefixes, list[int]] | None = None,
+) -> torch.Tensor:
     """Last hidden states [rows, tokens, hidden]; zeros at padding (seq_ids -1).
 
     Runs padding-free with per-example attention when the model's layers pass attention kwargs
-    through (Llama, Mistral, Qwen2, ... in transformers 5), else falls back to the masked path."""
+    through (Llama, Mistral, Qwen2, ... in transformers 5), else falls back to the masked path.
+    With `shared_prefixes` (the prefixes and, per example in batch order, the index of the prefix
+    it continues or -1), each example's tokens are the ones after its prefix and its position_ids
+    start at the prefix length."""
     decoder, _ = causal_lm_parts(model)
     # Gradient checkpointing would recompute the layers after the attention implementation is restored.
     checkpointing = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
     if type(decoder) in _NO_VARLEN or checkpointing or not hasattr(decoder, "config"):
+        if shared_prefixes is not None:
+            raise RuntimeError(f"{type(decoder).__name__} cannot run with shared prefixes (no varlen attention)")
         return _padded_hidden_states(decoder, batch, inputs_embeds)
     rows, width = batch["input_ids"].shape
     if "seq_ids" in batch:
@@ -129,17 +216,11 @@ def final_hidden_states(model: Any, batch: dict[str, torch.Tensor], inputs_embed
         if inputs_embeds is not None
         else {"input_ids": batch["input_ids"].reshape(-1)[real].unsqueeze(0)}
     )
-    config = decoder.config
-    previous = config._attn_implementation
-    config._attn_implementation = VARLEN_ATTENTION
-    try:
-        flat = decoder(**inputs, position_ids=positions.unsqueeze(0), use_cache=False, **{_SEGMENTS_KWARG: lengths})
-    except _VarlenUnsupported:
-        _NO_VARLEN.add(type(decoder))
-        flat = None
-    finally:
-        config._attn_implementation = previous
+    extra = {_PREFIX_KWARG: shared_prefixes} if shared_prefixes is not None else {}
+    flat = _run_varlen(decoder, inputs, positions.unsqueeze(0), lengths, **extra)
     if flat is None:
+        if shared_prefixes is not None:
+            raise RuntimeError(f"{type(decoder).__name__} cannot run with shared prefixes (no varlen attention)")
         return _padded_hidden_states(decoder, batch, inputs_embeds)
     flat_hidden = flat.last_hidden_state[0]
     if real.numel() == rows * width:
@@ -213,9 +294,15 @@ def response_token_losses(
     return losses, batch["seq_ids"][:, 1:][mask]
 
 
-def per_example_mean_losses(model: Any, batch: dict[str, torch.Tensor], num_examples: int) -> torch.Tensor:
+def per_example_mean_losses(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    num_examples: int,
+    shared_prefixes: tuple[SharedPrefixes, list[int]] | None = None,
+) -> torch.Tensor:
     """Mean response-token loss of each example in the batch (float32, [num_examples])."""
-    losses, seq_index = response_token_losses(model, batch)
+    hidden = final_hidden_states(model, batch, shared_prefixes=shared_prefixes) if shared_prefixes is not None else None
+    losses, seq_index = response_token_losses(model, batch, hidden=hidden)
     totals = torch.zeros(num_examples, dtype=torch.float32, device=losses.device).index_add_(0, seq_index, losses)
     counts = torch.zeros(num_examples, dtype=torch.float32, device=losses.device).index_add_(
         0, seq_index, torch.ones_like(losses)

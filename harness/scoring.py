@@ -8,7 +8,9 @@ Alpaca template); IFD = s(A|Q) / s(A). The answer carries no EOS. Examples whose
 exceed max_length are skipped and reported, never truncated.
 
 Speed: both passes of every example go through one packed stream (no padding work), the LM head is
-applied only at answer positions, and finished chunks are cached so a killed job resumes.
+applied only at answer positions, the template's preamble that every conditioned prompt starts with
+is run once and its keys/values reused (`shared_prefix_plan`), and finished chunks are cached so a
+killed job resumes.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ from rich.progress import (
 from harness.artifacts import ArtifactCache, content_key
 from harness.batching import collate_rows, pack_best_fit
 from harness.data import InstructionRecord
-from harness.losses import final_hidden_states, per_example_mean_losses, response_token_losses
+from harness.losses import (
+    final_hidden_states,
+    per_example_mean_losses,
+    response_token_losses,
+    shared_prefix_states,
+)
 from harness.templates import TokenizedExample, render_prompt, response_tag
 
-SCORING_ENGINE_VERSION = "1"
+SCORING_ENGINE_VERSION = "2"  # 2: shared-prefix keys/values (scores equal within float rounding)
+MIN_SHARED_PREFIX = 2  # tokens: a shorter common prefix saves nothing
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ScoringStats:
     computed: int = 0  # sequences run through the model in this process
     cached: int = 0  # sequences whose scores came from the artifact cache
     forward_tokens: int = 0  # tokens of all scored sequences (the method's cost, cached or not)
+    shared_prefix_tokens: int = 0  # of those, tokens not recomputed: shared prefixes run once
 
     def add(self, other: ScoringStats) -> None:
         for name in vars(self):
@@ -73,6 +82,35 @@ def _batches(examples: Sequence[TokenizedExample], order: list[int], capacity: i
     return [rows[start : start + rows_per_batch] for start in range(0, len(rows), rows_per_batch)]
 
 
+def _first_label(example: TokenizedExample) -> int:
+    return next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
+
+
+def shared_prefix_plan(examples: Sequence[TokenizedExample], groups: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+    """(prefixes, the prefix index of each example or -1): per group, the longest token prefix all its
+    members share, cut so it ends before every member's first labelled token (whose prediction needs
+    the hidden state just before it). Group -1, single-member groups and short prefixes share nothing."""
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        if group >= 0:
+            members.setdefault(group, []).append(index)
+    prefixes: list[list[int]] = []
+    assignment = [-1] * len(examples)
+    for indices in members.values():
+        if len(indices) < 2:
+            continue
+        prefix = examples[indices[0]].input_ids[: min(_first_label(examples[i]) for i in indices) - 1]
+        for i in indices[1:]:
+            ids = examples[i].input_ids
+            common = next((n for n, (a, b) in enumerate(zip(prefix, ids, strict=False)) if a != b), min(len(prefix), len(ids)))
+            prefix = prefix[:common]
+        if len(prefix) >= MIN_SHARED_PREFIX:
+            prefixes.append(list(prefix))
+            for i in indices:
+                assignment[i] = len(prefixes) - 1
+    return prefixes, assignment
+
+
 @torch.no_grad()
 def mean_response_losses(
     model: Any,
@@ -86,17 +124,28 @@ def mean_response_losses(
     cache_key: str | None = None,
     console: Console | None = None,
     description: str = "scoring",
+    prefix_groups: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, ScoringStats]:
     """Mean loss over the labelled tokens of each example, in input order (float64 array).
 
     Examples are sorted by length and processed in chunks; with a cache and key, each finished chunk is
-    stored, so a rerun after a kill recomputes only unfinished chunks."""
+    stored, so a rerun after a kill recomputes only unfinished chunks. `prefix_groups` (a group id per
+    example, -1 for none) marks examples expected to share a prompt prefix: see shared_prefix_plan."""
     model.eval()
     device = next(model.parameters()).device
+    full_tokens = sum(len(e.input_ids) for e in examples)
+    prefixes, assignment = shared_prefix_plan(examples, prefix_groups) if prefix_groups is not None else ([], [])
+    shared = shared_prefix_states(model, prefixes) if prefixes else None
+    offsets = [0] * len(examples)
+    if shared is not None:  # score only what follows each example's prefix, at positions after it
+        offsets = [len(prefixes[p]) if p >= 0 else 0 for p in assignment]
+        examples = [TokenizedExample(e.input_ids[n:], e.labels[n:]) for e, n in zip(examples, offsets, strict=True)]
     capacity = max(capacity, max(len(example.input_ids) for example in examples))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     scores = np.full(len(examples), np.nan, dtype=np.float64)
-    stats = ScoringStats(sequences=len(examples), forward_tokens=sum(len(e.input_ids) for e in examples))
+    stats = ScoringStats(sequences=len(examples), forward_tokens=full_tokens)
+    if shared is not None:
+        stats.shared_prefix_tokens = sum(offsets) - sum(len(ids) for ids in prefixes)
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
     with scoring_progress(console) as progress:
         task = progress.add_task(description, total=len(examples))
@@ -111,7 +160,13 @@ def mean_response_losses(
                 batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
                 batch = {name: tensor.to(device) for name, tensor in batch.items()}
                 flat = [i for row in batch_rows for i in row]
-                losses = per_example_mean_losses(model, batch, len(flat))
+                prefix_state = None
+                if shared is not None:
+                    seq_ids = batch["seq_ids"]
+                    shift = torch.tensor([offsets[i] for i in flat], device=device)[seq_ids.clamp(min=0)]
+                    batch["position_ids"] = batch["position_ids"] + shift * (seq_ids >= 0)
+                    prefix_state = (shared, [assignment[i] for i in flat])
+                losses = per_example_mean_losses(model, batch, len(flat), shared_prefixes=prefix_state)
                 scores[flat] = losses.double().cpu().numpy()
                 progress.advance(task, len(flat))
             stats.computed += len(chunk)
@@ -214,6 +269,8 @@ def compute_ifd(
         cache_key=key,
         console=console,
         description="IFD scoring",
+        # conditioned prompts share the template's preamble (one variant with an input, one without)
+        prefix_groups=[int(bool(records[k].input.strip())) for k in kept] + [2] * len(kept),
     )
     conditioned_loss = np.full(len(records), np.nan)
     direct_loss = np.full(len(records), np.nan)

@@ -94,3 +94,31 @@ def test_console_script_reports_errors_without_traceback(tmp_path: Path):
     assert result.stderr.strip() == (
         "error: --set training.learning_rate=-1: config key 'training.learning_rate' = -1: input should be greater than 0"
     )
+
+
+def test_alpaca_eval_metrics_reproduces_the_official_win_rate():
+    """`harness alpaca-eval metrics` on an official annotations file (README table in ../shared)."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    from tests.conftest import SHARED
+
+    path = SHARED / "data/alpaca_eval/annotated/alpaca-7b/weighted_alpaca_eval_gpt4_turbo_annotations.json"
+    result = CliRunner().invoke(cli, ["alpaca-eval", "metrics", str(path), "--json", "--bootstrap", "0"])
+    if not path.is_file():
+        pytest.skip("../shared is absent")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert abs(summary["win_rate"] - 2.5915) < 1e-3 and abs(summary["standard_error"] - 0.4871) < 1e-3
+    assert summary["n_total"] == 805 and summary["length_controlled_winrate"] is not None
+    assert set(summary) >= {"win_rate", "standard_error", "discrete_win_rate", "length_controlled_winrate", "n_total"}
+
+
+def test_alpaca_eval_metrics_bad_file_is_one_line(tmp_path):
+    bad = tmp_path / "annotations.json"
+    bad.write_text('[{"instruction": "x"}]')
+    for path, expected in [(bad, "entry 0 has no 'preference'"), (tmp_path / "missing.json", "no such file")]:
+        result = subprocess.run([sys.executable, "-m", "harness.cli", "alpaca-eval", "metrics", str(path)],
+                                capture_output=True, text=True)
+        assert result.returncode == 2
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

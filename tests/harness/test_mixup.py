@@ -63,3 +63,35 @@ def test_split_is_at_the_median_and_pairs_cover_everyone():
     pairs = random_pairs(confident, unconfident, seed=1)
     assert {c for c, _ in pairs} == set(confident) and {u for _, u in pairs} == set(unconfident)
     assert all(c in confident and u in unconfident for c, u in pairs)
+
+
+def _loss_and_grad(model, batch, extra_loss):
+    from harness.training import sft_loss
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss, _ = sft_loss(model, batch, extra_loss=extra_loss)
+    loss.backward()
+    grad = model.lm_head.weight.grad.detach().clone()
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grad
+
+
+def test_sftmix_with_mu_zero_is_exactly_the_one_off_loss_and_mu_changes_the_gradient(tiny, sample_records):
+    from recipes.sftmix import SFTMixLoss
+
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:4], tokenizer, "chat", 512)
+    batch = collate_rows([[examples[0], examples[1]], [examples[2], examples[3]]], tokenizer.pad_token_id)
+    model.train()
+    try:
+        one_off, one_off_grad = _loss_and_grad(model, batch, None)
+        settings = dict(alpha=0.5, lambda_per="pair", state_kind="post-norm", truncation="first")
+        zero, zero_grad = _loss_and_grad(model, batch, SFTMixLoss(mu=0.0, **settings))
+        mixed, mixed_grad = _loss_and_grad(model, batch, SFTMixLoss(mu=0.2, **settings))
+    finally:
+        model.eval()
+    assert zero.item() == one_off.item()
+    assert torch.equal(zero_grad, one_off_grad)
+    assert mixed.item() > one_off.item()  # mu * a positive mixup cross entropy
+    assert (mixed_grad - one_off_grad).abs().max().item() > 1e-4

@@ -36,3 +36,25 @@ def test_scale_function_exactly():
     scale = neftune_scale(seq_ids, hidden_size=4, alpha=2.0)
     expected = [2 / math.sqrt(2 * 4)] * 2 + [2 / math.sqrt(4 * 4)] * 4 + [0.0]
     torch.testing.assert_close(scale[0], torch.tensor(expected))
+
+
+def test_training_loss_has_noise_only_in_training_mode(tiny, sample_records):
+    from harness.templates import tokenize_for_training
+    from harness.training import sft_loss
+
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:3], tokenizer, "chat", 512)
+    batch = collate_rows([[examples[0], examples[1]], [examples[2]]], tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        clean, _ = sft_loss(model, batch)
+        eval_noisy, _ = sft_loss(model, batch, neftune_alpha=50.0)
+        model.train()
+        try:
+            train_noisy, _ = sft_loss(model, batch, neftune_alpha=50.0)
+            train_clean, _ = sft_loss(model, batch)
+        finally:
+            model.eval()
+    assert eval_noisy.item() == clean.item()  # eval mode: no noise at all
+    assert abs(train_clean.item() - clean.item()) < 1e-6  # the tiny model has no dropout
+    assert abs(train_noisy.item() - clean.item()) > 1e-4  # training mode: the noise changes the loss

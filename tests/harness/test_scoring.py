@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from harness import scoring
 from harness.artifacts import ArtifactCache
 from harness.data import InstructionRecord
 from harness.scoring import compute_ifd, embeddings_and_perplexity, ifd_pairs
@@ -39,6 +40,33 @@ def test_ifd_matches_an_independent_per_example_computation(tiny, sample_records
         assert abs(result.ifd[index] - conditioned / direct) < 1e-4
     lengths = [len(tokenizer.encode(r.output)) for r in records]
     assert max(lengths) > 10 * min(lengths)
+    assert result.stats.shared_prefix_tokens > 0  # the template preamble was run once, not per example
+
+
+def test_shared_prefix_plan_stops_before_the_first_labelled_token():
+    examples = [
+        TokenizedExample(list(range(20)) + [50, 51], [-100] * 20 + [50, 51]),
+        TokenizedExample(list(range(12)) + [60, 61], [-100] * 12 + [60, 61]),
+        TokenizedExample(list(range(30)), [-100] * 29 + [29]),
+        TokenizedExample([7] * 20, [-100] * 19 + [7]),
+    ]
+    prefixes, assignment = scoring.shared_prefix_plan(examples, [0, 0, 0, 1])
+    assert prefixes == [list(range(11))]  # common prefix 0..11, cut one before example 2's first label (12)
+    assert assignment == [0, 0, 0, -1]  # a group of one shares nothing
+    prefixes, _ = scoring.shared_prefix_plan(examples[:2], [0, 0])
+    assert len(prefixes[0]) == 11
+
+
+def test_shared_prefixes_give_the_same_losses(tiny, sample_records):
+    model, tokenizer = tiny
+    for template in ("alpaca", "chat"):
+        _, conditioned, _, _ = ifd_pairs(sample_records[:24], tokenizer, template, 512)
+        plain, _ = scoring.mean_response_losses(model, conditioned, pad_token_id=tokenizer.pad_token_id)
+        shared, stats = scoring.mean_response_losses(model, conditioned, pad_token_id=tokenizer.pad_token_id,
+                                                     prefix_groups=[0] * len(conditioned))
+        if template == "alpaca":  # the tiny chat template has no system preamble: nothing long enough to share
+            assert stats.shared_prefix_tokens > 10 * len(conditioned)
+        np.testing.assert_allclose(shared, plain, atol=1e-5)
 
 
 def test_over_length_examples_are_skipped_not_truncated(tiny, sample_records):
