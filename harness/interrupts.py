@@ -4,6 +4,7 @@ elsewhere (scoring, evaluation) the run exits at once - finished scoring chunks 
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -49,3 +50,16 @@ class StopOnSigterm(TrainerCallback):
 def raise_if_terminated(step: int) -> None:
     if _State.requested:
         raise RunTerminated(f"stopped by SIGTERM after step {step} (checkpoint saved); rerun the same command to resume")
+
+
+KILL_AT_ENV = "HARNESS_TEST_KILL_AT"
+
+
+def kill_point_for_tests(stage: str, unit: int) -> None:
+    """Test-only fault injection for tests/test_resume.py: with HARNESS_TEST_KILL_AT=<stage>:<unit> the
+    process SIGKILLs itself right after finishing that unit of work (stage `scoring`: the n-th chunk
+    computed; `train/<stage>`: the checkpoint at step n; `eval/<task>`: the n-th request computed), so a
+    test can kill at an exact point instead of racing a loaded machine. Unset in normal use: no effect."""
+    target = os.environ.get(KILL_AT_ENV)
+    if target and target == f"{stage}:{unit}":
+        os.kill(os.getpid(), signal.SIGKILL)
