@@ -335,12 +335,16 @@ def run_lm_eval(
     chat_template: bool | None = None,
     seed: int = 0,
     online: bool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every lm-eval task of the suite on an in-memory model.
 
     Returns {"tasks": {task: {metric: {"value", "stderr"}, "n", "num_fewshot", "limit", "sample", ...}},
-    ...} and writes per-example results to output_dir/samples_<task>.jsonl (for paired statistics later).
-    `limit` (first N items per task) overrides the suite's limits and random subsets."""
+    "work": counters, ...} and writes per-example results to output_dir/samples_<task>.jsonl (for paired
+    statistics later). `limit` (first N items per task) overrides the suite's limits and random subsets.
+    `resume` (the runner: output_dir belongs to one run, so to one model) keeps each finished task's
+    result in output_dir/result_<task>.json and lm-eval's request cache in output_dir/request_cache/,
+    and reuses both; off, nothing is reused (the same folder may see another model)."""
     import torch
     from lm_eval import simple_evaluate
 
@@ -372,7 +376,7 @@ def run_lm_eval(
         # its attempt computed from lm-eval's request cache (per task, per evaluated model folder).
         settings = _task_settings(entry, task_limit, indices, use_chat, use_online, seed, batch_size)
         result_path = output_dir / f"result_{entry.task}.json"
-        saved = _saved_task_result(result_path, settings)
+        saved = _saved_task_result(result_path, settings) if resume else None
         if saved is not None and (output_dir / f"samples_{entry.task}.jsonl").is_file():
             results[entry.task] = saved
             work["tasks_reused"] += 1
@@ -382,7 +386,7 @@ def run_lm_eval(
         started = time.perf_counter()
         output = simple_evaluate(
             model=lm,
-            use_cache=str(cache_path),
+            use_cache=str(cache_path) if resume else None,
             tasks=[plan.name],
             num_fewshot=entry.num_fewshot,
             limit=task_limit,
@@ -422,11 +426,13 @@ def run_lm_eval(
         results[entry.task] = record
         lines = [json.dumps(_sample_row(leaf, s), sort_keys=True, default=str) for leaf, s in samples]
         atomic_write_text(output_dir / f"samples_{entry.task}.jsonl", "\n".join(lines) + "\n")
-        atomic_write_json(result_path, {"settings": settings, "result": record})
         requests = sum(len(sample.get("resps") or []) for _, sample in samples)
+        computed = lm.requests_computed if resume else requests  # (without the cache no hook counts them)
         work["tasks_computed"] += 1
-        work["requests_computed"] += lm.requests_computed
-        work["requests_cached"] += max(requests - lm.requests_computed, 0)  # replayed from the request cache
+        work["requests_computed"] += computed
+        work["requests_cached"] += max(requests - computed, 0)  # replayed from the request cache
+        if resume:
+            atomic_write_json(result_path, {"settings": settings, "result": record})
     return {
         "tasks": results,
         "work": work,
@@ -473,9 +479,10 @@ def run_suite(
     chat_template: bool | None = None,
     seed: int = 0,
     online: bool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The whole suite: its lm-eval tasks, then its other sections. Returns {"tasks": metrics by task or
-    section, "online", "skipped": {section: why}}."""
+    section, "work", "online", "skipped": {section: why}}. `resume`: see run_lm_eval."""
     evaluation = run_lm_eval(
         model,
         tokenizer,
@@ -486,6 +493,7 @@ def run_suite(
         chat_template=chat_template,
         seed=seed,
         online=online,
+        resume=resume,
     )
     extra, skipped = run_extra_sections(model, tokenizer, suite, output_dir=output_dir, seed=seed)
     evaluation["tasks"].update(extra)

@@ -237,7 +237,7 @@ class RunContext:
             evaluation = run_suite(
                 model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
                 batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
-                online=self.spec.eval.online,
+                online=self.spec.eval.online, resume=True,
             )
         self.evaluation_work[name] = evaluation["work"]
         return evaluation["tasks"]
@@ -375,6 +375,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             chat_template=prepared.spec.eval.chat_template,
             seed=prepared.spec.seed,
             online=prepared.spec.eval.online,
+            resume=True,  # the run directory belongs to this spec, so to this model
         )
     wall = time.perf_counter() - wall_started
     target = {stage: result for stage, result in ctx.train_results.items() if stage not in ctx.overhead_stages}
