@@ -335,7 +335,8 @@ def generate_outputs(
         if saved.get("key") == key:
             return saved["outputs"], saved["generation"]
     instructions = [reference[i]["instruction"] for i in indices]
-    generations, summary = timed_generate(model, tokenizer, instructions, settings, progress)
+    journal = output_dir / "model_outputs.partial.jsonl"  # finished batches: a killed run resumes there
+    generations, summary = timed_generate(model, tokenizer, instructions, settings, progress, journal)
     outputs = [
         {
             "index": index,
@@ -350,6 +351,7 @@ def generate_outputs(
     ]
     generation = settings.as_record() | summary
     atomic_write_json(path, {"key": key, "generation": generation, "outputs": outputs})
+    journal.unlink(missing_ok=True)
     return outputs, generation
 
 

@@ -7,9 +7,13 @@ back in the caller's order. Greedy decoding is deterministic on CPU; the setting
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from harness.data import InstructionRecord
@@ -67,8 +71,10 @@ def generate(
     instructions: list[str],
     settings: GenerationSettings,
     progress: Any = None,
+    journal: Path | None = None,
 ) -> list[Generation]:
-    """Greedy responses to `instructions`, in order. `progress(done, total)` is called after each batch."""
+    """Greedy responses to `instructions`, in order. `progress(done, total)` is called after each batch;
+    `journal`: see generate_from_prompts."""
     prompts = render_prompts(instructions, tokenizer, settings.template)
     return generate_from_prompts(
         model,
@@ -80,7 +86,28 @@ def generate(
         max_prompt_tokens=settings.max_prompt_tokens,
         add_special_tokens=settings.template == "alpaca",  # chat templates carry their own special tokens
         progress=progress,
+        journal=journal,
     )
+
+
+def _journal_key(prompts: list[str], settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([prompts, settings], sort_keys=True).encode()).hexdigest()
+
+
+def _read_journal(journal: Path, key: str) -> dict[int, list[Any]]:
+    """Batches an interrupted call finished, by their start in the length order: {start: rows}. Lines of
+    other inputs or cut short by a kill are ignored."""
+    done: dict[int, list[Any]] = {}
+    if not journal.is_file():
+        return done
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            if entry["key"] == key:
+                done[int(entry["start"])] = entry["rows"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return done
 
 
 def left_padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[Any, Any]:
@@ -108,10 +135,14 @@ def generate_from_prompts(
     add_special_tokens: bool = False,
     allowed_tokens: Callable[[list[int]], list[int]] | None = None,
     progress: Any = None,
+    journal: Path | None = None,
 ) -> list[Generation]:
     """Greedy continuations of already-rendered prompts, batched by length, returned in order.
 
-    allowed_tokens(new_ids) -> token ids permitted next: constrained decoding (a judge reading a score)."""
+    allowed_tokens(new_ids) -> token ids permitted next: constrained decoding (a judge reading a score).
+    journal: a JSONL file each finished batch is appended to; a call cut short by a kill, rerun with the
+    same prompts and settings, skips the batches it finished (the batches are fixed by the length order,
+    so the outputs are the same as in one uninterrupted call)."""
     import torch
 
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
@@ -122,11 +153,21 @@ def generate_from_prompts(
     stop_ids = _stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     results: list[Generation | None] = [None] * len(encoded)
+    key = _journal_key(prompts, {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
+                                 "batch_size": batch_size, "max_prompt_tokens": max_prompt_tokens,
+                                 "add_special_tokens": add_special_tokens})  # fmt: skip
+    finished_batches = _read_journal(journal, key) if journal is not None and allowed_tokens is None else {}
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
+            if start in finished_batches:
+                for index, text, new_tokens, finished in finished_batches[start]:
+                    results[index] = Generation(text, new_tokens, finished, truncated[index])
+                if progress is not None:
+                    progress(min(start + batch_size, len(order)), len(order))
+                continue
             input_ids, attention = left_padded_batch([encoded[i] for i in batch], pad_id)
             width = input_ids.shape[1]
             constraint: dict[str, Any] = {}
@@ -155,11 +196,22 @@ def generate_from_prompts(
                     new = new[: next(k for k, token in enumerate(new) if token in stop_ids)]
                 text = tokenizer.decode(new, skip_special_tokens=True).strip()
                 results[index] = Generation(text, len(new), finished, truncated[index])
+            if journal is not None and allowed_tokens is None:
+                rows = [[index, results[index].text, results[index].new_tokens, results[index].finished] for index in batch]
+                _append_line(journal, json.dumps({"key": key, "start": start, "rows": rows}, ensure_ascii=False))
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:
         model.train(was_training)
     return [r for r in results if r is not None]
+
+
+def _append_line(path: Path, line: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def generation_summary(generations: list[Generation], seconds: float) -> dict[str, Any]:
@@ -176,8 +228,9 @@ def generation_summary(generations: list[Generation], seconds: float) -> dict[st
 
 
 def timed_generate(
-    model: Any, tokenizer: Any, instructions: list[str], settings: GenerationSettings, progress: Any = None
+    model: Any, tokenizer: Any, instructions: list[str], settings: GenerationSettings, progress: Any = None,
+    journal: Path | None = None,
 ) -> tuple[list[Generation], dict[str, Any]]:
     started = time.perf_counter()
-    generations = generate(model, tokenizer, instructions, settings, progress)
+    generations = generate(model, tokenizer, instructions, settings, progress, journal)
     return generations, generation_summary(generations, time.perf_counter() - started)

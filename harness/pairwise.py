@@ -99,7 +99,8 @@ def generate_pairwise_outputs(
     settings = settings or GenerationSettings()
     chosen = resolve_sets(sets)
     items = [item for name in chosen for item in load_pairwise_set(name, limit)]
-    generations, summary = timed_generate(model, tokenizer, [i.question for i in items], settings, progress)
+    journal = output_dir / "outputs.partial.jsonl"  # finished batches: a killed run resumes there
+    generations, summary = timed_generate(model, tokenizer, [i.question for i in items], settings, progress, journal)
     for name in chosen:
         lines = [
             json.dumps(
@@ -112,6 +113,7 @@ def generate_pairwise_outputs(
         atomic_write_text(output_dir / f"outputs_{name}.jsonl", "\n".join(lines) + "\n")
     record = {"generator": generator, "sets": chosen, "limit": limit, "settings": settings.as_record(), **summary}
     atomic_write_json(output_dir / "generation.json", record)
+    journal.unlink(missing_ok=True)
     return record
 
 

@@ -62,3 +62,40 @@ def test_constrained_decoding_only_emits_allowed_tokens(tiny):
 def test_bad_settings_are_one_line_errors(kwargs):
     with pytest.raises(HarnessError):
         GenerationSettings(**kwargs)
+
+
+def test_a_journal_lets_an_interrupted_generation_resume_with_the_same_outputs(tiny, tmp_path):
+    """A call killed after its first batch, rerun with the same journal, generates only the other batches
+    and returns exactly what one uninterrupted call returns."""
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2)
+    expected = generate(model, tokenizer, PROMPTS, settings)
+    journal = tmp_path / "partial.jsonl"
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_batch(done: int, total: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        generate(model, tokenizer, PROMPTS, settings, progress=die_after_first_batch, journal=journal)
+    with journal.open("a") as handle:
+        handle.write('{"key": "cut by the kill')  # a torn last line is ignored
+    calls = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model.generate = counting
+    try:
+        resumed = generate(model, tokenizer, PROMPTS, settings, journal=journal)
+        assert resumed == expected
+        assert calls == [2]  # only the second batch of two was generated again
+        calls.clear()  # other settings never reuse the journal
+        generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=5, batch_size=2), journal=journal)
+        assert calls == [2, 2]
+    finally:
+        del model.generate
