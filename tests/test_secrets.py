@@ -84,9 +84,10 @@ def files_under(root: Path) -> list[Path]:
 def test_canary_secrets_reach_no_file_log_or_error(judge: JudgeServer, tmp_path: Path):
     from harness.models import build_tiny_model
 
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "models").symlink_to(build_tiny_model().parent, target_is_directory=True)
+    cache, fresh_cache = tmp_path / "cache", tmp_path / "cache2"  # private: no judgments cached by other tests
+    for folder in (cache, fresh_cache):
+        folder.mkdir()
+        (folder / "models").symlink_to(build_tiny_model().parent, target_is_directory=True)
     env = {**os.environ, **CANARIES, "HARNESS_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT)}
     output = tmp_path / "runs"
     command = [
@@ -114,8 +115,8 @@ def test_canary_secrets_reach_no_file_log_or_error(judge: JudgeServer, tmp_path:
 
     # A judge that rejects the key: one line that names the variable, never its value; nothing left behind.
     judge.reject = True
-    rejected = subprocess.run([*command[:-1], str(tmp_path / "rejected")], capture_output=True, text=True, env={
-        **env, "HARNESS_CACHE": str(tmp_path / "cache2")}, timeout=600, cwd=REPO_ROOT)  # fmt: skip
+    rejected = subprocess.run([*command[:-1], str(tmp_path / "rejected")], capture_output=True, text=True,
+                              env={**env, "HARNESS_CACHE": str(fresh_cache)}, timeout=600, cwd=REPO_ROOT)
     assert rejected.returncode == 2, rejected.stderr[-3000:]
     last = rejected.stderr.strip().splitlines()[-1]
     assert last.startswith("error: judge at") and "OPENAI_API_KEY" in last
