@@ -8,8 +8,6 @@ import os
 import signal
 from typing import Any
 
-from transformers import TrainerCallback
-
 EXIT_TERMINATED = 75  # EX_TEMPFAIL: "try again later" - distinct from user errors (2) and crashes (1)
 
 
@@ -32,19 +30,14 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-class StopOnSigterm(TrainerCallback):
-    """Checks the SIGTERM flag after every optimizer step: save a checkpoint, then stop training."""
+def set_in_training(active: bool) -> None:
+    """Inside training, SIGTERM only sets a flag: training.StopOnSigterm saves a checkpoint and stops
+    after the current optimizer step. (This module stays free of heavy imports: the CLI loads it first.)"""
+    _State.in_training = active
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        _State.in_training = True
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if _State.requested:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        _State.in_training = False
+def termination_requested() -> bool:
+    return _State.requested
 
 
 def raise_if_terminated(step: int) -> None:

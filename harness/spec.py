@@ -133,10 +133,10 @@ def _format_validation_error(error: ValidationError, source: str, prefix: str = 
         hint = f"; did you mean '{suggestion}'?" if suggestion else ""
         return f"{source}: unknown config key '{key}'{hint}"
     value = first.get("input")
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    if len(shown) > 80:
-        shown = shown[:60] + f"... ({len(shown)} characters)"
-    return f"{source}: config key '{key}' = {shown}: {first['msg'].lower()}"
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    if len(text) > 80:
+        text = text[:60] + f"... ({len(text)} characters)"
+    return f"{source}: config key '{key}' = {text}: {first['msg'].lower()}"
 
 
 def validate_spec(raw: dict[str, Any], source: str) -> RunSpec:

@@ -27,7 +27,12 @@ from rich.progress import (
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from harness.batching import RowDataset, collate_rows
-from harness.interrupts import StopOnSigterm, kill_point_for_tests, raise_if_terminated
+from harness.interrupts import (
+    kill_point_for_tests,
+    raise_if_terminated,
+    set_in_training,
+    termination_requested,
+)
 from harness.losses import final_hidden_states, response_token_losses
 from harness.neftune import noisy_input_embeddings
 from harness.spec import TrainingSpec
@@ -193,6 +198,21 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 for (parameter, master), saved in zip(self.pairs, masters, strict=True):
                     master.copy_(saved)
                     self._write_back(parameter, master)  # the same rounding as the interrupted run
+
+
+class StopOnSigterm(TrainerCallback):
+    """Checks the SIGTERM flag after every optimizer step: save a checkpoint, then stop training."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        set_in_training(True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if termination_requested():
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        set_in_training(False)
 
 
 PROGRESS_KEY = "HarnessProgress"  # our entry in a checkpoint's trainer_state.json (stateful_callbacks)

@@ -27,10 +27,22 @@ from harness.cli import main
 from harness.spec import DataSpec, EvalSpec, RunSpec, TrainingSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = settings(
-    max_examples=70, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-)  # fmt: skip
+EXAMPLES_PER_KIND = 7  # every kind of defect gets the same share: ~140 cases in all, ~20 s
+
+
+def explore(strategy: st.SearchStrategy[Case], tried: Counter[str]) -> None:
+    """Run the one-line-error check on EXAMPLES_PER_KIND generated cases of the strategy."""
+
+    @settings(
+        max_examples=EXAMPLES_PER_KIND, deadline=None, derandomize=True, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )  # fmt: skip
+    @given(strategy)
+    def check(case: Case) -> None:
+        tried[case.kind] += 1
+        run_in_process(case)
+
+    check()
 
 
 @dataclass
@@ -86,16 +98,16 @@ def encode(rows: list[object], container: str) -> bytes:
     return json.dumps(rows, ensure_ascii=False).encode()
 
 
+DATA_DEFECTS = ["truncated", "wrong-type", "empty-outputs", "non-utf8", "not-an-object", "unknown-fields", "too-deep",
+                "empty-file", "bad-gzip", "sharegpt-turns", "phased-score"]
+
+
 @st.composite
-def data_cases(draw: st.DrawFn) -> Case:
+def data_cases(draw: st.DrawFn, kind: str) -> Case:
     rows: list[object] = draw(good_rows)
     container = draw(st.sampled_from(["jsonl", "json", "json-object"]))
     if draw(st.booleans()):  # a huge (but valid) record the loader must get through before the defect
-        rows.insert(0, {"instruction": "long", "input": "", "output": "x" * draw(st.integers(1_000_000, 3_000_000))})
-    kind = draw(st.sampled_from([
-        "truncated", "wrong-type", "empty-outputs", "non-utf8", "not-an-object", "unknown-fields", "too-deep",
-        "empty-file", "bad-gzip", "sharegpt-turns", "phased-score",
-    ]))  # fmt: skip
+        rows.insert(0, {"instruction": "long", "input": "", "output": "x" * draw(st.integers(200_000, 2_000_000))})
     at = draw(st.integers(0, len(rows)))
     name = "data." + ("jsonl" if container == "jsonl" else "json")
     if kind == "truncated":
@@ -153,17 +165,11 @@ def data_cases(draw: st.DrawFn) -> Case:
 
 def test_malformed_data_files_are_one_line_errors(capsys):
     tried: Counter[str] = Counter()
-
-    @SETTINGS
-    @given(data_cases())
-    def check(case: Case) -> None:
-        tried[case.kind] += 1
-        run_in_process(case)
-
-    check()
+    for kind in DATA_DEFECTS:
+        explore(data_cases(kind), tried)
     with capsys.disabled():  # shown even when pytest captures output
         print(f"\nmalformed data files tried: {sum(tried.values())} ({dict(tried)})")
-    assert sum(tried.values()) >= 50
+    assert set(tried) == set(DATA_DEFECTS) and sum(tried.values()) >= 5 * len(DATA_DEFECTS)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -219,14 +225,15 @@ def unusable_names(existing: set[str]) -> st.SearchStrategy[str]:
     return st.one_of(plain, words.map(lambda n: n + "\x00x"), st.integers(256, 2000).map(lambda k: "n" * k), st.just("  "))
 
 
+CONFIG_DEFECTS = ["unknown-key", "wrong-type", "out-of-range", "params", "broken-yaml", "not-a-mapping", "name"]
+
+
 @st.composite
-def config_cases(draw: st.DrawFn) -> Case:
+def config_cases(draw: st.DrawFn, kind: str) -> Case:
     from harness.evaluation import list_suites
     from harness.models import MODEL_SET
     from recipes import RECIPE_MODULES
 
-    kind = draw(st.sampled_from(["unknown-key", "wrong-type", "out-of-range", "params", "broken-yaml", "not-a-mapping", "name"]))
-    recipe = None
     if kind == "unknown-key":
         section = draw(st.sampled_from(sorted(SECTIONS)))
         key = draw(identifiers.filter(lambda k: k not in SECTIONS[section]))
@@ -286,17 +293,11 @@ def dump(value: object) -> str:
 
 def test_malformed_configs_are_one_line_errors(capsys):
     tried: Counter[str] = Counter()
-
-    @SETTINGS
-    @given(config_cases())
-    def check(case: Case) -> None:
-        tried[case.kind] += 1
-        run_in_process(case)
-
-    check()
+    for kind in CONFIG_DEFECTS:
+        explore(config_cases(kind), tried)
     with capsys.disabled():
         print(f"\nmalformed configs tried: {sum(tried.values())} ({dict(tried)})")
-    assert sum(tried.values()) >= 50
+    assert {kind.removesuffix(" (--set)") for kind in tried} == set(CONFIG_DEFECTS) and sum(tried.values()) >= 5 * len(CONFIG_DEFECTS)
 
 
 def test_real_processes_report_bad_input_on_one_line(tmp_path: Path):
@@ -305,12 +306,9 @@ def test_real_processes_report_bad_input_on_one_line(tmp_path: Path):
     data.write_bytes(b'{"instruction": "caf\xe9", "output": "ok"}\n')
     config = tmp_path / "run.yaml"
     config.write_text("training:\n  learning_rate: -0.001\n  epochs: 1\n")
-    deep = tmp_path / "deep.json"
-    deep.write_text("[" * 100_000 + "]" * 100_000)
-    cases = [
+    cases = [  # (a data error is found after the heavy imports: ~10 s a process on 2 busy cores)
         (["--data", str(data)], f"data file {data}: not UTF-8 text (bad byte at offset 20)"),
         (["--config", str(config)], "config key 'training.learning_rate' = -0.001: input should be greater than 0"),
-        (["--data", str(deep)], "nested too deeply"),
         (["--set", "training.epochs=.inf"], "config key 'training.epochs' = Infinity: input should be a finite number"),
     ]
     for args, message in cases:
