@@ -26,12 +26,12 @@ from harness.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Phased IFT with the IFD scorer: 300 records -> up to 600 scored sequences in 2 chunks of the scoring
-# engine (512 + the rest), then three training stages (a checkpoint every 3 steps), then ARC-Easy on 40
-# items (about 160 log-likelihood requests).
+# engine (512 + the rest), then three training stages (a checkpoint every 3 steps), then ARC-Easy on 30
+# items (about 120 log-likelihood requests). The uninterrupted run and the reruns run in this process.
 ARGS = [
     "run", "--recipe", "phased", "--set", "params.scorer=ifd", "--set", "data.limit=300",
     "--set", "training.batch_size=4", "--set", "training.save_steps=3", "--set", "training.logging_steps=1",
-    "--limit", "40",
+    "--limit", "30",
 ]  # fmt: skip
 KILLS = {"scoring": "scoring:1", "training": "train/stage2:3", "evaluation": "eval/local_arc_easy:60"}
 
@@ -47,15 +47,22 @@ def private_cache(tmp_path: Path, name: str) -> Path:
     return cache
 
 
-def harness_run(output: Path, cache: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HARNESS_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop("HARNESS_TEST_KILL_AT", None)
-    if kill_at:
-        env["HARNESS_TEST_KILL_AT"] = kill_at
+def killed_run(output: Path, cache: Path, kill_at: str) -> subprocess.CompletedProcess:
+    """`harness run` in a process of its own that SIGKILLs itself at `kill_at`."""
+    env = {**os.environ, "HARNESS_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE",
+           "HARNESS_TEST_KILL_AT": kill_at}  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "harness.cli", *ARGS, "--output", str(output)],
         capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT,
     )  # fmt: skip
+
+
+def run_in_process(output: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str]:
+    """The same command in this process (saves a process start per run; the kills need their own)."""
+    monkeypatch.setenv("HARNESS_CACHE", str(cache))
+    monkeypatch.delenv("HARNESS_TEST_KILL_AT", raising=False)
+    code, _, err = run_cli([*ARGS, "--output", str(output)], capsys)
+    return code, err
 
 
 def load(output: Path) -> tuple[Path, dict[str, Any]]:
@@ -73,12 +80,13 @@ def weights_digest(run_dir: Path) -> str:
     return file_digest(run_dir / "model" / "model.safetensors")
 
 
-def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less_work(tmp_path: Path):
-    fresh = harness_run(tmp_path / "fresh", private_cache(tmp_path, "fresh"))
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
+def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less_work(tmp_path: Path, monkeypatch, capsys):
+    code, err = run_in_process(tmp_path / "fresh", private_cache(tmp_path, "fresh"), monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     fresh_dir, reference = load(tmp_path / "fresh")
     work = reference["resume"]
-    print("\nfresh run:", json.dumps(work))
+    with capsys.disabled():
+        print("\nfresh run:", json.dumps(work))
     assert work["attempts"] == 1
     sequences = work["scoring"]["sequences_computed"]
     assert sequences > 512 and work["scoring"]["sequences_cached"] == 0  # two chunks: the kill lands after the first
@@ -90,12 +98,12 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
 
     for scenario, kill_at in KILLS.items():
         output, cache = tmp_path / scenario, private_cache(tmp_path, scenario)
-        killed = harness_run(output, cache, kill_at)
+        killed = killed_run(output, cache, kill_at)
         assert killed.returncode == -signal.SIGKILL, f"{scenario}: not killed at {kill_at}: {killed.stderr[-2000:]}"
         (run_dir,) = output.iterdir()
         assert not (run_dir / "record.json").exists()
-        rerun = harness_run(output, cache)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        code, err = run_in_process(output, cache, monkeypatch, capsys)
+        assert code == 0, err[-3000:]
         run_dir, record = load(output)
         assert run_dir.name == fresh_dir.name
         # The same results as the uninterrupted run: metrics, weights, per-example results, training.
@@ -116,7 +124,8 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
 
         # Less work than starting over, by the counters of the attempt that finished the run.
         counters = record["resume"]
-        print(f"{scenario} rerun:", json.dumps(counters))
+        with capsys.disabled():
+            print(f"{scenario} rerun:", json.dumps(counters))
         assert counters["attempts"] == 2
         steps = sum(stage["steps_run"] for stage in counters["training"].values())
         evaluation = counters["evaluation"]
