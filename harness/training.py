@@ -381,6 +381,15 @@ def _saved_progress(checkpoint: Path | None) -> dict[str, Any]:
         return {}
     return state.get("stateful_callbacks", {}).get(PROGRESS_KEY, {}) or {}
 
+def cast_parameters(model: Any, dtype: torch.dtype) -> None:
+    """Cast the weights only. `model.to(dtype)` would also cast floating buffers, and RoPE's inv_freq in
+    bf16 moves every position's angle (logits off by ~0.9 on SmolLM2): the model would then compute
+    differently from the same weights loaded by from_pretrained(dtype=...), which keeps it in fp32."""
+    for parameter in model.parameters():
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
 def apply_lora(model: Any, settings: TrainingSpec) -> Any:
     if settings.lora is None:
         return model
@@ -413,7 +422,7 @@ def train_sft(
     assert settings.learning_rate is not None, "resolve the learning rate from the model set first"
     console = console or Console(stderr=True)
     precision = resolve_precision(settings.precision)
-    model = model.to(weight_dtype(precision))
+    cast_parameters(model, weight_dtype(precision))
     model = apply_lora(model, settings)
     dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
