@@ -342,6 +342,11 @@ def docker_build(
     stdout_console().print(f"{(image.tags or [image.id])[0]} {image.id}")
 
 
+def one_line(message: object) -> str:
+    """An error message on one line: names and values quoted from the input may hold line breaks."""
+    return " ".join(str(message).splitlines()) or "unknown error"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click without its own exception handling, so every user error is one line."""
     from harness.interrupts import EXIT_TERMINATED, RunTerminated, install_sigterm_handler
@@ -350,10 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except RunTerminated as stopped:
-        click.echo(f"error: {stopped}", err=True)
+        click.echo(f"error: {one_line(stopped)}", err=True)
         sys.exit(EXIT_TERMINATED)
     except HarnessError as error:
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {one_line(error)}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: aborted", err=True)
         sys.exit(130)
     except click.ClickException as error:
-        click.echo(f"error: {error.format_message()}", err=True)
+        click.echo(f"error: {one_line(error.format_message())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("error: interrupted; rerun the same command to resume", err=True)

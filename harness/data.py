@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, user_path
 
 SHIPPED_DIR = Path(__file__).parent / "data"
 SHIPPED_DATA = {
@@ -67,7 +67,10 @@ class LoadedData:
 
 
 def _open_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:  # a directory, no permission, ...
+        raise HarnessError(f"data file {path}: cannot read it ({error.strerror or error})") from None
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
@@ -83,6 +86,8 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (where, row) for a .json list or a .jsonl file (optionally .gz); `where` names the line or index."""
     if not path.exists():
         raise HarnessError(f"data file not found: {path}")
+    if path.is_dir():
+        raise HarnessError(f"data file {path}: is a directory; give a .json or .jsonl file")
     text = _open_text(path)
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if stem_suffix == ".jsonl" or (stem_suffix != ".json" and not text.lstrip().startswith("[")):
@@ -93,11 +98,15 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"line {line_number}", json.loads(line)
             except json.JSONDecodeError as error:
                 raise HarnessError(f"data file {path}: line {line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            except RecursionError:
+                raise HarnessError(f"data file {path}: line {line_number}: JSON nested too deeply to be a record") from None
         return
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise HarnessError(f"data file {path}: line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise HarnessError(f"data file {path}: JSON nested too deeply to be a list of records") from None
     if isinstance(rows, dict):
         rows = next((value for value in rows.values() if isinstance(value, list)), None)
         if rows is None:
@@ -251,8 +260,8 @@ def load_instruction_data(name: str, *, limit: int | None = None, dedupe: bool =
         path = SHIPPED_DATA[name][0]
         records, data_format, raw_count = parse_rows(read_rows(path), f"data file {path}")
         source = f"shipped:{name}"
-    elif Path(name).expanduser().exists() or name.endswith((".json", ".jsonl", ".gz")) or name.startswith((".", "/")):
-        path = Path(name).expanduser()
+    elif user_path(name).exists() or name.endswith((".json", ".jsonl", ".gz")) or name.startswith((".", "/")):
+        path = user_path(name)
         records, data_format, raw_count = parse_rows(read_rows(path), f"data file {path}")
         source = str(path)
     elif "/" in name:

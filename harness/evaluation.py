@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from benchmarks.tasks.local_data import use_shipped_nltk_data
 from harness.errors import HarnessError, closest, unknown_name
-from harness.records import atomic_write_text
+from harness.records import atomic_write_json, atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 SUITES_DIR = BENCHMARKS_DIR / "suites"
@@ -369,6 +370,59 @@ def _fit_generation_budget(plan: PlannedTask, context: int) -> tuple[dict[str, A
     return {**(gen_kwargs or {}), "max_gen_toks": capped}, note
 
 
+REQUEST_CACHE_DIR = "request_cache"  # lm-eval's request cache (one SQLite file per task) under an eval folder
+
+
+def _task_settings(entry: SuiteTask, limit: int | None, indices: Any, use_chat: bool, online: bool, seed: int,
+                   batch_size: int) -> dict[str, Any]:
+    """Everything besides the model (fixed by the run directory) that determines a task's result."""
+    from importlib.metadata import version
+
+    return {
+        "entry": entry.model_dump(mode="json"), "limit": limit, "samples": indices, "chat_template": use_chat,
+        "online": online, "seed": seed, "batch_size": batch_size, "lm_eval": version("lm_eval"),
+    }
+
+
+def _saved_task_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A task result saved by an earlier, interrupted attempt of this run, if it was for the same settings."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or saved.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    return saved.get("result")
+
+
+def _counting_lm_class() -> type:
+    """HFLM that counts the requests it computes (lm-eval reports each one to its cache hook, which
+    simple_evaluate(use_cache=...) points at the SQLite request cache)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.interrupts import KILL_AT_ENV, kill_point_for_tests
+
+    class CountingHook:
+        def __init__(self, inner: Any, owner: Any):
+            self.inner, self.owner = inner, owner
+
+        def add_partial(self, attr: str, req: Any, res: Any) -> None:
+            self.inner.add_partial(attr, req, res)
+            self.owner.requests_computed += 1
+            if os.environ.get(KILL_AT_ENV) and getattr(self.inner, "dbdict", None) is not None:
+                self.inner.dbdict.commit()  # what a real kill finds on disk: the requests committed so far
+                kill_point_for_tests(f"eval/{self.owner.current_task}", self.owner.requests_computed)
+
+    class CountingHFLM(HFLM):
+        requests_computed = 0
+        current_task = ""
+
+        def set_cache_hook(self, cache_hook: Any) -> None:
+            super().set_cache_hook(CountingHook(cache_hook, self))
+
+    return CountingHFLM
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -380,15 +434,18 @@ def run_lm_eval(
     chat_template: bool | None = None,
     seed: int = 0,
     online: bool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every lm-eval task of the suite on an in-memory model.
 
     Returns {"tasks": {task: {metric: {"value", "stderr"}, "n", "num_fewshot", "limit", "sample", ...}},
-    ...} and writes per-example results to output_dir/samples_<task>.jsonl (for paired statistics later).
-    `limit` (first N items per task) overrides the suite's limits and random subsets."""
+    "work": counters, ...} and writes per-example results to output_dir/samples_<task>.jsonl (for paired
+    statistics later). `limit` (first N items per task) overrides the suite's limits and random subsets.
+    `resume` (the runner: output_dir belongs to one run, so to one model) keeps each finished task's
+    result in output_dir/result_<task>.json and lm-eval's request cache in output_dir/request_cache/,
+    and reuses both; off, nothing is reused (the same folder may see another model)."""
     import torch
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
     use_online = suite.online if online is None else online
@@ -402,10 +459,11 @@ def run_lm_eval(
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    lm = _counting_lm_class()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
     manager = task_manager(use_online)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    work = {"tasks_computed": 0, "tasks_reused": 0, "requests_computed": 0, "requests_cached": 0}
     for plan in planned:
         entry = plan.entry
         use_chat = chat[entry.task]
@@ -414,9 +472,21 @@ def run_lm_eval(
         if limit is None and entry.sample is not None:
             indices = {leaf: sample_indices(leaf, total, entry.sample, suite.sample_seed) for leaf, total in plan.leaves.items()}
         gen_kwargs, capped = _fit_generation_budget(plan, lm.max_length)
+        # Resume: a task finished by an earlier attempt is reused; a task cut short replays the requests
+        # its attempt computed from lm-eval's request cache (per task, per evaluated model folder).
+        settings = _task_settings(entry, task_limit, indices, use_chat, use_online, seed, batch_size)
+        result_path = output_dir / f"result_{entry.task}.json"
+        saved = _saved_task_result(result_path, settings) if resume else None
+        if saved is not None and (output_dir / f"samples_{entry.task}.jsonl").is_file():
+            results[entry.task] = saved
+            work["tasks_reused"] += 1
+            continue
+        cache_path = output_dir / REQUEST_CACHE_DIR / entry.task
+        lm.requests_computed, lm.current_task = 0, entry.task
         started = time.perf_counter()
         output = simple_evaluate(
             model=lm,
+            use_cache=str(cache_path) if resume else None,
             tasks=[plan.name],
             num_fewshot=entry.num_fewshot,
             limit=task_limit,
@@ -458,8 +528,16 @@ def run_lm_eval(
         results[entry.task] = record
         lines = [json.dumps(_sample_row(leaf, s), sort_keys=True, default=str) for leaf, s in samples]
         atomic_write_text(output_dir / f"samples_{entry.task}.jsonl", "\n".join(lines) + "\n")
+        requests = sum(len(sample.get("resps") or []) for _, sample in samples)
+        computed = lm.requests_computed if resume else requests  # (without the cache no hook counts them)
+        work["tasks_computed"] += 1
+        work["requests_computed"] += computed
+        work["requests_cached"] += max(requests - computed, 0)  # replayed from the request cache
+        if resume:
+            atomic_write_json(result_path, {"settings": settings, "result": record})
     return {
         "tasks": results,
+        "work": work,
         "online": use_online,
         "chat_template": suite.chat_template if chat_template is None else chat_template,
         "limit": limit,
@@ -552,9 +630,11 @@ def run_suite(
     online: bool | None = None,
     judge: str | None = None,
     context: SectionContext | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The whole suite: its lm-eval tasks, then its other sections. Returns {"tasks": metrics by task or
-    section, "online", "skipped": {section: why}, "judge_cost_usd": what the sections' judges cost}."""
+    section, "work", "online", "skipped": {section: why}, "judge_cost_usd": what the sections' judges
+    cost}. `resume`: see run_lm_eval (the sections keep their own generation and verdict caches)."""
     evaluation = run_lm_eval(
         model,
         tokenizer,
@@ -565,6 +645,7 @@ def run_suite(
         chat_template=chat_template,
         seed=seed,
         online=online,
+        resume=resume,
     )
     extra, skipped = run_extra_sections(
         model, tokenizer, suite, output_dir=output_dir, seed=seed, limit=limit, judge=judge, context=context

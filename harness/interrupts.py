@@ -4,10 +4,9 @@ elsewhere (scoring, evaluation) the run exits at once - finished scoring chunks 
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
-
-from transformers import TrainerCallback
 
 EXIT_TERMINATED = 75  # EX_TEMPFAIL: "try again later" - distinct from user errors (2) and crashes (1)
 
@@ -31,21 +30,29 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-class StopOnSigterm(TrainerCallback):
-    """Checks the SIGTERM flag after every optimizer step: save a checkpoint, then stop training."""
+def set_in_training(active: bool) -> None:
+    """Inside training, SIGTERM only sets a flag: training.StopOnSigterm saves a checkpoint and stops
+    after the current optimizer step. (This module stays free of heavy imports: the CLI loads it first.)"""
+    _State.in_training = active
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        _State.in_training = True
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if _State.requested:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        _State.in_training = False
+def termination_requested() -> bool:
+    return _State.requested
 
 
 def raise_if_terminated(step: int) -> None:
     if _State.requested:
         raise RunTerminated(f"stopped by SIGTERM after step {step} (checkpoint saved); rerun the same command to resume")
+
+
+KILL_AT_ENV = "HARNESS_TEST_KILL_AT"
+
+
+def kill_point_for_tests(stage: str, unit: int) -> None:
+    """Test-only fault injection for tests/test_resume.py: with HARNESS_TEST_KILL_AT=<stage>:<unit> the
+    process SIGKILLs itself right after finishing that unit of work (stage `scoring`: the n-th chunk
+    computed; `train/<stage>`: the checkpoint at step n; `eval/<task>`: the n-th request computed), so a
+    test can kill at an exact point instead of racing a loaded machine. Unset in normal use: no effect."""
+    target = os.environ.get(KILL_AT_ENV)
+    if target and target == f"{stage}:{unit}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.errors import HarnessError, unknown_name
+from harness.errors import HarnessError, unknown_name, user_path
 
 MODEL_SET_VERSION = "2026.11.1"
 
@@ -82,15 +82,17 @@ def resolve_model(name: str, model_path: str | None = None) -> ResolvedModel:
     if name in MODEL_SET:
         entry = MODEL_SET[name]
         weights = model_path or entry.source
-        if model_path is not None and not Path(model_path).expanduser().exists():
+        if model_path is not None and not user_path(model_path).exists():
             raise HarnessError(f"model_path not found: {model_path}")
-        return ResolvedModel(entry, str(Path(weights).expanduser()) if model_path else weights)
+        return ResolvedModel(entry, str(user_path(weights)) if model_path else weights)
     if model_path is not None:
         raise HarnessError(f"model_path is only for model-set entries; '{name}' is not one (see `harness models`)")
-    path = Path(name).expanduser()
+    path = user_path(name)
     if path.exists():
         if path.is_file() and path.suffix != ".gguf":
             raise HarnessError(f"model '{name}': a file must be a .gguf; otherwise give a model directory")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise HarnessError(f"model '{name}': directory {path} has no config.json; give a saved model directory or a .gguf file")
         template: Template = "chat" if _local_has_chat_template(path) else "alpaca"
         entry = ModelEntry(path.name, str(path), "local model", template, 2048, "float32", 2e-5)
         return ResolvedModel(entry, str(path))
@@ -126,8 +128,9 @@ def load_model_and_tokenizer(resolved: ResolvedModel, dtype: Any = None) -> tupl
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    except OSError as error:
-        raise HarnessError(f"model '{resolved.entry.name}': could not load weights from '{directory}' ({str(error).splitlines()[0]})") from None
+    except (OSError, ValueError) as error:  # missing files, or a config/weights file that is not what it claims
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HarnessError(f"model '{resolved.entry.name}': could not load weights from '{directory}' ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import shutil
 import time
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from harness import __version__
-from harness.artifacts import ArtifactCache
+from harness.artifacts import ArtifactCache, content_key, file_digest
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext, Suite, check_sections, load_suite, plan_suite, run_suite
@@ -81,10 +82,10 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         }
     )
     resolved = spec.model_copy(update={"params": params.model_dump(mode="json"), "training": training})
+    data = load_instruction_data(spec.data.name, limit=spec.data.limit, dedupe=spec.data.dedupe)
     suite = load_suite(spec.eval.suite)
     plan_suite(suite, online=spec.eval.online)  # unknown tasks or missing data files fail before training
     check_sections(suite, limit=spec.eval.limit, judge=spec.eval.judge)  # judges and section keys, too
-    data = load_instruction_data(spec.data.name, limit=spec.data.limit, dedupe=spec.data.dedupe)
     return PreparedRun(resolved, recipe, params, model_info, data, suite)
 
 
@@ -105,6 +106,8 @@ class RunContext:
         self.tokenize_stats: dict[str, dict[str, int]] = {}
         self.cache = ArtifactCache()
         self.scoring = ScoringStats()  # forward passes spent on scoring (the recipe's overhead)
+        self.training_work: dict[str, dict[str, Any]] = {}  # per stage: steps this attempt ran, reused or resumed
+        self.evaluation_work: dict[str, dict[str, int]] = {}  # per intermediate evaluation: tasks/requests computed
         precision = self.spec.training.precision
         self.base_model_key = f"{self.model_info.entry.name}|{self.model_info.weights}|{precision}"
         self.eval_judge_cost_usd = 0.0  # judged suite sections of intermediate evaluations (evaluate())
@@ -145,24 +148,80 @@ class RunContext:
         if rows is not None and len(examples) != len(records):
             raise HarnessError(f"stage {stage}: {len(records) - len(examples)} examples exceed training.max_length; raise it")
         self.tokenize_stats[stage] = stats.as_record()
+        stage_dir = self.run_dir / "checkpoints" / stage
+        key = content_key(
+            stage=stage, settings=settings.model_dump(mode="json"), records=[record.id for record in records], rows=rows,
+            seed=self.spec.seed, extra_loss=repr(extra_loss), base=self.base_model_key,
+        )
         with self.stage(f"train:{stage}"):
-            trained, result = train_sft(
-                model,
-                tokenizer,
-                examples,
-                settings,
-                self.run_dir / "checkpoints" / stage,
-                seed=self.spec.seed,
-                console=self.console,
-                description=f"train {stage}",
-                extra_loss=extra_loss,
-                rows=rows,
-                callbacks=callbacks,
-            )
+            finished = self._finished_stage(stage_dir, key)
+            if finished is not None:
+                trained, result = finished
+                self.console.print(f"stage {stage}: finished by an earlier attempt; loaded its final model")
+                self.training_work[stage] = {"reused": True, "steps_run": 0, "resumed_from_step": result.steps}
+            else:
+                trained, result = train_sft(
+                    model,
+                    tokenizer,
+                    examples,
+                    settings,
+                    stage_dir,
+                    seed=self.spec.seed,
+                    console=self.console,
+                    description=f"train {stage}",
+                    extra_loss=extra_loss,
+                    rows=rows,
+                    callbacks=callbacks,
+                )
+                self._mark_finished(stage_dir, key, trained, result)
+                self.training_work[stage] = {
+                    "reused": False, "steps_run": result.steps_run, "resumed_from_step": result.resumed_from_step,
+                }
         self.train_results[stage] = result
         if overhead:
             self.overhead_stages.add(stage)
         return trained, result
+
+    def _finished_stage(self, stage_dir: Path, key: str) -> tuple[Any, TrainResult] | None:
+        """The final model and result of a stage an earlier attempt of this run finished, if its marker
+        matches this stage's inputs and its weights match their recorded hashes (else it is retrained)."""
+        marker = stage_dir / "done.json"
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        final = stage_dir / "final"
+        if done.get("key") != key or not all(
+            (final / name).is_file() and file_digest(final / name) == digest for name, digest in done.get("weights", {}).items()
+        ):
+            self.console.print(f"[yellow]stage {stage_dir.name}: the saved final model does not match; retraining[/]")
+            marker.unlink(missing_ok=True)
+            return None
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        try:
+            result = TrainResult(**done["result"])
+        except (TypeError, KeyError):  # a marker from another harness version
+            return None
+        loaded = AutoModelForCausalLM.from_pretrained(final, dtype=weight_dtype(self.spec.training.precision))
+        loaded.config.use_cache = False
+        loaded.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        return loaded, result
+
+    def _mark_finished(self, stage_dir: Path, key: str, trained: Any, result: TrainResult) -> None:
+        """Save the stage's final model, then its marker (with the weights' sha256), then drop the Trainer
+        checkpoints: a rerun loads the final model instead of retraining the stage."""
+        final = stage_dir / "final"
+        staging = stage_dir / ".final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        trained.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        weights = {path.name: file_digest(path) for path in sorted(final.glob("*.safetensors"))}
+        atomic_write_json(stage_dir / "done.json", {"key": key, "weights": weights, "result": result.as_record()})
+        for checkpoint in stage_dir.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
     def ifd(self, model: Any, tokenizer: Any, records: list[InstructionRecord], *, model_key: str, max_length: int) -> IFDScores:
         """IFD of the records under `model`, through the shared artifact cache (computed once per key)."""
@@ -188,35 +247,59 @@ class RunContext:
                 model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
                 batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
                 online=self.spec.eval.online, judge=self.spec.eval.judge,
-                context=self.section_context(f"{self.run_dir.name}:{name}"),
+                context=self.section_context(f"{self.run_dir.name}:{name}"), resume=True,
             )
         self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
+        self.evaluation_work[name] = evaluation["work"]
         return evaluation["tasks"]
 
 
-def find_record(run_dir: Path) -> dict[str, Any] | None:
+def record_digest(record: dict[str, Any]) -> str:
+    """sha256 of the record's canonical JSON without its own `content_sha256` field."""
+    body = json.loads(json.dumps({key: value for key, value in record.items() if key != "content_sha256"}, default=str))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def find_record(run_dir: Path, run_id: str | None = None) -> dict[str, Any] | None:
+    """The run's finished record; None when there is none or it is damaged (its content hash does not
+    match), so the run is finished again from its saved stages. A record of another run is an error."""
     path = run_dir / "record.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    if not isinstance(record, dict):
+        return None
+    if "content_sha256" in record and record["content_sha256"] != record_digest(record):
+        return None  # (records written before the hash was added have none and are trusted)
+    if run_id is not None and record.get("run_id") != run_id:
+        raise HarnessError(
+            f"run directory {run_dir} holds the record of run {record.get('run_id')}, not {run_id}; "
+            "move it away or use another --output"
+        )
+    return record
 
 
 def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, save_model: bool = True) -> dict[str, Any]:
     """Run (or resume) the prepared run and return its record; a finished run is not redone."""
     run_dir = output_root / prepared.run_id
-    existing = find_record(run_dir)
+    existing = find_record(run_dir, prepared.run_id)
     if existing is not None:
         console.print(f"[green]run {prepared.run_id} is already complete[/]: {run_dir / 'record.json'}")
         return existing
+    if (run_dir / "record.json").exists():
+        console.print(f"[yellow]run {prepared.run_id}: record.json is damaged; finishing the run again from its saved stages[/]")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise HarnessError(f"--output {output_root}: cannot create the run directory ({error.strerror})") from None
     try:
         with run_lock(run_dir):
-            check_resumable(run_dir)
-            return _execute(prepared, run_dir, console, save_model)
+            attempts = check_resumable(run_dir, prepared.run_id)
+            return _execute(prepared, run_dir, console, save_model, attempts)
     except HarnessError:
         # a user-input problem found late: leave nothing half-written behind, unless the run got as far as
         # evaluating (e.g. a judge API outage): the trained model and cached answers and verdicts are kept,
@@ -249,28 +332,39 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def check_resumable(run_dir: Path) -> None:
+def check_resumable(run_dir: Path, run_id: str | None = None) -> int:
     """Resuming an unfinished run with different harness code would mix versions in one result: refuse,
-    and say what differs (HARNESS_ALLOW_CODE_CHANGE=1 overrides, e.g. after a docs-only change)."""
+    and say what differs (HARNESS_ALLOW_CODE_CHANGE=1 overrides, e.g. after a docs-only change). A
+    directory started for another run id (copied or renamed) is refused too. Returns the attempt number."""
     import os
 
     meta_path = run_dir / "run.json"
     commit = git_commit()
+    meta: dict[str, Any] = {"git_commit": commit, "harness_version": __version__, "run_id": run_id, "attempts": 0}
     if meta_path.is_file():
         try:
-            started_with = json.loads(meta_path.read_text()).get("git_commit", "unknown")
-        except (OSError, json.JSONDecodeError):
-            started_with = "unknown"
+            saved = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
+        meta = {**meta, **saved} if isinstance(saved, dict) else {**meta, "git_commit": "unknown"}
+        started_with = meta.get("git_commit", "unknown")
         if started_with != commit and "unknown" not in (started_with, commit) and not os.environ.get("HARNESS_ALLOW_CODE_CHANGE"):
             raise HarnessError(
                 f"run directory {run_dir} was started by harness commit {started_with}, this is {commit}: "
                 "resuming would mix code versions; delete the directory to start over, or set HARNESS_ALLOW_CODE_CHANGE=1"
             )
-    else:
-        atomic_write_json(meta_path, {"git_commit": commit, "harness_version": __version__})
+        if run_id is not None and meta.get("run_id") not in (None, run_id):
+            raise HarnessError(
+                f"run directory {run_dir} was started for run {meta['run_id']}, not {run_id}; "
+                "move it away or use another --output"
+            )
+    meta["run_id"] = run_id or meta.get("run_id")
+    meta["attempts"] = int(meta.get("attempts") or 0) + 1
+    atomic_write_json(meta_path, meta)
+    return meta["attempts"]
 
 
-def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool) -> dict[str, Any]:
+def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool, attempts: int = 1) -> dict[str, Any]:
     started_at = dt.datetime.now(dt.timezone.utc)
     wall_started = time.perf_counter()
     atomic_write_text(run_dir / "spec.yaml", spec_to_yaml(prepared.spec))
@@ -297,6 +391,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             online=prepared.spec.eval.online,
             judge=prepared.spec.eval.judge,
             context=ctx.section_context(prepared.run_id),
+            resume=True,  # the run directory belongs to this spec, so to this model
         )
     wall = time.perf_counter() - wall_started
     eval_judge_cost = round(ctx.eval_judge_cost_usd + (evaluation.get("judge_cost_usd") or 0.0), 6)
@@ -341,9 +436,18 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "eval_judge_cost_usd": eval_judge_cost,
         },
         "timings": ctx.timings,
+        # The work the attempt that finished the run did: after a kill, less than a fresh run's.
+        "resume": {
+            "attempts": attempts,
+            "scoring": {"sequences_computed": ctx.scoring.computed, "sequences_cached": ctx.scoring.cached},
+            "training": ctx.training_work,
+            "evaluation": evaluation["work"],
+            **({"stage_evaluations": ctx.evaluation_work} if ctx.evaluation_work else {}),
+        },
         "memory": peak_memory(),
         "versions": library_versions(),
         "host": host_info(),
     }
+    record["content_sha256"] = record_digest(record)
     atomic_write_json(run_dir / "record.json", record)
     return record

@@ -35,6 +35,7 @@ from rich.progress import (
 from harness.artifacts import ArtifactCache, content_key
 from harness.batching import collate_rows, pack_best_fit
 from harness.data import InstructionRecord
+from harness.interrupts import kill_point_for_tests
 from harness.losses import (
     final_hidden_states,
     per_example_mean_losses,
@@ -172,6 +173,7 @@ def mean_response_losses(
             stats.computed += len(chunk)
             if cache and cache_key:
                 cache.save_chunk("scores", cache_key, chunk_index, scores[chunk].tolist())
+                kill_point_for_tests("scoring", chunk_index + 1)
     return scores, stats
 
 

@@ -10,18 +10,34 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import HarnessError, closest
+from harness.errors import HarnessError, closest, shown
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` epochs or a NaN learning rate would otherwise pass the range checks
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _usable_name(value: str) -> str:
+    """Names and paths are looked up on disk: a NUL byte or an over-long name would crash that lookup."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL byte")
+    if not value.strip():
+        raise ValueError("is empty")
+    if len(value.encode()) > 4096 or any(len(part.encode()) > 255 for part in re.split(r"[/\\]", value)):
+        raise ValueError("is too long for a name or path")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_usable_name)]
 
 
 class LoraSpec(StrictModel):
@@ -56,13 +72,13 @@ class TrainingSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    name: str = Field("alpaca-sample", description="a shipped name, a file path, or a hub dataset id")
+    name: Name = Field("alpaca-sample", description="a shipped name, a file path, or a hub dataset id")
     limit: int | None = Field(None, gt=0, description="use only the first N records (after dedupe)")
     dedupe: bool = True
 
 
 class EvalSpec(StrictModel):
-    suite: str = "smoke"
+    suite: Name = "smoke"
     limit: int | None = Field(None, gt=0, description="items per task; None: the suite's own limit")
     batch_size: int = Field(8, gt=0)
     chat_template: bool | None = Field(None, description="None: the suite's setting")
@@ -71,14 +87,14 @@ class EvalSpec(StrictModel):
 
 
 class RunSpec(StrictModel):
-    model: str = Field("tiny", description="a model-set name, a local directory or .gguf file, or a hub id")
-    model_path: str | None = Field(None, description="local weights (directory or .gguf) for a model-set entry")
-    recipe: str = "one-off"
+    model: Name = Field("tiny", description="a model-set name, a local directory or .gguf file, or a hub id")
+    model_path: Name | None = Field(None, description="local weights (directory or .gguf) for a model-set entry")
+    recipe: Name = "one-off"
     params: dict[str, Any] = Field(default_factory=dict, description="the recipe's own parameters")
     data: DataSpec = DataSpec()
     training: TrainingSpec = TrainingSpec()
     eval: EvalSpec = EvalSpec()
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy's seeds are 32-bit")
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the spec: equal specs give equal run ids."""
@@ -112,14 +128,16 @@ SPEC_KEYS: list[str] = _field_paths(RunSpec)
 
 def _format_validation_error(error: ValidationError, source: str, prefix: str = "", keys: list[str] | None = None) -> str:
     first = error.errors()[0]
-    key = prefix + ".".join(str(part) for part in first["loc"])
+    key = shown(prefix + ".".join(str(part) for part in first["loc"]))
     if first["type"] == "extra_forbidden":
         suggestion = closest(key, keys if keys is not None else SPEC_KEYS)
         hint = f"; did you mean '{suggestion}'?" if suggestion else ""
         return f"{source}: unknown config key '{key}'{hint}"
     value = first.get("input")
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return f"{source}: config key '{key}' = {shown}: {first['msg'].lower()}"
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    if len(text) > 80:
+        text = text[:60] + f"... ({len(text)} characters)"
+    return f"{source}: config key '{key}' = {text}: {first['msg'].lower()}"
 
 
 def validate_spec(raw: dict[str, Any], source: str) -> RunSpec:
@@ -129,8 +147,23 @@ def validate_spec(raw: dict[str, Any], source: str) -> RunSpec:
         raise HarnessError(_format_validation_error(error, source)) from None
 
 
+def _non_finite(value: Any, path: str) -> str | None:
+    """The key path of the first infinite or NaN number in a nested value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def validate_params(params_model: type[BaseModel], raw: dict[str, Any], source: str) -> BaseModel:
     """Validate a recipe's params against its own pydantic model, with the same error style."""
+    bad = _non_finite(raw, "")
+    if bad is not None:
+        raise HarnessError(f"{source}: config key 'params.{bad}': input should be a finite number")
     try:
         return params_model.model_validate(raw)
     except ValidationError as error:
@@ -142,7 +175,11 @@ def validate_params(params_model: type[BaseModel], raw: dict[str, Any], source: 
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a NUL byte or an over-long name
+        found = False
+    if not found:
         raise HarnessError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -152,6 +189,10 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
         raise HarnessError(f"config file {path}:{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
     except UnicodeDecodeError:
         raise HarnessError(f"config file {path}: not UTF-8 text") from None
+    except RecursionError:
+        raise HarnessError(f"config file {path}: nested too deeply to be a run spec") from None
+    except OSError as error:
+        raise HarnessError(f"config file {path}: cannot read it ({error.strerror})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -172,15 +213,17 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 def parse_override(assignment: str) -> dict[str, Any]:
     """'training.learning_rate=1e-4' -> {'training': {'learning_rate': 1e-4}} (value parsed as YAML)."""
     if "=" not in assignment:
-        raise HarnessError(f"--set '{assignment}': expected key=value, e.g. training.learning_rate=1e-4")
+        raise HarnessError(f"--set '{shown(assignment)}': expected key=value, e.g. training.learning_rate=1e-4")
     key, _, text = assignment.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise HarnessError(f"--set '{assignment}': empty key")
+        raise HarnessError(f"--set '{shown(assignment)}': empty key")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise HarnessError(f"--set {key}: value nested too deeply") from None
     nested: dict[str, Any] = {}
     cursor = nested
     parts = key.split(".")
@@ -203,7 +246,7 @@ def build_spec(
         validate_spec(raw, f"config file {config_file}")
     for assignment in overrides:
         raw = deep_merge(raw, parse_override(assignment))
-        validate_spec(raw, f"--set {assignment}")
+        validate_spec(raw, f"--set {shown(assignment)}")
     for key, value in flags.items():
         if value is not None:
             raw = deep_merge(raw, _nest(key, value))

@@ -5,7 +5,9 @@ weights with fp32 master weights, rich progress, checkpoints and resume."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +25,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from harness.batching import RowDataset, collate_rows
-from harness.interrupts import StopOnSigterm, raise_if_terminated
+from harness.interrupts import (
+    kill_point_for_tests,
+    raise_if_terminated,
+    set_in_training,
+    termination_requested,
+)
 from harness.losses import final_hidden_states, response_token_losses
 from harness.neftune import noisy_input_embeddings
 from harness.spec import TrainingSpec
@@ -194,6 +200,24 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     self._write_back(parameter, master)  # the same rounding as the interrupted run
 
 
+class StopOnSigterm(TrainerCallback):
+    """Checks the SIGTERM flag after every optimizer step: save a checkpoint, then stop training."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        set_in_training(True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if termination_requested():
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        set_in_training(False)
+
+
+PROGRESS_KEY = "HarnessProgress"  # our entry in a checkpoint's trainer_state.json (stateful_callbacks)
+
+
 @dataclass
 class TokenCounter:
     real_tokens: int = 0
@@ -240,6 +264,16 @@ class ResponseOnlyTrainer(Trainer):
             self.counter.response_tokens += losses.numel()
             self.counter.examples += int(inputs["num_examples"])
         return (loss, None) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        """Store the token counters and the loss sum in the checkpoint's trainer_state.json (written with
+        it, so they cannot disagree): a resumed run reports the whole run's tokens and mean loss."""
+        self.state.stateful_callbacks[PROGRESS_KEY] = {
+            **vars(self.counter),
+            "loss_sum": self._total_loss_scalar + float(self._tr_loss.item()),
+        }
+        super()._save_checkpoint(model, trial)
+        kill_point_for_tests(f"train/{Path(self.args.output_dir).name}", self.state.global_step)
 
     def create_optimizer(self, model=None):  # type: ignore[override]
         if not self.master_weights:
@@ -311,9 +345,49 @@ class TrainResult:
     wall_seconds: float = 0.0
     resumed_from_step: int = 0
     precision: str = "fp32"
+    steps_run: int = 0  # optimizer steps run by this process (steps - resumed_from_step): resume counters
 
     def as_record(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer state was written. transformers writes trainer_state.json
+    after the weights, optimizer and RNG states, so a folder without it is a save cut short by a kill:
+    it is removed, and the previous checkpoint (rotation deletes it only after the new one is complete)
+    is used."""
+    if not output_dir.is_dir():
+        return None
+    for checkpoint in sorted(output_dir.glob("checkpoint-*"), key=_checkpoint_step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return checkpoint
+        except (OSError, json.JSONDecodeError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def _checkpoint_step(path: Path) -> int:
+    suffix = path.name.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _saved_progress(checkpoint: Path | None) -> dict[str, Any]:
+    if checkpoint is None:
+        return {}
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return state.get("stateful_callbacks", {}).get(PROGRESS_KEY, {}) or {}
+
+def cast_parameters(model: Any, dtype: torch.dtype) -> None:
+    """Cast the weights only. `model.to(dtype)` would also cast floating buffers, and RoPE's inv_freq in
+    bf16 moves every position's angle (logits off by ~0.9 on SmolLM2): the model would then compute
+    differently from the same weights loaded by from_pretrained(dtype=...), which keeps it in fp32."""
+    for parameter in model.parameters():
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def apply_lora(model: Any, settings: TrainingSpec) -> Any:
@@ -348,7 +422,7 @@ def train_sft(
     assert settings.learning_rate is not None, "resolve the learning rate from the model set first"
     console = console or Console(stderr=True)
     precision = resolve_precision(settings.precision)
-    model = model.to(weight_dtype(precision))
+    cast_parameters(model, weight_dtype(precision))
     model = apply_lora(model, settings)
     dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
@@ -395,13 +469,20 @@ def train_sft(
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last_checkpoint = last_complete_checkpoint(output_dir)
+    saved = _saved_progress(last_checkpoint)
+    for name in vars(trainer.counter):
+        setattr(trainer.counter, name, int(saved.get(name, 0)))
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=last_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     raise_if_terminated(trainer.state.global_step)
     wall = time.perf_counter() - started
     curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
-    resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
+    resumed_step = _checkpoint_step(last_checkpoint) if last_checkpoint else 0
+    steps_run = trainer.state.global_step - resumed_step
+    mean_loss = float(train_output.training_loss)
+    if resumed_step and "loss_sum" in saved:  # Trainer's mean covers only the steps run by this process
+        mean_loss = (float(saved["loss_sum"]) + mean_loss * steps_run) / max(trainer.state.global_step, 1)
     result = TrainResult(
         steps=trainer.state.global_step,
         examples=len(examples),
@@ -410,11 +491,12 @@ def train_sft(
         response_tokens=trainer.counter.response_tokens,
         epoch_tokens=dataset.token_count(),
         final_loss=curve[-1][1] if curve else None,
-        mean_loss=float(train_output.training_loss),
+        mean_loss=mean_loss,
         loss_curve=curve,
         wall_seconds=wall,
         resumed_from_step=resumed_step,
         precision=precision,
+        steps_run=steps_run,
     )
     trained = trainer.model
     if settings.lora is not None:

@@ -16,8 +16,10 @@ Confidences are cached artifacts keyed by the reference model, data and training
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -70,20 +72,30 @@ class SFTMixLoss:
 
 
 class CheckpointPerplexities(TrainerCallback):
-    """At each chosen optimizer step, the mean response perplexity of every training example."""
+    """At each chosen optimizer step, the mean response perplexity of every training example.
 
-    def __init__(self, steps: set[int], examples: list, pad_token_id: int):
+    With a `path` they are saved as they come, so a reference training resumed after a kill (or found
+    finished by the runner) still has the perplexities of the steps before the restart."""
+
+    def __init__(self, steps: set[int], examples: list, pad_token_id: int, path: Path | None = None):
         self.steps = steps
         self.examples = examples
         self.pad_token_id = pad_token_id
+        self.path = path
         self.perplexities: dict[int, list[float]] = {}
         self.forward_tokens = 0
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            self.perplexities = {int(step): values for step, values in saved["perplexities"].items()}
+            self.forward_tokens = int(saved["forward_tokens"])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps and state.global_step not in self.perplexities:
             losses, stats = mean_response_losses(model, self.examples, pad_token_id=self.pad_token_id, description=f"confidence @ step {state.global_step}")
             self.perplexities[state.global_step] = np.exp(losses).tolist()
             self.forward_tokens += stats.forward_tokens
+            if self.path is not None:
+                atomic_write_json(self.path, {"perplexities": self.perplexities, "forward_tokens": self.forward_tokens})
             model.train()
 
 
@@ -112,7 +124,8 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
     total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
     checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
     steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})
-    recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id)
+    saved = ctx.run_dir / "checkpoints" / "reference_perplexities.json"
+    recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id, saved)
     _, result = ctx.train(model, tokenizer, ctx.data.records, stage="reference", overrides={"epochs": epochs},
                           callbacks=[recorder], overhead=True)
     perplexities = np.array([recorder.perplexities[step] for step in sorted(recorder.perplexities)])

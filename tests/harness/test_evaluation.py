@@ -380,6 +380,38 @@ def test_run_suite_records_subsets_and_per_example_results(tiny, tmp_path, monke
     assert limited["tasks"]["local_arc_challenge"]["n"] == 2
 
 
+def test_resume_reuses_finished_tasks_and_replays_the_request_cache_bit_identically(tiny, tmp_path):
+    """With resume (the runner's run directory), a finished task is reused from result_<task>.json and a
+    task started again replays lm-eval's request cache: the same metrics and per-example log-likelihoods,
+    to the bit, as an evaluation without any cache."""
+    model, tokenizer = tiny
+    suite = make_suite(tasks=[{"task": "local_arc_easy", "limit": 12}, {"task": "local_boolq", "limit": 4}])
+    plain = run_suite(model, tokenizer, suite, output_dir=tmp_path / "plain", batch_size=4)
+    assert not (tmp_path / "plain" / "request_cache").exists() and not list((tmp_path / "plain").glob("result_*"))
+    total = plain["work"]["requests_computed"]
+    assert plain["work"] == {"tasks_computed": 2, "tasks_reused": 0, "requests_computed": total, "requests_cached": 0}
+    choices = {name: sum(len(json.loads(line)["loglikelihoods"]) for line in (tmp_path / "plain" / f"samples_{name}.jsonl").open())
+               for name in ("local_arc_easy", "local_boolq")}  # one log-likelihood request per choice
+    assert total == sum(choices.values()) and choices["local_boolq"] == 4 * 2
+
+    def without_seconds(tasks: dict) -> dict:
+        return {name: {k: v for k, v in entry.items() if k != "seconds"} for name, entry in tasks.items()}
+
+    resumed = tmp_path / "resumed"
+    first = run_suite(model, tokenizer, suite, output_dir=resumed, batch_size=4, resume=True)
+    assert first["work"] == plain["work"] and without_seconds(first["tasks"]) == without_seconds(plain["tasks"])
+    again = run_suite(model, tokenizer, suite, output_dir=resumed, batch_size=4, resume=True)
+    assert again["work"] == {"tasks_computed": 0, "tasks_reused": 2, "requests_computed": 0, "requests_cached": 0}
+    assert again["tasks"] == first["tasks"]
+    (resumed / "result_local_arc_easy.json").unlink()  # as if killed before the task's result was saved
+    replayed = run_suite(model, tokenizer, suite, output_dir=resumed, batch_size=4, resume=True)
+    assert replayed["work"] == {"tasks_computed": 1, "tasks_reused": 1, "requests_computed": 0,
+                                "requests_cached": choices["local_arc_easy"]}
+    assert without_seconds(replayed["tasks"]) == without_seconds(plain["tasks"])
+    for name in ("samples_local_arc_easy.jsonl", "samples_local_boolq.jsonl"):
+        assert (resumed / name).read_text() == (tmp_path / "plain" / name).read_text()
+
+
 @pytest.mark.slow
 def test_smollm2_arc_easy_is_clearly_above_chance(tmp_path):
     """The real SmolLM2-135M-Instruct on 150 random ARC-Easy items (0-shot, plain prompt)."""

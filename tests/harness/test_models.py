@@ -37,6 +37,9 @@ def test_resolution_of_names_paths_and_hub_ids(tmp_path):
     assert resolve_model("tiny").weights == "builtin:tiny"
     assert resolve_model("meta-llama/Llama-2-7b-hf").entry.template == "alpaca"
     (tmp_path / "m").mkdir()
+    with pytest.raises(HarnessError, match="has no config.json"):  # not a model: refused before any run
+        resolve_model(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path / "m")).weights == str(tmp_path / "m")
     with pytest.raises(HarnessError, match="did you mean 'smollm2-135m-instruct'"):
         resolve_model("smollm2-135m")

@@ -155,3 +155,22 @@ def test_neftune_noise_only_while_training(tiny, sample_records):
         train_noisy, _ = sft_loss(model, batch, neftune_alpha=5.0)
     assert torch.equal(clean, eval_noisy)  # absent in eval mode
     assert not torch.equal(train_clean, train_noisy)
+
+
+def test_bf16_training_keeps_rope_buffers_in_fp32_so_the_saved_model_computes_the_same(tiny, sample_records, tmp_path):
+    """Pure bf16 casts the weights only: a model.to(bfloat16) would put RoPE's inv_freq in bf16 too, and
+    the same weights loaded with from_pretrained (fp32 inv_freq) would then give other logits - a stage
+    reloaded on resume, or the saved model/ evaluated later, would not reproduce the run."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:16], tokenizer, "chat", 256)
+    settings = TrainingSpec(learning_rate=3e-3, max_steps=2, batch_size=4, save_steps=0, precision="bf16")
+    trained, _ = train_sft(copy.deepcopy(model), tokenizer, examples, settings, tmp_path / "run", seed=0)
+    assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in trained.buffers()} == {torch.float32}
+    trained.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16).eval()
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        assert torch.equal(trained.eval()(ids).logits, reloaded(ids).logits)
