@@ -20,6 +20,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check harness recipes benchmarks tests perf scripts docker
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/harness leaderboard --check
 
 bench: setup
 	$(BIN)/python perf/train_throughput.py
