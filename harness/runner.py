@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
-from harness import __version__
+from harness import __version__, distributed
 from harness.artifacts import ArtifactCache
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
@@ -173,13 +173,17 @@ class RunContext:
         return scores
 
     def evaluate(self, model: Any, tokenizer: Any, name: str) -> dict[str, Any]:
-        """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage)."""
+        """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage); with several
+        processes the main one evaluates and the others get its results."""
+        tasks = None
         with self.stage(f"evaluate:{name}"):
-            return run_suite(
-                model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
-                batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
-                online=self.spec.eval.online,
-            )["tasks"]
+            if distributed.is_main():
+                tasks = run_suite(
+                    model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
+                    batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template,
+                    seed=self.spec.seed, online=self.spec.eval.online,
+                )["tasks"]
+            return distributed.from_main(tasks)
 
 
 def find_record(run_dir: Path) -> dict[str, Any] | None:
@@ -193,22 +197,41 @@ def find_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, save_model: bool = True) -> dict[str, Any]:
-    """Run (or resume) the prepared run and return its record; a finished run is not redone."""
+    """Run (or resume) the prepared run and return its record; a finished run is not redone.
+
+    In a job of several processes (accelerate launch, torchrun) every process trains; only the main one
+    locks and writes the run directory, evaluates and writes the record, which all of them return."""
+    distributed.init()
     run_dir = output_root / prepared.run_id
-    existing = find_record(run_dir)
+    existing = distributed.from_main(find_record(run_dir))
     if existing is not None:
         console.print(f"[green]run {prepared.run_id} is already complete[/]: {run_dir / 'record.json'}")
         return existing
+    if not distributed.is_main():
+        _raise_main_error(None)  # the main process's checks below passed, or every process stops here
+        return _execute(prepared, run_dir, console, save_model)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with run_lock(run_dir):
-            check_resumable(run_dir)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(run_lock(run_dir))
+                check_resumable(run_dir)
+            except HarnessError as error:
+                _raise_main_error(str(error))  # tells the other processes, then raises here too
+            _raise_main_error(None)
             return _execute(prepared, run_dir, console, save_model)
     except HarnessError:
         if created:  # a user-input problem found late: leave nothing half-written behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _raise_main_error(message: str | None) -> None:
+    """Every process raises the main process's error (each then exits with the same one line)."""
+    message = distributed.from_main(message)
+    if message is not None:
+        raise HarnessError(message)
 
 
 @contextlib.contextmanager
@@ -258,6 +281,9 @@ def check_resumable(run_dir: Path) -> None:
 def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool) -> dict[str, Any]:
     started_at = dt.datetime.now(dt.timezone.utc)
     wall_started = time.perf_counter()
+    if not distributed.is_main():
+        prepared.recipe.run(RunContext(prepared, run_dir, console))  # training takes every process
+        return distributed.from_main(None)  # waits for the main process's record
     atomic_write_text(run_dir / "spec.yaml", spec_to_yaml(prepared.spec))
     ctx = RunContext(prepared, run_dir, console)
     console.print(
@@ -287,7 +313,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
     overhead_train_tokens = sum(
         result.real_tokens for stage, result in ctx.train_results.items() if stage in ctx.overhead_stages
     ) + int(output.details.get("cached_overhead_train_tokens", 0))
-    device_count = 1
+    device_count = distributed.world_size()  # processes: one device each
     record = {
         "schema_version": RECORD_SCHEMA_VERSION,
         "run_id": prepared.run_id,
@@ -317,6 +343,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "overhead_train_tokens": overhead_train_tokens,
             "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
             "wall_seconds": round(wall, 2),
+            "device_count": device_count,
             "device_hours": round(wall * device_count / 3600, 5),
             "judge_cost_usd": output.details.get("judge_cost_usd", 0.0),
         },
@@ -326,4 +353,4 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "host": host_info(),
     }
     atomic_write_json(run_dir / "record.json", record)
-    return record
+    return distributed.from_main(record)
