@@ -11,8 +11,10 @@ process group's timeout is HARNESS_DIST_TIMEOUT seconds (default 6 h; torch's de
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+from collections.abc import Iterator
 from typing import TypeVar
 
 import torch
@@ -103,6 +105,18 @@ def from_main(value: T) -> T:
 
 def barrier() -> None:
     if active():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """The main process runs the block first, then the others: shared caches (the tiny model's build,
+    a GGUF conversion, hub downloads) are filled once instead of by every process at the same time.
+    Every process must enter it."""
+    if active() and not is_main():
+        dist.barrier()
+    yield
+    if active() and is_main():
         dist.barrier()
 
 

@@ -117,7 +117,7 @@ class RunContext:
 
     def base_model(self) -> tuple[Any, Any]:
         """A fresh copy of the base model and its tokenizer, in the run's weight dtype."""
-        with self.stage("load_model"):
+        with self.stage("load_model"), distributed.main_first():
             return load_model_and_tokenizer(self.model_info, dtype=weight_dtype(self.spec.training.precision))
 
     def train(

@@ -42,6 +42,22 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return exited.value.code or 0, captured.out, captured.err
 
 
+def harness_run(args: list[str]) -> subprocess.CompletedProcess:
+    """`harness run ...` in a fresh process on the CPU (both runs alike, also on a machine with a GPU)."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", *args], env=environment, capture_output=True, text=True,
+        timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
 def only_run_dir(output: Path) -> Path:
     records = list(output.rglob("record.json"))
     assert len(records) == 1, records
@@ -55,23 +71,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path, capsys, precision: str):
+def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path, precision: str):
     loss_tolerance, weight_tolerance = TOLERANCES[precision]
     common = [*COMMON, "--set", f"training.precision={precision}"]
     one, two = tmp_path / "one", tmp_path / "two"
-    code, _, err = run_cli(["run", *common, "--set", "training.batch_size=8", "--output", str(one)], capsys)
-    assert code == 0, err
-    environment = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    launched = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "run", *common, "--set", "training.batch_size=4", "--nproc", "2",
-         "--output", str(two)],
-        env=environment, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert launched.returncode == 0, launched.stderr[-4000:]
+    harness_run([*common, "--set", "training.batch_size=8", "--output", str(one)])
+    launched = harness_run([*common, "--set", "training.batch_size=4", "--nproc", "2", "--output", str(two)])
     assert launched.stdout.count("one-off on tiny") == 1  # one results table: the other process stays quiet
 
     single_dir, double_dir = only_run_dir(one), only_run_dir(two)  # exactly one record per run
