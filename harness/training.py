@@ -393,6 +393,14 @@ def train_sft(
     processes = distributed.world_size()  # batch_size is per process: a step takes batch_size * processes rows
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps * processes))
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    repeated = steps_per_epoch * settings.batch_size * settings.gradient_accumulation_steps * processes - len(dataset)
+    if processes > 1 and repeated > 0 and distributed.is_main():
+        console.print(
+            f"[yellow]{description}: {repeated} rows per epoch are repeats from the epoch's start, so that each of the "
+            f"{processes} processes gets full batches (accelerate's even_batches); a batch_size that makes "
+            f"batch_size x gradient_accumulation_steps x {processes} divide the {len(dataset)} rows avoids it[/]",
+            soft_wrap=True,
+        )
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -421,6 +429,7 @@ def train_sft(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_timeout=distributed.timeout_seconds(),
+        ddp_find_unused_parameters=False,  # the loss uses every trainable parameter: no extra graph traversal
     )
     trainer = ResponseOnlyTrainer(
         model=model,
