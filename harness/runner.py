@@ -115,6 +115,12 @@ class RunContext:
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 3)
 
+    def training_key(self, settings: Any) -> dict[str, Any]:
+        """Training settings as part of an artifact's cache key: with several processes the global batch is
+        batch_size x processes, so the count joins the key (one process: unchanged, so caches stay valid)."""
+        key = settings.model_dump(mode="json")
+        return key | {"processes": distributed.world_size()} if distributed.world_size() > 1 else key
+
     def base_model(self) -> tuple[Any, Any]:
         """A fresh copy of the base model and its tokenizer, in the run's weight dtype."""
         with self.stage("load_model"), distributed.main_first():

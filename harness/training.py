@@ -367,6 +367,12 @@ def apply_lora(model: Any, settings: TrainingSpec) -> Any:
     return get_peft_model(model, config)
 
 
+def optimizer_steps_per_epoch(rows: int, settings: TrainingSpec) -> int:
+    """Optimizer steps in one pass over `rows` packed rows: batch_size is per process, so a step takes
+    batch_size x gradient_accumulation_steps x processes rows."""
+    return math.ceil(rows / (settings.batch_size * settings.gradient_accumulation_steps * distributed.world_size()))
+
+
 def train_sft(
     model: Any,
     tokenizer: Any,
@@ -390,8 +396,8 @@ def train_sft(
     model = model.to(weight_dtype(precision))
     model = apply_lora(model, settings)
     dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
-    processes = distributed.world_size()  # batch_size is per process: a step takes batch_size * processes rows
-    steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps * processes))
+    processes = distributed.world_size()
+    steps_per_epoch = optimizer_steps_per_epoch(len(dataset), settings)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
     repeated = steps_per_epoch * settings.batch_size * settings.gradient_accumulation_steps * processes - len(dataset)
     if processes > 1 and repeated > 0 and distributed.is_main():
