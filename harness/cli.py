@@ -328,23 +328,28 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except RunTerminated as stopped:
-        click.echo(f"error: {stopped}", err=True)
+        say(f"error: {stopped}")
         sys.exit(EXIT_TERMINATED)
     except HarnessError as error:
-        if os.environ.get("RANK", "0") == "0":  # in a job of several processes each raises it: say it once
-            click.echo(f"error: {error}", err=True)
+        say(f"error: {error}")
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.Abort:
-        click.echo("error: aborted", err=True)
+        say("error: aborted")
         sys.exit(130)
     except click.ClickException as error:
-        click.echo(f"error: {error.format_message()}", err=True)
+        say(f"error: {error.format_message()}")
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; rerun the same command to resume", err=True)
+        say("error: interrupted; rerun the same command to resume")
         sys.exit(130)
+
+
+def say(line: str) -> None:
+    """One line on stderr; in a job of several processes each meets the same error, so only rank 0 says it."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(line, err=True)
 
 
 if __name__ == "__main__":
