@@ -3,6 +3,10 @@ stages in a run directory named by the spec hash, evaluate, and write one run re
 
 A run directory holds spec.yaml (the resolved spec), checkpoints/<stage>/ (Trainer checkpoints, so
 a rerun resumes), model/ (the final weights), eval/ (per-example results) and record.json.
+
+Several processes (harness run --nproc N, accelerate launch, torchrun) all run the recipe, since
+training takes every one of them; only the main process writes the run directory and evaluates
+(harness.distributed).
 """
 
 from __future__ import annotations
