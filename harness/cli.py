@@ -322,9 +322,18 @@ def docker_build(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click without its own exception handling, so every user error is one line."""
-    from harness.interrupts import EXIT_TERMINATED, RunTerminated, install_sigterm_handler
+    from harness.interrupts import install_sigterm_handler
 
     install_sigterm_handler()
+    try:
+        _main(argv)
+    finally:
+        leave_process_group()
+
+
+def _main(argv: list[str] | None) -> None:
+    from harness.interrupts import EXIT_TERMINATED, RunTerminated
+
     try:
         cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except RunTerminated as stopped:
@@ -344,6 +353,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         say("error: interrupted; rerun the same command to resume")
         sys.exit(130)
+
+
+def leave_process_group() -> None:
+    """In a job of several processes, close the process group before exiting: left to interpreter
+    shutdown, gloo's threads can abort the process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def say(line: str) -> None:

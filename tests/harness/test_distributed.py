@@ -42,7 +42,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return exited.value.code or 0, captured.out, captured.err
 
 
-def harness_run(args: list[str]) -> subprocess.CompletedProcess:
+def harness_run(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
     """`harness run ...` in a fresh process on the CPU (both runs alike, also on a machine with a GPU)."""
     environment = {
         **os.environ,
@@ -54,7 +54,7 @@ def harness_run(args: list[str]) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "harness.cli", "run", *args], env=environment, capture_output=True, text=True,
         timeout=600, check=False,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == expect, done.stderr[-4000:]
     return done
 
 
@@ -113,6 +113,21 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     # (c) the processes' replicas were bit-identical at the end: the runner checks it after every
     # training stage and fails the run otherwise (test_replicas_that_differ_are_named shows it can)
     assert double["metrics"].keys() == single["metrics"].keys()
+
+
+def test_an_error_found_by_the_main_process_stops_every_process_in_one_line(tmp_path: Path):
+    from harness.runner import prepare_run
+    from harness.spec import build_spec
+
+    args = ["--set", "data.limit=16", "--limit", "4", "--output", str(tmp_path)]
+    run_dir = tmp_path / prepare_run(build_spec(config_file=None, overrides=["data.limit=16"], flags={"eval.limit": 4})).run_id
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"git_commit": "0" * 40}))  # started by other code: refused
+    done = harness_run([*args, "--nproc", "2"], expect=2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error") or "Error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: run directory {run_dir} was started by harness commit 0000")
+    assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
+    assert sorted(path.name for path in run_dir.iterdir()) == [".lock", "run.json"]  # nothing written by either
 
 
 def weights_of_base(name: str) -> torch.Tensor:
