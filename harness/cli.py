@@ -63,7 +63,13 @@ def cli() -> None:
     type=click.Choice(["ddp", "fsdp", "zero3"]),
     default="ddp",
     show_default=True,
-    help="with --docker and several GPUs: DDP, FSDP or DeepSpeed ZeRO-3",
+    help="with several processes (--docker on several GPUs, or --nproc): DDP (FSDP and ZeRO-3 are refused for now)",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="data-parallel processes on this machine (one per GPU; gloo processes on CPU) under accelerate launch",
 )
 @click.option("--docker-network", default=None, help="with --docker: container network, e.g. none (offline) or host")
 def run(
@@ -81,13 +87,22 @@ def run(
     image: str | None,
     gpus: str | None,
     distributed: str,
+    nproc: int | None,
     docker_network: str | None,
 ) -> None:
     """Train with a recipe, evaluate, write a run record and print the results."""
     from harness.spec import build_spec
 
-    if not in_docker and (image or gpus or docker_network or distributed != "ddp"):
-        raise HarnessError("--image, --gpus, --distributed and --docker-network need --docker")
+    if not in_docker and (image or gpus or docker_network):
+        raise HarnessError("--image, --gpus and --docker-network need --docker")
+    if in_docker and nproc is not None:
+        raise HarnessError("--nproc is for runs on this machine; with --docker, --gpus sets the processes (one per GPU)")
+    if distributed != "ddp" and not (in_docker or (nproc or 1) > 1):
+        raise HarnessError(f"--distributed {distributed} needs several processes: --nproc N, or --docker with several GPUs")
+    if distributed != "ddp" and (nproc or 1) > 1:
+        from harness.distributed import unsupported_message
+
+        raise HarnessError(unsupported_message(distributed))
 
     flags: dict[str, Any] = {
         "recipe": recipe,
@@ -112,8 +127,10 @@ def run(
         prepared_runs = [prepare_run(sub_spec) for sub_spec in specs_for_all(spec)]
     else:
         prepared_runs = [prepare_run(spec)]  # with --docker too: bad input never starts a container
+    from harness.container import container_argv
+
     if in_docker:
-        from harness.container import container_argv, run_docker
+        from harness.container import run_docker
 
         argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)
         if online:
@@ -134,13 +151,60 @@ def run(
         if status != 0:
             sys.exit(status)
         return
+    if (nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # launch the processes; each runs this command
+        argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)[:-1] + [str(output)]
+        if online:
+            argv.insert(1, "--online")
+        sys.exit(launch_processes(nproc or 1, argv))
+    if os.environ.get("RANK", "0") != "0":
+        console.quiet = True  # one process speaks for the job
     records = [execute_run(prepared, output, console) for prepared in prepared_runs]
+    if console.quiet:
+        return
     if spec.recipe == "all":
         from harness.compare import comparison_table
 
         stdout_console().print(comparison_table(records))
     else:
         print_record_summary(records[0])
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """`harness <argv>` in `nproc` processes under accelerate launch (DDP: NCCL on GPUs, gloo on CPU), and
+    the exit status: the first failed process's (a user error in it is its one line, said by rank 0).
+
+    The launcher runs in this process so that a failed process gives its status, not the launcher's
+    traceback; the processes find each other on a free local port."""
+    import logging
+    import socket
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = launch_command_parser().parse_args([
+        "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+        "--multi_gpu",  # torch's elastic launcher, also on CPU (gloo); accelerate's --cpu would start one process
+        "-m", "harness.cli", *argv,
+    ])  # fmt: skip
+    console.print(f"[bold]{nproc} processes[/]: accelerate launch -m harness.cli {' '.join(argv)}", soft_wrap=True)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
+    try:
+        launch_command(args)
+    except ChildFailedError as failed:
+        first = min(failed.failures.values(), key=lambda failure: failure.timestamp)
+        status = first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # killed by a signal: 128 + signal
+        if status != 2:  # 2: a user error, already said in one line by the process
+            console.print(f"error: the {nproc}-process run failed: process {first.local_rank} exited with {status}")
+        return status
+    except SignalException as stopped:
+        console.print(f"error: stopped by {stopped.sigval.name}; rerun the same command to resume")
+        return 128 + int(stopped.sigval)
+    return 0
 
 
 def print_record_summary(record: dict[str, Any]) -> None:
@@ -349,28 +413,51 @@ def one_line(message: object) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click without its own exception handling, so every user error is one line."""
-    from harness.interrupts import EXIT_TERMINATED, RunTerminated, install_sigterm_handler
+    from harness.interrupts import install_sigterm_handler
 
     install_sigterm_handler()
     try:
+        _main(argv)
+    finally:
+        leave_process_group()
+
+
+def _main(argv: list[str] | None) -> None:
+    from harness.interrupts import EXIT_TERMINATED, RunTerminated
+
+    try:
         cli.main(args=argv, prog_name="harness", standalone_mode=False)
     except RunTerminated as stopped:
-        click.echo(f"error: {one_line(stopped)}", err=True)
+        say(f"error: {one_line(stopped)}")
         sys.exit(EXIT_TERMINATED)
     except HarnessError as error:
-        click.echo(f"error: {one_line(error)}", err=True)
+        say(f"error: {one_line(error)}")
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.Abort:
-        click.echo("error: aborted", err=True)
+        say("error: aborted")
         sys.exit(130)
     except click.ClickException as error:
-        click.echo(f"error: {one_line(error.format_message())}", err=True)
+        say(f"error: {one_line(error.format_message())}")
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; rerun the same command to resume", err=True)
+        say("error: interrupted; rerun the same command to resume")
         sys.exit(130)
+
+
+def leave_process_group() -> None:
+    """In a job of several processes, close the process group before exiting: left to interpreter
+    shutdown, gloo's threads can abort the process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def say(line: str) -> None:
+    """One line on stderr; in a job of several processes each meets the same error, so only rank 0 says it."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(line, err=True)
 
 
 if __name__ == "__main__":

@@ -601,12 +601,10 @@ def run_docker(
     gpus = parse_gpus(gpus_value, len(host))
     if gpus.nproc == "1" and distributed != "ddp":
         console.print(f"[yellow]--distributed {distributed} has no effect with one process[/]")
-    if gpus.nproc != "1":  # see tests/test_docker_integration.py::test_two_processes_train_under_accelerate_launch
-        console.print(
-            "[yellow]several GPUs: the image launches one process per GPU, but the training core does not "
-            "support several processes yet (its loss bypasses the DDP/FSDP wrapper); use --gpus 1 for now[/]",
-            soft_wrap=True,
-        )
+    elif distributed != "ddp":  # refused on the host too, before an image is built (harness.distributed)
+        from harness.distributed import unsupported_message
+
+        raise HarnessError(unsupported_message(distributed))
     image, tag = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
     mounts = plan_mounts(spec, [str(config_file)] if config_file else [], output, cwd, dict(os.environ))

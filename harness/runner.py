@@ -3,6 +3,10 @@ stages in a run directory named by the spec hash, evaluate, and write one run re
 
 A run directory holds spec.yaml (the resolved spec), checkpoints/<stage>/ (Trainer checkpoints, so
 a rerun resumes), model/ (the final weights), eval/ (per-example results) and record.json.
+
+Several processes (harness run --nproc N, accelerate launch, torchrun) all run the recipe, since
+training takes every one of them; only the main process writes the run directory and evaluates
+(harness.distributed).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
-from harness import __version__
+from harness import __version__, distributed
 from harness.artifacts import ArtifactCache, content_key, file_digest
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
@@ -120,9 +124,15 @@ class RunContext:
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 3)
 
+    def training_key(self, settings: Any) -> dict[str, Any]:
+        """Training settings as part of an artifact's cache key: with several processes the global batch is
+        batch_size x processes, so the count joins the key (one process: unchanged, so caches stay valid)."""
+        key = settings.model_dump(mode="json")
+        return key | {"processes": distributed.world_size()} if distributed.world_size() > 1 else key
+
     def base_model(self) -> tuple[Any, Any]:
         """A fresh copy of the base model and its tokenizer, in the run's weight dtype."""
-        with self.stage("load_model"):
+        with self.stage("load_model"), distributed.main_first():
             return load_model_and_tokenizer(self.model_info, dtype=weight_dtype(self.spec.training.precision))
 
     def train(
@@ -154,9 +164,10 @@ class RunContext:
             seed=self.spec.seed, extra_loss=repr(extra_loss), base=self.base_model_key,
         )
         with self.stage(f"train:{stage}"):
-            finished = self._finished_stage(stage_dir, key)
-            if finished is not None:
-                trained, result = finished
+            # the main process checks the marker; every process then loads the same final model
+            done = distributed.from_main(self._finished_result(stage_dir, key) if distributed.is_main() else None)
+            if done is not None:
+                trained, result = self._load_final(stage_dir), done
                 self.console.print(f"stage {stage}: finished by an earlier attempt; loaded its final model")
                 self.training_work[stage] = {"reused": True, "steps_run": 0, "resumed_from_step": result.steps}
             else:
@@ -173,7 +184,9 @@ class RunContext:
                     rows=rows,
                     callbacks=callbacks,
                 )
-                self._mark_finished(stage_dir, key, trained, result)
+                if distributed.is_main():
+                    self._mark_finished(stage_dir, key, trained, result)
+                distributed.barrier()
                 self.training_work[stage] = {
                     "reused": False, "steps_run": result.steps_run, "resumed_from_step": result.resumed_from_step,
                 }
@@ -182,9 +195,9 @@ class RunContext:
             self.overhead_stages.add(stage)
         return trained, result
 
-    def _finished_stage(self, stage_dir: Path, key: str) -> tuple[Any, TrainResult] | None:
-        """The final model and result of a stage an earlier attempt of this run finished, if its marker
-        matches this stage's inputs and its weights match their recorded hashes (else it is retrained)."""
+    def _finished_result(self, stage_dir: Path, key: str) -> TrainResult | None:
+        """The result of a stage an earlier attempt of this run finished, if its marker matches this stage's
+        inputs and its saved final weights match their recorded hashes (else the stage is retrained)."""
         marker = stage_dir / "done.json"
         try:
             done = json.loads(marker.read_text())
@@ -197,17 +210,19 @@ class RunContext:
             self.console.print(f"[yellow]stage {stage_dir.name}: the saved final model does not match; retraining[/]")
             marker.unlink(missing_ok=True)
             return None
+        try:
+            return TrainResult(**done["result"])
+        except (TypeError, KeyError):  # a marker from another harness version
+            return None
+
+    def _load_final(self, stage_dir: Path) -> Any:
         import torch
         from transformers import AutoModelForCausalLM
 
-        try:
-            result = TrainResult(**done["result"])
-        except (TypeError, KeyError):  # a marker from another harness version
-            return None
-        loaded = AutoModelForCausalLM.from_pretrained(final, dtype=weight_dtype(self.spec.training.precision))
+        loaded = AutoModelForCausalLM.from_pretrained(stage_dir / "final", dtype=weight_dtype(self.spec.training.precision))
         loaded.config.use_cache = False
         loaded.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        return loaded, result
+        return loaded
 
     def _mark_finished(self, stage_dir: Path, key: str, trained: Any, result: TrainResult) -> None:
         """Save the stage's final model, then its marker (with the weights' sha256), then drop the Trainer
@@ -241,17 +256,21 @@ class RunContext:
         )
 
     def evaluate(self, model: Any, tokenizer: Any, name: str) -> dict[str, Any]:
-        """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage)."""
+        """Run the run's suite on an intermediate model (e.g. after each Phased IFT stage); with several
+        processes the main one evaluates and the others get its results."""
+        tasks = None
         with self.stage(f"evaluate:{name}"):
-            evaluation = run_suite(
-                model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
-                batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template, seed=self.spec.seed,
-                online=self.spec.eval.online, judge=self.spec.eval.judge,
-                context=self.section_context(f"{self.run_dir.name}:{name}"), resume=True,
-            )
-        self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
-        self.evaluation_work[name] = evaluation["work"]
-        return evaluation["tasks"]
+            if distributed.is_main():
+                evaluation = run_suite(
+                    model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
+                    batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template,
+                    seed=self.spec.seed, online=self.spec.eval.online, judge=self.spec.eval.judge,
+                    context=self.section_context(f"{self.run_dir.name}:{name}"), resume=True,
+                )
+                self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
+                self.evaluation_work[name] = evaluation["work"]
+                tasks = evaluation["tasks"]
+            return distributed.from_main(tasks)
 
 
 def record_digest(record: dict[str, Any]) -> str:
@@ -283,12 +302,27 @@ def find_record(run_dir: Path, run_id: str | None = None) -> dict[str, Any] | No
 
 
 def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, save_model: bool = True) -> dict[str, Any]:
-    """Run (or resume) the prepared run and return its record; a finished run is not redone."""
+    """Run (or resume) the prepared run and return its record; a finished run is not redone.
+
+    In a job of several processes (accelerate launch, torchrun) every process trains; only the main one
+    locks and writes the run directory, evaluates and writes the record, which all of them return."""
+    distributed.init()
     run_dir = output_root / prepared.run_id
-    existing = find_record(run_dir, prepared.run_id)
+    existing, problem = None, None
+    if distributed.is_main():
+        try:
+            existing = find_record(run_dir, prepared.run_id)
+        except HarnessError as error:
+            problem = str(error)
+    existing, problem = distributed.from_main((existing, problem))
+    if problem is not None:
+        raise HarnessError(problem)
     if existing is not None:
         console.print(f"[green]run {prepared.run_id} is already complete[/]: {run_dir / 'record.json'}")
         return existing
+    if not distributed.is_main():
+        _raise_main_error(None)  # the main process's checks below passed, or every process stops here
+        return _execute(prepared, run_dir, console, save_model)
     if (run_dir / "record.json").exists():
         console.print(f"[yellow]run {prepared.run_id}: record.json is damaged; finishing the run again from its saved stages[/]")
     created = not run_dir.exists()
@@ -297,8 +331,14 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
     except OSError as error:
         raise HarnessError(f"--output {output_root}: cannot create the run directory ({error.strerror})") from None
     try:
-        with run_lock(run_dir):
-            attempts = check_resumable(run_dir, prepared.run_id)
+        with contextlib.ExitStack() as stack:
+            attempts = 1
+            try:
+                stack.enter_context(run_lock(run_dir))
+                attempts = check_resumable(run_dir, prepared.run_id)
+            except HarnessError as error:
+                _raise_main_error(str(error))  # tells the other processes, then raises here too
+            _raise_main_error(None)
             return _execute(prepared, run_dir, console, save_model, attempts)
     except HarnessError:
         # a user-input problem found late: leave nothing half-written behind, unless the run got as far as
@@ -307,6 +347,13 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
         if created and not (run_dir / "eval").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _raise_main_error(message: str | None) -> None:
+    """Every process raises the main process's error (each then exits with the same one line)."""
+    message = distributed.from_main(message)
+    if message is not None:
+        raise HarnessError(message)
 
 
 @contextlib.contextmanager
@@ -367,6 +414,9 @@ def check_resumable(run_dir: Path, run_id: str | None = None) -> int:
 def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool, attempts: int = 1) -> dict[str, Any]:
     started_at = dt.datetime.now(dt.timezone.utc)
     wall_started = time.perf_counter()
+    if not distributed.is_main():
+        prepared.recipe.run(RunContext(prepared, run_dir, console))  # training takes every process
+        return distributed.from_main(None)  # waits for the main process's record
     atomic_write_text(run_dir / "spec.yaml", spec_to_yaml(prepared.spec))
     ctx = RunContext(prepared, run_dir, console)
     console.print(
@@ -400,7 +450,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
     overhead_train_tokens = sum(
         result.real_tokens for stage, result in ctx.train_results.items() if stage in ctx.overhead_stages
     ) + int(output.details.get("cached_overhead_train_tokens", 0))
-    device_count = 1
+    device_count = distributed.world_size()  # processes: one device each
     record = {
         "schema_version": RECORD_SCHEMA_VERSION,
         "run_id": prepared.run_id,
@@ -430,6 +480,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "overhead_train_tokens": overhead_train_tokens,
             "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
             "wall_seconds": round(wall, 2),
+            "device_count": device_count,
             "device_hours": round(wall * device_count / 3600, 5),
             # the recipe's judge (e.g. Phased IFT's difficulty scorer) plus the evaluations' judges
             "judge_cost_usd": round((output.details.get("judge_cost_usd") or 0.0) + eval_judge_cost, 6),
@@ -450,4 +501,4 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
     }
     record["content_sha256"] = record_digest(record)
     atomic_write_json(run_dir / "record.json", record)
-    return record
+    return distributed.from_main(record)

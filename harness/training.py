@@ -26,7 +26,9 @@ from rich.progress import (
 )
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from harness import distributed
 from harness.batching import RowDataset, collate_rows
+from harness.errors import HarnessError
 from harness.interrupts import (
     kill_point_for_tests,
     raise_if_terminated,
@@ -225,6 +227,31 @@ class TokenCounter:
     examples: int = 0
 
 
+def call_through_wrapper(
+    wrapper: torch.nn.Module, inner: torch.nn.Module, loss_of: Callable[..., Any], batch: dict[str, torch.Tensor]
+) -> Any:
+    """`loss_of(inner, batch)` computed inside the wrapper's forward (DDP, or any module wrapper).
+
+    The loss calls the decoder and the LM head itself instead of the model's forward. DDP arms its
+    gradient all-reduce only when its own forward runs (and skips it under no_sync while accumulating),
+    so the call has to go through the wrapper: for the duration, the inner model's forward is the loss."""
+    previous = inner.__dict__.get("forward")  # e.g. accelerate's mixed-precision wrapper of forward
+    inner.forward = functools.partial(_forward_as_loss, loss_of, inner)
+    try:
+        loss, losses = wrapper(batch)
+    finally:
+        if previous is None:
+            del inner.forward
+        else:
+            inner.forward = previous
+    return loss, losses
+
+
+def _forward_as_loss(loss_of: Callable[..., Any], inner: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    loss, losses = loss_of(inner, batch)
+    return loss, losses.detach()  # DDP looks for parameters used by the outputs: the loss covers them all
+
+
 class ResponseOnlyTrainer(Trainer):
     """Trainer whose loss is the mean cross entropy over response tokens, with the LM head applied
     only at those positions, plus an optional extra term (SFTMix's mixup, ...)."""
@@ -251,14 +278,23 @@ class ResponseOnlyTrainer(Trainer):
         return self.accelerator.autocast()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        loss, losses = sft_loss(
-            model,
-            inputs,
+        processes = self.accelerator.num_processes
+        if num_items_in_batch is not None and processes > 1 and self.args.average_tokens_across_devices:
+            # Trainer counted the response tokens of the whole global batch, and DDP averages gradients
+            # over processes: scale each process's token sum by the process count, as Trainer's own
+            # compute_loss does, so that the step's loss is the mean over the global batch.
+            num_items_in_batch = num_items_in_batch / processes
+        loss_of = functools.partial(
+            sft_loss,
             num_items_in_batch=num_items_in_batch,
             extra_loss=self.extra_loss,
             neftune_alpha=self.neftune_alpha,
             accumulation_steps=self.args.gradient_accumulation_steps,
         )
+        if model is self.model:  # one process: no wrapper, call the loss directly
+            loss, losses = loss_of(model, inputs)
+        else:
+            loss, losses = call_through_wrapper(model, self.accelerator.unwrap_model(model), loss_of, inputs)
         if model.training:
             self.counter.real_tokens += int((inputs["seq_ids"] >= 0).sum())
             self.counter.response_tokens += losses.numel()
@@ -304,6 +340,8 @@ class RichProgressCallback(TrainerCallback):
         self.task = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # one bar for a job of several processes
+            return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -336,7 +374,7 @@ class TrainResult:
     steps: int
     examples: int
     rows: int
-    real_tokens: int  # non-pad tokens processed in forward/backward (all epochs)
+    real_tokens: int  # non-pad tokens processed in forward/backward (all epochs, summed over processes)
     response_tokens: int  # tokens that carried loss
     epoch_tokens: int  # non-pad tokens in one pass over the data
     final_loss: float | None  # the last logged loss (None when the run was shorter than logging_steps)
@@ -346,6 +384,7 @@ class TrainResult:
     resumed_from_step: int = 0
     precision: str = "fp32"
     steps_run: int = 0  # optimizer steps run by this process (steps - resumed_from_step): resume counters
+    processes: int = 1  # data-parallel processes; the token counts are summed over them
 
     def as_record(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -402,6 +441,12 @@ def apply_lora(model: Any, settings: TrainingSpec) -> Any:
     return get_peft_model(model, config)
 
 
+def optimizer_steps_per_epoch(rows: int, settings: TrainingSpec) -> int:
+    """Optimizer steps in one pass over `rows` packed rows: batch_size is per process, so a step takes
+    batch_size x gradient_accumulation_steps x processes rows."""
+    return math.ceil(rows / (settings.batch_size * settings.gradient_accumulation_steps * distributed.world_size()))
+
+
 def train_sft(
     model: Any,
     tokenizer: Any,
@@ -425,8 +470,17 @@ def train_sft(
     cast_parameters(model, weight_dtype(precision))
     model = apply_lora(model, settings)
     dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
-    steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
+    processes = distributed.world_size()
+    steps_per_epoch = optimizer_steps_per_epoch(len(dataset), settings)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    repeated = steps_per_epoch * settings.batch_size * settings.gradient_accumulation_steps * processes - len(dataset)
+    if processes > 1 and repeated > 0 and distributed.is_main():
+        console.print(
+            f"[yellow]{description}: {repeated} rows per epoch are repeats from the epoch's start, so that each of the "
+            f"{processes} processes gets full batches (accelerate's even_batches); a batch_size that makes "
+            f"batch_size x gradient_accumulation_steps x {processes} divide the {len(dataset)} rows avoids it[/]",
+            soft_wrap=True,
+        )
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -454,6 +508,8 @@ def train_sft(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_timeout=distributed.timeout_seconds(),
+        ddp_find_unused_parameters=False,  # the loss uses every trainable parameter: no extra graph traversal
     )
     trainer = ResponseOnlyTrainer(
         model=model,
@@ -477,6 +533,15 @@ def train_sft(
     train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     raise_if_terminated(trainer.state.global_step)
     wall = time.perf_counter() - started
+    out_of_sync = distributed.parameters_out_of_sync(trainer.model)
+    if out_of_sync:
+        raise HarnessError(
+            f"{description}: after training, {len(out_of_sync)} parameters differ between the {processes} processes "
+            f"(first: {out_of_sync[0]}): gradients were not synchronised; this is a harness bug, please report it"
+        )
+    real_tokens, response_tokens = distributed.sum_over_processes(
+        [trainer.counter.real_tokens, trainer.counter.response_tokens]
+    )
     curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
     resumed_step = _checkpoint_step(last_checkpoint) if last_checkpoint else 0
     steps_run = trainer.state.global_step - resumed_step
@@ -487,8 +552,8 @@ def train_sft(
         steps=trainer.state.global_step,
         examples=len(examples),
         rows=len(dataset),
-        real_tokens=trainer.counter.real_tokens,
-        response_tokens=trainer.counter.response_tokens,
+        real_tokens=real_tokens,
+        response_tokens=response_tokens,
         epoch_tokens=dataset.token_count(),
         final_loss=curve[-1][1] if curve else None,
         mean_loss=mean_loss,
@@ -497,6 +562,7 @@ def train_sft(
         resumed_from_step=resumed_step,
         precision=precision,
         steps_run=steps_run,
+        processes=processes,
     )
     trained = trainer.model
     if settings.lora is not None:

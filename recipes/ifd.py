@@ -88,7 +88,7 @@ def run(ctx: RunContext) -> RecipeOutput:
         )
         scorer_key = content_key(
             base=ctx.base_model_key, experience=[records[i].id for i in experience],
-            training=ctx.spec.training.model_dump(mode="json"), seed=ctx.spec.seed,
+            training=ctx.training_key(ctx.spec.training), seed=ctx.spec.seed,
         )
         model, tokenizer = ctx.base_model()  # the selection trains the RAW base model
     scores = ctx.ifd(scorer, tokenizer, records, model_key=scorer_key, max_length=params.scoring_max_length)

@@ -34,7 +34,7 @@ from harness.records import atomic_write_json
 from harness.runner import RecipeOutput, RunContext
 from harness.scoring import mean_response_losses
 from harness.templates import tokenize_for_training
-from harness.training import weight_dtype
+from harness.training import optimizer_steps_per_epoch, weight_dtype
 
 NAME = "sftmix"
 DESCRIPTION = "SFTMix: confidence-split pairs with hidden-state mixup regularisation (Xiao et al. 2024)"
@@ -106,7 +106,7 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
     reference = params.reference_model
     key = content_key(
         kind="sftmix-dynamics", reference=reference or ctx.base_model_key, reference_path=params.reference_model_path,
-        epochs=epochs, per_epoch=params.checkpoints_per_epoch, training=settings.model_dump(mode="json"),
+        epochs=epochs, per_epoch=params.checkpoints_per_epoch, training=ctx.training_key(settings),
         records=[r.id for r in ctx.data.records], seed=ctx.spec.seed,
     )
     cached = ctx.cache.load("sftmix", key)
@@ -120,7 +120,7 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
     from harness.batching import RowDataset
 
     rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
-    steps_per_epoch = math.ceil(rows / (settings.batch_size * settings.gradient_accumulation_steps))
+    steps_per_epoch = optimizer_steps_per_epoch(rows, settings)
     total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
     checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
     steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})

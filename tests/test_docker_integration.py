@@ -373,19 +373,17 @@ def test_a_failed_build_is_one_line_naming_the_step_and_the_log(daemon, build_en
     assert "harness-it:never" not in [tag for image in daemon.images.list() for tag in image.tags]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the training core calls the decoder and LM head directly (harness/losses.py causal_lm_parts), "
-    "bypassing the DDP/FSDP wrapper; the runner also evaluates and records on every process",
-)
 def test_two_processes_train_under_accelerate_launch(daemon, image, tmp_path: Path):
     """HARNESS_NPROC=2 makes the entry point run `harness run` under `accelerate launch` (DDP; gloo on
-    CPU): one record, whose token counts cover the whole epoch, not one process's share."""
+    CPU): one record, whose token counts cover the whole epoch, not one process's share (32 unpacked
+    rows, 4 per process per step: 4 steps, no row repeated). tests/harness/test_distributed.py checks
+    the training itself against one process, outside Docker."""
     output = tmp_path / "runs"
     output.mkdir()
     container = daemon.containers.run(
         image.id,
-        ["run", "--set", "data.limit=32", "--limit", "8", "--output", "/runs"],
+        ["run", "--set", "data.limit=32", "--set", "training.packing=false", "--set", "training.batch_size=4",
+         "--limit", "8", "--output", "/runs"],
         environment={"HARNESS_NPROC": "2"},
         mounts=[docker_mount("/runs", output)],
         user=f"{os.getuid()}:{os.getgid()}",
@@ -402,6 +400,7 @@ def test_two_processes_train_under_accelerate_launch(daemon, image, tmp_path: Pa
     _, record = load_run(output)
     sft = record["training"]["sft"]
     assert sft["real_tokens"] == sft["epoch_tokens"] == record["cost"]["train_tokens"]
+    assert sft["processes"] == record["cost"]["device_count"] == 2 and sft["steps"] == 4
 
 
 def docker_mount(target: str, source: Path) -> Any:
