@@ -3,7 +3,7 @@
     python scripts/collect_results.py runs/comparison            # -> results/<run_id>/
     python scripts/collect_results.py runs/comparison --dest results --dry-run
 
-A run is copied only when its record.json exists (a finished run); model/, checkpoints/ and the
+A run is copied only when its record.json exists (a finished run); model/, checkpoints/, eval/request_cache/ and the
 lock file stay behind (they are large or machine-specific). Everything the leaderboard reads is kept:
 record.json, spec.yaml, run.json, eval/ (per-example results for the paired tests) and artifacts/.
 Then `harness leaderboard --write` renders leaderboard/ from results/.
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-LEFT_BEHIND = ("model", "checkpoints", ".lock")
+LEFT_BEHIND = ("model", "checkpoints", ".lock", "request_cache")  # request_cache: lm-eval SQLite, resume only
 MAX_FILE_BYTES = 20 * 1024 * 1024  # anything larger is not a result file: report it, don't commit it
 
 
