@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from tests.cli_helpers import run_cli
 
 FAST = ["--set", "data.limit=160", "--limit", "40"]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def test_run_writes_a_complete_record_and_is_deterministic(tmp_path: Path, capsys):

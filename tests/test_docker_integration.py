@@ -33,9 +33,10 @@ from typing import Any
 
 import pytest
 
-from harness.cli import main
+from harness.artifacts import file_digest
 from harness.container import LABEL_RUN
 from harness.records import git_commit
+from tests.cli_helpers import load_run, run_cli, without
 
 pytestmark = pytest.mark.docker
 
@@ -227,27 +228,6 @@ def image(daemon: Any, build_env: dict[str, str]) -> Any:
     return built
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
-
-
-def load_run(output: Path) -> tuple[Path, dict[str, Any]]:
-    (run_dir,) = output.iterdir()
-    return run_dir, json.loads((run_dir / "record.json").read_text())
-
-
-def without(entry: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {key: value for key, value in entry.items() if key not in keys}
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_run_in_docker_reproduces_a_local_run(daemon, image, build_env, tmp_path: Path, monkeypatch, capsys):
     # An image tag that does not exist yet: `run --docker` builds it (every layer from the cache).
     missing = f"harness-it:missing-{uuid.uuid4().hex[:8]}"
@@ -293,7 +273,7 @@ def test_run_in_docker_reproduces_a_local_run(daemon, image, build_env, tmp_path
     assert without(in_docker["cost"], "wall_seconds", "device_hours") == without(local["cost"], "wall_seconds", "device_hours")
     assert in_docker["versions"] == {**local["versions"], "python": in_docker["versions"]["python"]}
     for name in ("model/model.safetensors", "model/tokenizer.json", "eval/samples_local_arc_easy.jsonl"):
-        assert digest(docker_dir / name) == digest(local_dir / name), name
+        assert file_digest(docker_dir / name) == file_digest(local_dir / name), name
     # The record says where it ran; the files belong to the host user.
     container = in_docker["host"]["container"]
     assert container["image_id"] == image.id and container["image_tag"] == missing

@@ -18,11 +18,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from harness.cli import main
+from tests.cli_helpers import load_run, run_cli, without
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Phased IFT with the IFD scorer: 300 records -> up to 600 scored sequences in 2 chunks of the scoring
@@ -65,15 +64,6 @@ def run_in_process(output: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, c
     return code, err
 
 
-def load(output: Path) -> tuple[Path, dict[str, Any]]:
-    (run_dir,) = output.iterdir()
-    return run_dir, json.loads((run_dir / "record.json").read_text())
-
-
-def without(entry: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {key: value for key, value in entry.items() if key not in keys}
-
-
 def weights_digest(run_dir: Path) -> str:
     from harness.artifacts import file_digest
 
@@ -83,7 +73,7 @@ def weights_digest(run_dir: Path) -> str:
 def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less_work(tmp_path: Path, monkeypatch, capsys):
     code, err = run_in_process(tmp_path / "fresh", private_cache(tmp_path, "fresh"), monkeypatch, capsys)
     assert code == 0, err[-3000:]
-    fresh_dir, reference = load(tmp_path / "fresh")
+    fresh_dir, reference = load_run(tmp_path / "fresh")
     work = reference["resume"]
     with capsys.disabled():
         print("\nfresh run:", json.dumps(work))
@@ -104,7 +94,7 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
         assert not (run_dir / "record.json").exists()
         code, err = run_in_process(output, cache, monkeypatch, capsys)
         assert code == 0, err[-3000:]
-        run_dir, record = load(output)
+        run_dir, record = load_run(output)
         assert run_dir.name == fresh_dir.name
         # The same results as the uninterrupted run: metrics, weights, per-example results, training.
         for task, metrics in reference["metrics"].items():
@@ -145,14 +135,6 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
             assert evaluation["requests_computed"] + evaluation["requests_cached"] == requests
         # lm-eval's request cache is per run directory; every finished task's result is kept.
         assert (run_dir / "eval" / "result_local_arc_easy.json").is_file()
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def test_a_changed_config_value_is_a_new_run_and_a_foreign_directory_is_refused(tmp_path: Path, capsys):

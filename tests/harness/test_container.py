@@ -18,7 +18,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from harness import container
-from harness.cli import main
 from harness.container import (
     CONTEXT_PATHS,
     DEFAULT_BASE_IMAGE,
@@ -34,17 +33,10 @@ from harness.container import (
     plan_mounts,
 )
 from harness.errors import HarnessError
+from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize(

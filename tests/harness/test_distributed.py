@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from harness import distributed
-from harness.cli import main
 from harness.errors import HarnessError
+from tests.cli_helpers import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The only difference between the runs is the order in which the two halves of each global batch are
@@ -32,14 +32,6 @@ COMMON = [
     "--recipe", "one-off", "--set", "data.limit=32", "--set", "training.packing=false", "--set", "training.epochs=2",
     "--set", "training.logging_steps=1", "--set", "training.save_steps=0", "--limit", "8",
 ]  # fmt: skip
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def harness_run(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:

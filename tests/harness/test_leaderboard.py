@@ -16,7 +16,7 @@ import scipy.stats
 
 from harness import leaderboard as board
 from harness import stats
-from harness.cli import main
+from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "screenshot_leaderboard.py"
@@ -230,14 +230,6 @@ def test_corrupt_and_partial_records_are_skipped_with_a_warning_naming_the_file(
     code, out, err = run_cli(["leaderboard", "--runs", str(results), "--format", "md"], capsys)
     assert code == 0 and "| unifit |" in out
     assert err.count("warning: ") == len(warnings) and "Traceback" not in err
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def test_write_then_check_and_the_check_names_the_differing_file(two_runs, capsys, monkeypatch):
