@@ -327,7 +327,12 @@ def score_with_judge(
         task = progress.add_task(f"judge {settings.model}", total=len(records), completed=reused)
         futures = [pool.submit(_judge_one, client, settings, record) for record in pending]
         for future in as_completed(futures):
-            entry = future.result()
+            try:
+                entry = future.result()
+            except HarnessError:  # e.g. a rejected key: every other request would fail the same way
+                for queued in futures:
+                    queued.cancel()
+                raise
             spent["prompt_tokens"] += entry["prompt_tokens"]
             spent["completion_tokens"] += entry["completion_tokens"]
             if entry["score"] is None:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harness import cpu_kernels
+
 VARLEN_ATTENTION = "harness_varlen"
 _SEGMENTS_KWARG = "harness_segment_lengths"
 _PREFIX_KWARG = "harness_shared_prefixes"  # (SharedPrefixes, prefix index of each segment or -1)
@@ -241,7 +243,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):  # type: ignore[override]
-        logits = F.linear(hidden, weight, bias)  # model dtype (or the autocast dtype)
+        logits = cpu_kernels.linear(hidden, weight, bias)  # model dtype (or the autocast dtype)
         log_normalizers = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         losses = torch.empty_like(log_normalizers)
         for start in range(0, logits.shape[0], _HeadCrossEntropy.CHUNK):

@@ -34,6 +34,7 @@ from rich.progress import (
 
 from harness.artifacts import ArtifactCache, content_key
 from harness.batching import collate_rows, pack_best_fit
+from harness.cpu_kernels import onednn_inference
 from harness.data import InstructionRecord
 from harness.interrupts import kill_point_for_tests
 from harness.losses import (
@@ -44,7 +45,7 @@ from harness.losses import (
 )
 from harness.templates import TokenizedExample, render_prompt, response_tag
 
-SCORING_ENGINE_VERSION = "2"  # 2: shared-prefix keys/values (scores equal within float rounding)
+SCORING_ENGINE_VERSION = "3"  # 2: shared-prefix keys/values; 3: oneDNN kernels on CPU (both: equal within float rounding)
 MIN_SHARED_PREFIX = 2  # tokens: a shorter common prefix saves nothing
 
 
@@ -136,7 +137,8 @@ def mean_response_losses(
     device = next(model.parameters()).device
     full_tokens = sum(len(e.input_ids) for e in examples)
     prefixes, assignment = shared_prefix_plan(examples, prefix_groups) if prefix_groups is not None else ([], [])
-    shared = shared_prefix_states(model, prefixes) if prefixes else None
+    with onednn_inference(model):
+        shared = shared_prefix_states(model, prefixes) if prefixes else None
     offsets = [0] * len(examples)
     if shared is not None:  # score only what follows each example's prefix, at positions after it
         offsets = [len(prefixes[p]) if p >= 0 else 0 for p in assignment]
@@ -148,7 +150,7 @@ def mean_response_losses(
     if shared is not None:
         stats.shared_prefix_tokens = sum(offsets) - sum(len(ids) for ids in prefixes)
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
-    with scoring_progress(console) as progress:
+    with scoring_progress(console) as progress, onednn_inference(model):
         task = progress.add_task(description, total=len(examples))
         for chunk_index, chunk in enumerate(chunks):
             saved = cache.load_chunk("scores", cache_key, chunk_index) if cache and cache_key else None
@@ -301,19 +303,20 @@ def embeddings_and_perplexity(
     hidden_size = model.config.hidden_size
     embeddings = np.zeros((len(examples), hidden_size), dtype=np.float32)
     perplexities = np.zeros(len(examples), dtype=np.float64)
-    for batch_rows in _batches(examples, order, capacity, rows_per_batch):
-        batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        flat = [i for row in batch_rows for i in row]
-        hidden = final_hidden_states(model, batch)
-        seq = batch["seq_ids"]
-        mask = seq >= 0
-        ones = torch.ones(int(mask.sum()), device=device)
-        counts = torch.zeros(len(flat), device=device).index_add_(0, seq[mask], ones)
-        sums = torch.zeros(len(flat), hidden.shape[-1], device=device).index_add_(0, seq[mask], hidden[mask].float())
-        embeddings[flat] = (sums / counts[:, None]).cpu().numpy()
-        token_losses, token_seq = response_token_losses(model, batch, hidden=hidden)
-        loss_sums = torch.zeros(len(flat), device=device).index_add_(0, token_seq, token_losses)
-        loss_counts = torch.zeros(len(flat), device=device).index_add_(0, token_seq, torch.ones_like(token_losses))
-        perplexities[flat] = torch.exp(loss_sums / loss_counts.clamp(min=1)).double().cpu().numpy()
+    with onednn_inference(model):
+        for batch_rows in _batches(examples, order, capacity, rows_per_batch):
+            batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            flat = [i for row in batch_rows for i in row]
+            hidden = final_hidden_states(model, batch)
+            seq = batch["seq_ids"]
+            mask = seq >= 0
+            ones = torch.ones(int(mask.sum()), device=device)
+            counts = torch.zeros(len(flat), device=device).index_add_(0, seq[mask], ones)
+            sums = torch.zeros(len(flat), hidden.shape[-1], device=device).index_add_(0, seq[mask], hidden[mask].float())
+            embeddings[flat] = (sums / counts[:, None]).cpu().numpy()
+            token_losses, token_seq = response_token_losses(model, batch, hidden=hidden)
+            loss_sums = torch.zeros(len(flat), device=device).index_add_(0, token_seq, token_losses)
+            loss_counts = torch.zeros(len(flat), device=device).index_add_(0, token_seq, torch.ones_like(token_losses))
+            perplexities[flat] = torch.exp(loss_sums / loss_counts.clamp(min=1)).double().cpu().numpy()
     return embeddings, perplexities

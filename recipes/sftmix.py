@@ -91,7 +91,10 @@ class CheckpointPerplexities(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps and state.global_step not in self.perplexities:
-            losses, stats = mean_response_losses(model, self.examples, pad_token_id=self.pad_token_id, description=f"confidence @ step {state.global_step}")
+            losses, stats = mean_response_losses(
+                model, self.examples, pad_token_id=self.pad_token_id, description=f"confidence @ step {state.global_step}",
+                prefix_groups=[0] * len(self.examples),  # the template's preamble, common to all, is run once
+            )
             self.perplexities[state.global_step] = np.exp(losses).tolist()
             self.forward_tokens += stats.forward_tokens
             if self.path is not None:

@@ -31,17 +31,21 @@ from tests.recipes.helpers import write_phased_file
 
 class ScriptedJudge:
     """Replies per instruction: a score derived from the instruction, after `failures` HTTP 500s;
-    instructions containing 'garbage' always get a reply without a score; `down` refuses everything."""
+    instructions containing 'garbage' always get a reply without a score; `down` refuses everything;
+    `unauthorized` answers 401 to everything."""
 
     def __init__(self):
         self.requests: list[str] = []
         self.failures: dict[str, int] = {}
         self.down = False
+        self.unauthorized = False
         self.lock = threading.Lock()
 
     def reply(self, instruction: str) -> tuple[int, dict]:
         with self.lock:
             self.requests.append(instruction)
+            if self.unauthorized:
+                return 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
             if self.down:
                 return 503, {"error": {"message": "overloaded"}}
             if self.failures.get(instruction, 0) > 0:
@@ -129,6 +133,16 @@ def test_judge_resumes_after_interruption(judge_server, tmp_path):
     assert sorted(script.requests) == sorted(r.instruction for r in items[4:])  # only the unfinished ones
     assert second.details["reused_from_cache"] == 4
     np.testing.assert_array_equal(second.scores, [expected_score(r) for r in items])
+
+
+def test_a_rejected_key_stops_the_judging_in_one_line(judge_server, tmp_path):
+    script, url = judge_server
+    script.unauthorized = True
+    settings = JudgeSettings(base_url=url, model="judge", concurrency=2, max_retries=3, backoff_seconds=0)
+    with pytest.raises(HarnessError, match=r"rejected the key in OPENAI_API_KEY \(401\)") as error:
+        score_with_judge(records(40), settings, cache=ArtifactCache(tmp_path))
+    assert "\n" not in str(error.value)
+    assert len(script.requests) <= settings.concurrency + 1  # the queued requests are not sent after a 401
 
 
 def test_missing_key_for_a_remote_judge_is_one_line(monkeypatch):
