@@ -465,7 +465,7 @@ def run_suite_section(
     judge against the version's baseline, and return win rate, discrete win rate and LC win rate as
     metric cells, the judge's cost, and per-example win-rate rows for paired tests across runs.
 
-    Generation and verdicts are cached in output_dir (model_outputs.json, judge_cache.json), so a killed
+    Generation and verdicts are cached in output_dir (model_outputs.json, judge_cache.jsonl), so a killed
     or repeated evaluation resumes without generating or judging again. The subset depends on
     subset_seed, not on the run's `seed`, so runs with different seeds are scored on the same items."""
     del seed  # greedy decoding; the subset has its own seed (see above)
@@ -473,7 +473,7 @@ def run_suite_section(
     settings, info, options = _section_settings(config)
     generation = settings.generation_settings(context.template_for(tokenizer))
     output_dir.mkdir(parents=True, exist_ok=True)
-    judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.json", chunk_size=settings.chunk_size)
+    judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.jsonl", chunk_size=settings.chunk_size)
     result = run_alpaca_eval(
         model,
         tokenizer,
@@ -516,7 +516,7 @@ def run_suite_section(
             "cost": result["cost"],
             "generation": result["generation"],
             "judge_seconds": result["judge_seconds"],
-            "files": ["model_outputs.json", "annotations.json", "metrics.json", "judge_cache.json"],
+            "files": ["model_outputs.json", "annotations.json", "metrics.json", "judge_cache.jsonl"],
         },
         "samples": [
             {"doc_id": a["index"], "dataset": a.get("dataset"), "win_rate": _item_win_rate(a["preference"])}

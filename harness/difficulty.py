@@ -14,10 +14,8 @@ recoverable, so DIFFICULTY_PROMPT below is ours, written to the paper's descript
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -38,6 +36,7 @@ from harness.errors import HarnessError
 from harness.losses import final_hidden_states
 from harness.scoring import IFDScores, scoring_progress
 from harness.templates import TokenizedExample
+from harness.verdicts import VerdictJournal
 
 DIFFICULTY_PROMPT_VERSION = "phased-difficulty-v1"
 DIFFICULTY_SYSTEM = "You are a careful annotator who rates instruction-tuning examples."
@@ -233,34 +232,6 @@ def judge_api_key(settings: JudgeSettings) -> str:
     )
 
 
-class JudgeCache:
-    """Append-only JSONL of finished judgments, one file per (prompt version, judge model)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.lock = threading.Lock()
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        done: dict[str, dict[str, Any]] = {}
-        if not self.path.is_file():
-            return done
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-                done[entry["id"]] = entry
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by a kill is simply judged again
-        return done
-
-    def append(self, entry: dict[str, Any]) -> None:
-        with self.lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-
-
 def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord) -> dict[str, Any]:
     """One judgment with retries and exponential backoff; malformed replies are retried too."""
     import openai
@@ -316,8 +287,8 @@ def score_with_judge(
     key = judge_api_key(settings)
     cache = cache or ArtifactCache()
     file_key = content_key(prompt=DIFFICULTY_PROMPT_VERSION, model=settings.model, base_url=settings.base_url)
-    journal = JudgeCache(cache.root / "judge" / f"{file_key}.jsonl")
-    done = journal.load()
+    journal = VerdictJournal(cache.root / "judge" / f"{file_key}.jsonl")  # verdicts by record id
+    done = journal.entries
     pending = [record for record in records if done.get(record.id, {}).get("score") is None]
     reused = len({record.id for record in records} - {record.id for record in pending})
     client = openai.OpenAI(base_url=settings.base_url, api_key=key, max_retries=0, timeout=settings.timeout_seconds)
@@ -338,8 +309,7 @@ def score_with_judge(
             if entry["score"] is None:
                 failed[entry["id"]] = entry["problem"]
             else:
-                journal.append(entry)
-                done[entry["id"]] = entry
+                journal.add({entry["id"]: entry})
             progress.advance(task)
     scores = np.array([done.get(r.id, {}).get("score") or np.nan for r in records], dtype=np.float64)
     cost = (

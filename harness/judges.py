@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import yaml
 
 from harness.errors import HarnessError, closest, unknown_name
-from harness.records import atomic_write_json
+from harness.verdicts import VerdictJournal, json_safe
 
 JUDGE_KINDS = ("openai", "local")
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -560,9 +560,6 @@ class LocalJudge:
 
 # ----------------------------------------------------------------------------- cached verdicts
 
-JUDGE_CACHE_VERSION = 1
-
-
 def judge_identity(judge: Any) -> dict[str, Any]:
     """What decides a judge's verdicts (not its counters or its price): the judge part of a cache key."""
     inner = judge.judge if isinstance(judge, CachedJudge) else judge
@@ -586,16 +583,11 @@ def judge_identity(judge: Any) -> dict[str, Any]:
     return {"judge": inner.name}
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN (a failed annotation) as null: the cache stays strict JSON; readers coerce null back to NaN."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 class CachedJudge:
-    """A judge whose verdicts are kept in one JSON file, keyed by (judge identity, task, instruction, both
-    answers as shown): a killed evaluation resumes where it stopped, and a rerun asks the judge nothing it
-    has answered. Work goes to the judge in chunks and the file is rewritten atomically after each chunk.
-    The file holds verdicts and raw replies only, never a key."""
+    """A judge whose verdicts are kept in a verdict journal (harness.verdicts), keyed by (judge identity,
+    task, instruction, both answers as shown): a killed evaluation resumes where it stopped, and a rerun
+    asks the judge nothing it has answered. Work goes to the judge in chunks; each finished chunk is
+    appended to the journal."""
 
     def __init__(self, judge: Judge, path: Path, *, chunk_size: int = 64) -> None:
         if chunk_size < 1:
@@ -605,23 +597,10 @@ class CachedJudge:
         self.path = path
         self.chunk_size = chunk_size
         self.identity = judge_identity(judge)
-        self.entries = self._load()
+        self.journal = VerdictJournal(path)
+        self.entries = self.journal.entries
         self.reused = 0  # verdicts read from the cache in this process
         self.judged = 0  # verdicts asked of the judge in this process
-
-    def _load(self) -> dict[str, Any]:
-        if not self.path.is_file():
-            return {}
-        try:
-            saved = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return {}  # written atomically, so only a foreign file gets here: recomputed, never trusted
-        if not isinstance(saved, dict) or saved.get("version") != JUDGE_CACHE_VERSION or not isinstance(saved.get("entries"), dict):
-            return {}
-        return saved["entries"]
-
-    def _save(self) -> None:
-        atomic_write_json(self.path, {"version": JUDGE_CACHE_VERSION, "entries": self.entries})
 
     def _key(self, task: str, *texts: str) -> str:
         canonical = json.dumps([self.identity, task, *texts], ensure_ascii=False, separators=(",", ":"))
@@ -647,10 +626,10 @@ class CachedJudge:
         for start in range(0, len(missing), self.chunk_size):
             chunk = missing[start : start + self.chunk_size]
             notes = self.judge.annotate_alpaca([rows[i] for i in chunk], work_dir)
-            for position, note in zip(chunk, notes, strict=True):
-                added = {k: _json_safe(v) for k, v in note.items() if k not in rows[position]}
-                self.entries[keys[position]] = added
-            self._save()
+            self.journal.add({
+                keys[position]: {k: json_safe(v) for k, v in note.items() if k not in rows[position]}
+                for position, note in zip(chunk, notes, strict=True)
+            })
         out = []
         for row, key in zip(rows, keys, strict=True):
             added = dict(self.entries[key])
@@ -665,10 +644,14 @@ class CachedJudge:
         for start in range(0, len(missing), self.chunk_size):
             chunk = missing[start : start + self.chunk_size]
             reviews = self.judge.review_pairs([items[i] for i in chunk])
-            for position, review in zip(chunk, reviews, strict=True):
-                scores = list(review.scores) if review.scores is not None else None
-                self.entries[keys[position]] = {"scores": scores, "raw": review.raw, "price": _json_safe(review.price)}
-            self._save()
+            self.journal.add({
+                keys[position]: {
+                    "scores": list(review.scores) if review.scores is not None else None,
+                    "raw": review.raw,
+                    "price": json_safe(review.price),
+                }
+                for position, review in zip(chunk, reviews, strict=True)
+            })
         out = []
         for key in keys:
             entry = self.entries[key]

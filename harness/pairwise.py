@@ -431,7 +431,7 @@ def run_suite_section(
     """Pairwise judging as a suite section: the run's answers (A) against the reference's (B) on every
     set, both orders, with WinRate (and a 95% interval) pooled and per set, the judge's cost and
     per-question rows for paired tests across runs. Writes model/ and reference/ (answers),
-    judgments_<set>.jsonl, pairwise.json and judge_cache.json (verdicts, so a rerun judges nothing again)."""
+    judgments_<set>.jsonl, pairwise.json and judge_cache.jsonl (verdicts, so a rerun judges nothing again)."""
     del seed  # greedy decoding and a deterministic judge: nothing is drawn at random
     context = context or SectionContext()
     settings, reference, options = _section_settings(config)
@@ -460,7 +460,7 @@ def run_suite_section(
         settings=generation,
         chunk_size=settings.chunk_size,
     )
-    judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.json", chunk_size=settings.chunk_size)
+    judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.jsonl", chunk_size=settings.chunk_size)
     result = judge_pairwise(
         output_dir / "model",
         output_dir / "reference",

@@ -254,7 +254,7 @@ def test_suite_section_on_the_tiny_model_with_the_local_judge(tiny, tmp_path, mo
     assert 0 <= win["value"] <= 100 and win["stderr"] > 0 and win["ci_low"] < win["value"] < win["ci_high"]
     assert result["length_controlled_win_rate"]["value"] is None  # the GLM needs 10 examples
     assert result["details"]["subset"] == fixed_subset(4) and result["details"]["generation"]["chunk_size"] == 3
-    assert result["details"]["judge"]["cache"] == {"file": "judge_cache.json", "reused": 0, "judged": 4}
+    assert result["details"]["judge"]["cache"] == {"file": "judge_cache.jsonl", "reused": 0, "judged": 4}
     samples = result["samples"]
     assert [row["doc_id"] for row in samples] == fixed_subset(4)
     assert sum(row["win_rate"] for row in samples) / 4 == pytest.approx(win["value"], rel=1e-9)
@@ -305,13 +305,13 @@ def test_suite_section_with_an_openai_protocol_judge_caches_its_verdicts(tiny, t
         first = run_suite_section(model, tokenizer, config, output_dir=tmp_path, seed=0)
         assert len(server.requests) == 4
         again = run_suite_section(model, tokenizer, config, output_dir=tmp_path, seed=0)
-        assert len(server.requests) == 4  # every verdict came from judge_cache.json
+        assert len(server.requests) == 4  # every verdict came from judge_cache.jsonl
         other = run_suite_section(model, tokenizer, config | {"judge": "openai:other-model"}, output_dir=tmp_path, seed=0)
         assert len(server.requests) == 8 and {r["body"]["model"] for r in server.requests[4:]} == {"other-model"}
     assert again["win_rate"] == first["win_rate"] and other["win_rate"] == first["win_rate"]  # same rule, same verdicts
     assert first["judge"] == "openai:judge-model" and first["judge_cost_usd"] > 0
     assert again["judge_cost_usd"] == first["judge_cost_usd"]  # the evaluation's cost, paid once
-    assert again["details"]["judge"]["cache"] == {"file": "judge_cache.json", "reused": 4, "judged": 0}
+    assert again["details"]["judge"]["cache"] == {"file": "judge_cache.jsonl", "reused": 4, "judged": 0}
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret not in path.read_text(errors="ignore"), path

@@ -143,7 +143,7 @@ def test_cached_judge_resumes_a_killed_job_and_never_asks_twice(local_judge, tin
             raise KeyboardInterrupt
         return real(batch)
 
-    path = tmp_path / "judge_cache.json"
+    path = tmp_path / "judge_cache.jsonl"
     monkeypatch.setattr(local_judge, "review_pairs", killed_on_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         CachedJudge(local_judge, path, chunk_size=2).review_pairs(items)
