@@ -120,6 +120,15 @@ def main_first() -> Iterator[None]:
         dist.barrier()
 
 
+def gather(value: T) -> list[T]:
+    """Every process's `value` (picklable), in rank order; `[value]` with one process."""
+    if not active():
+        return [value]
+    gathered: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered  # type: ignore[return-value]
+
+
 def sum_over_processes(values: list[int]) -> list[int]:
     """Element-wise sum of integer counters over all processes (exact: int64)."""
     if not active():

@@ -10,7 +10,8 @@ exceed max_length are skipped and reported, never truncated.
 Speed: both passes of every example go through one packed stream (no padding work), the LM head is
 applied only at answer positions, the template's preamble that every conditioned prompt starts with
 is run once and its keys/values reused (`shared_prefix_plan`), and finished chunks are cached so a
-killed job resumes.
+killed job resumes. In a job of several processes (one per GPU) the chunks are dealt out among them
+and the scores gathered, so every process gets all of them for a fraction of the work.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from harness import distributed
 from harness.artifacts import ArtifactCache, content_key
 from harness.batching import collate_rows, pack_best_fit
 from harness.cpu_kernels import onednn_inference
@@ -150,15 +152,26 @@ def mean_response_losses(
     if shared is not None:
         stats.shared_prefix_tokens = sum(offsets) - sum(len(ids) for ids in prefixes)
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
+    processes, rank = distributed.world_size(), distributed.rank()
+    computed: dict[int, list[float]] = {}  # chunk index -> scores, of the chunks this process ran
     with scoring_progress(console) as progress, onednn_inference(model):
         task = progress.add_task(description, total=len(examples))
-        for chunk_index, chunk in enumerate(chunks):
-            saved = cache.load_chunk("scores", cache_key, chunk_index) if cache and cache_key else None
-            if saved is not None and len(saved) == len(chunk):
-                scores[chunk] = saved
-                stats.cached += len(chunk)
-                progress.advance(task, len(chunk))
-                continue
+        to_run = []
+        # What a killed run (or one with another process count) finished. In a job of several processes the
+        # main process decides, then deals out the chunks to run: a list made by each would differ as soon
+        # as one process has saved a chunk that another has not looked for yet.
+        if distributed.is_main():
+            for chunk_index, chunk in enumerate(chunks):
+                saved = cache.load_chunk("scores", cache_key, chunk_index) if cache and cache_key else None
+                if saved is not None and len(saved) == len(chunk):
+                    scores[chunk] = saved
+                    stats.cached += len(chunk)
+                    progress.advance(task, len(chunk))
+                else:
+                    to_run.append(chunk_index)
+        to_run = distributed.from_main(to_run)
+        for chunk_index in to_run[rank::processes]:
+            chunk = chunks[chunk_index]
             for batch_rows in _batches(examples, chunk, capacity, rows_per_batch):
                 batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
                 batch = {name: tensor.to(device) for name, tensor in batch.items()}
@@ -173,9 +186,19 @@ def mean_response_losses(
                 scores[flat] = losses.double().cpu().numpy()
                 progress.advance(task, len(flat))
             stats.computed += len(chunk)
+            computed[chunk_index] = scores[chunk].tolist()
             if cache and cache_key:
-                cache.save_chunk("scores", cache_key, chunk_index, scores[chunk].tolist())
+                cache.save_chunk("scores", cache_key, chunk_index, computed[chunk_index])
                 kill_point_for_tests("scoring", chunk_index + 1)
+        if processes > 1:  # the main process collects every score and hands them all out
+            for share in distributed.gather(computed):
+                for chunk_index, values in share.items():
+                    if chunk_index not in computed:
+                        scores[chunks[chunk_index]] = values
+                        progress.advance(task, len(values))
+            scores = distributed.from_main(scores)
+            (stats.computed,) = distributed.sum_over_processes([stats.computed])
+            stats.cached = distributed.from_main(stats.cached)
     return scores, stats
 
 

@@ -140,3 +140,57 @@ def test_embeddings_are_mean_pooled_hidden_states(tiny):
             output = model(input_ids=ids, labels=ids, output_hidden_states=True)
         np.testing.assert_allclose(embeddings[row], output.hidden_states[-1][0].mean(0).numpy(), atol=1e-5)
         assert abs(perplexities[row] / torch.exp(output.loss).item() - 1) < 1e-5
+
+
+def _score_in_a_process_group(rank: int, world: int, rendezvous: str, cache_dir: str, out_dir: str) -> None:
+    """One process of a gloo job: score 40 examples in chunks of 8 and save what it got and did."""
+    import json
+
+    import torch.distributed as dist
+
+    from harness.models import load_model_and_tokenizer, resolve_model
+    from harness.scoring import mean_response_losses
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        model, tokenizer = load_model_and_tokenizer(resolve_model("tiny"))
+        examples = _examples(tokenizer)
+        seen = []
+        real = scoring.per_example_mean_losses
+        scoring.per_example_mean_losses = lambda model, batch, count, **kw: seen.append(count) or real(model, batch, count, **kw)
+        losses, stats = mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id, chunk_size=8,
+                                             cache=ArtifactCache(cache_dir), cache_key="k")
+        np.save(f"{out_dir}/scores_{rank}.npy", losses)
+        with open(f"{out_dir}/work_{rank}.json", "w") as handle:
+            json.dump({"scored_here": sum(seen), "computed": stats.computed, "cached": stats.cached}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _examples(tokenizer) -> list[TokenizedExample]:
+    from harness.data import load_instruction_data
+
+    records = load_instruction_data("alpaca-sample").records[:20]
+    _, conditioned, direct, _ = ifd_pairs(records, tokenizer, "alpaca", 512)
+    return conditioned + direct
+
+
+def test_processes_of_a_job_share_out_the_chunks_and_all_get_every_score(tiny, tmp_path):
+    model, tokenizer = tiny
+    alone, _ = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id, chunk_size=8)
+    cache = tmp_path / "cache"
+    torch.multiprocessing.spawn(_score_in_a_process_group, args=(2, f"file://{tmp_path}/rendezvous", str(cache), str(tmp_path)),
+                                nprocs=2, join=True)
+    import json
+
+    work = [json.loads((tmp_path / f"work_{rank}.json").read_text()) for rank in (0, 1)]
+    assert [w["scored_here"] for w in work] == [24, 16]  # 5 chunks of 8: ranks 0 and 1 ran chunks 0, 2, 4 and 1, 3
+    assert all(w["computed"] == 40 and w["cached"] == 0 for w in work)
+    for rank in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"scores_{rank}.npy"), alone, rtol=0, atol=1e-6)
+    # every chunk went into the cache, whichever process ran it: one process now computes nothing
+    again, stats = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                chunk_size=8, cache=ArtifactCache(cache), cache_key="k")
+    assert (stats.cached, stats.computed) == (40, 0)
+    np.testing.assert_allclose(again, alone, rtol=0, atol=1e-6)
