@@ -1,9 +1,9 @@
 #!/bin/bash
 # Entry point of the harness image: `harness "$@"`.
 # With HARNESS_NPROC > 1 (set by `harness run --docker --gpus N`, or by hand), `harness run ...` runs
-# under `accelerate launch`, one process per GPU: DDP by default (FSDP or DeepSpeed ZeRO-3 with
-# HARNESS_ACCELERATE_CONFIG=/opt/harness/docker/accelerate/{fsdp,zero3}.yaml are refused by the
-# training core for now, in one line: harness/distributed.py). Multi-node: the same
+# under `accelerate launch`, one process per GPU: DDP by default, FSDP2 with
+# HARNESS_ACCELERATE_CONFIG=/opt/harness/docker/accelerate/fsdp.yaml (DeepSpeed ZeRO-3, zero3.yaml, is
+# refused by the training core for now, in one line: harness/distributed.py). Multi-node: the same
 # command on every node with HARNESS_NNODES, HARNESS_NODE_RANK and HARNESS_MASTER_ADDR (torch's
 # c10d rendezvous on HARNESS_MASTER_PORT, default 29500).
 set -euo pipefail

@@ -63,7 +63,8 @@ def cli() -> None:
     type=click.Choice(["ddp", "fsdp", "zero3"]),
     default="ddp",
     show_default=True,
-    help="with several processes (--docker on several GPUs, or --nproc): DDP (FSDP and ZeRO-3 are refused for now)",
+    help="with several processes (--docker on several GPUs, or --nproc): DDP (replicated) or FSDP (FSDP2, sharded); "
+    "ZeRO-3 is refused for now",
 )
 @click.option(
     "--nproc",
@@ -99,7 +100,7 @@ def run(
         raise HarnessError("--nproc is for runs on this machine; with --docker, --gpus sets the processes (one per GPU)")
     if distributed != "ddp" and not (in_docker or (nproc or 1) > 1):
         raise HarnessError(f"--distributed {distributed} needs several processes: --nproc N, or --docker with several GPUs")
-    if distributed != "ddp" and (nproc or 1) > 1:
+    if distributed == "zero3" and (nproc or 1) > 1:
         from harness.distributed import unsupported_message
 
         raise HarnessError(unsupported_message(distributed))
@@ -114,6 +115,10 @@ def run(
         "eval.online": online,
     }
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
+    if distributed == "fsdp" and spec.training.lora is not None:
+        from harness.distributed import FSDP_LORA_UNSUPPORTED
+
+        raise HarnessError(FSDP_LORA_UNSUPPORTED)
     if in_docker:
         from harness.container import connect
 
@@ -155,7 +160,7 @@ def run(
         argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)[:-1] + [str(output)]
         if online:
             argv.insert(1, "--online")
-        sys.exit(launch_processes(nproc or 1, argv))
+        sys.exit(launch_processes(nproc or 1, argv, distributed))
     if os.environ.get("RANK", "0") != "0":
         console.quiet = True  # one process speaks for the job
     records = [execute_run(prepared, output, console) for prepared in prepared_runs]
@@ -169,9 +174,10 @@ def run(
         print_record_summary(records[0])
 
 
-def launch_processes(nproc: int, argv: list[str]) -> int:
-    """`harness <argv>` in `nproc` processes under accelerate launch (DDP: NCCL on GPUs, gloo on CPU), and
-    the exit status: the first failed process's (a user error in it is its one line, said by rank 0).
+def launch_processes(nproc: int, argv: list[str], distributed: str = "ddp") -> int:
+    """`harness <argv>` in `nproc` processes under accelerate launch (DDP, or FSDP2 with the settings of
+    docker/accelerate/fsdp.yaml; NCCL on GPUs, gloo on CPU), and the exit status: the first failed
+    process's (a user error in it is its one line, said by rank 0).
 
     The launcher runs in this process so that a failed process gives its status, not the launcher's
     traceback; the processes find each other on a free local port."""
@@ -182,16 +188,23 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from harness.distributed import FSDP_LAUNCH_SETTINGS
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    if distributed == "fsdp":  # also torch's elastic launcher; the processes read the FSDP_* variables it sets
+        engine = ["--use_fsdp", *[part for key, value in FSDP_LAUNCH_SETTINGS.items() for part in (f"--{key}", value)]]
+    else:
+        engine = ["--multi_gpu"]  # torch's elastic launcher, also on CPU (gloo); accelerate's --cpu would start one process
     args = launch_command_parser().parse_args([
         "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port),
-        "--multi_gpu",  # torch's elastic launcher, also on CPU (gloo); accelerate's --cpu would start one process
+        "--main_process_port", str(port), *engine,
         "-m", "harness.cli", *argv,
     ])  # fmt: skip
-    console.print(f"[bold]{nproc} processes[/]: accelerate launch -m harness.cli {' '.join(argv)}", soft_wrap=True)
+    console.print(
+        f"[bold]{nproc} processes ({distributed})[/]: accelerate launch -m harness.cli {' '.join(argv)}", soft_wrap=True
+    )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
     try:
         launch_command(args)

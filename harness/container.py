@@ -601,7 +601,7 @@ def run_docker(
     gpus = parse_gpus(gpus_value, len(host))
     if gpus.nproc == "1" and distributed != "ddp":
         console.print(f"[yellow]--distributed {distributed} has no effect with one process[/]")
-    elif distributed != "ddp":  # refused on the host too, before an image is built (harness.distributed)
+    elif distributed == "zero3":  # refused on the host too, before an image is built (harness.distributed)
         from harness.distributed import unsupported_message
 
         raise HarnessError(unsupported_message(distributed))

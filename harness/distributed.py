@@ -5,6 +5,12 @@ of them); only the main process (rank 0) writes the run directory, saves the mod
 writes the record, and the others wait for it and return the same record. With one process every
 helper here is a no-op, so the single-process path is unchanged.
 
+Two ways to train: DDP (every process holds the whole model) and FSDP2 (accelerate's FSDP plugin:
+parameters, gradients and optimizer state sharded over the processes; accelerate launch --use_fsdp, or
+docker/accelerate/fsdp.yaml, sets ACCELERATE_USE_FSDP and the FSDP_* settings in every process). After
+a sharded stage every process gets the whole trained model back (unsharded_model), since the runner
+saves and evaluates it and recipes score or train further with it.
+
 Waiting ranks block in a collective while rank 0 evaluates, which can take long on big suites: the
 process group's timeout is HARNESS_DIST_TIMEOUT seconds (default 6 h; torch's default is 30 min).
 """
@@ -12,10 +18,11 @@ process group's timeout is HARNESS_DIST_TIMEOUT seconds (default 6 h; torch's de
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import os
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,7 +31,18 @@ from harness.errors import HarnessError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_SECONDS = 6 * 3600
-UNSUPPORTED_BACKENDS = {"ACCELERATE_USE_FSDP": "fsdp", "ACCELERATE_USE_DEEPSPEED": "zero3"}  # set by accelerate launch
+UNSUPPORTED_BACKENDS = {"ACCELERATE_USE_DEEPSPEED": "zero3"}  # set by accelerate launch
+# `harness run --nproc N --distributed fsdp`: accelerate launch's FSDP settings, the same as
+# docker/accelerate/fsdp.yaml's fsdp_config (a test keeps them equal). Each decoder layer is one FSDP unit.
+FSDP_LAUNCH_SETTINGS = {
+    "fsdp_version": "2",
+    "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "fsdp_reshard_after_forward": "true",
+    "fsdp_cpu_ram_efficient_loading": "false",
+    "fsdp_offload_params": "false",
+    "fsdp_activation_checkpointing": "true",
+    "fsdp_state_dict_type": "FULL_STATE_DICT",
+}
 
 
 def world_size() -> int:
@@ -60,20 +78,59 @@ def timeout_seconds() -> int:
     return seconds
 
 
+FSDP_LORA_UNSUPPORTED = (
+    "training.lora with --distributed fsdp is not supported yet (gathering a sharded adapter model is not "
+    "written): LoRA trains few parameters, so use --distributed ddp (the frozen base is replicated), or full "
+    "fine-tuning with fsdp"
+)
+
+
 def unsupported_message(name: str) -> str:
-    """FSDP and ZeRO-3 shard the parameters: saving, evaluating and the bf16 master-weight optimizer
-    (MasterWeightAdamW keeps a full fp32 copy of every parameter) would all need sharding-aware code
-    that the core does not have yet, so they are refused in one line rather than run wrong."""
+    """ZeRO-3 shards the parameters through DeepSpeed's engine, which the training core does not drive
+    (saving, gathering for evaluation, the bf16 master weights): refused in one line rather than run
+    wrong. FSDP2 shards the same way and is supported."""
     return (
-        f"--distributed {name}: the training core supports DDP only so far (sharded parameters would need "
-        "sharding-aware saving, evaluation and master weights); use --distributed ddp"
+        f"--distributed {name}: DeepSpeed ZeRO-3 is not supported by the training core; for sharded training "
+        "use --distributed fsdp (FSDP2: parameters, gradients and optimizer state sharded), or --distributed ddp"
     )
 
 
+def _flag(variable: str, default: str = "false") -> bool:
+    return os.environ.get(variable, default).strip().lower() in ("true", "1", "yes")
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (accelerate launch --use_fsdp / a config with distributed_type FSDP)."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def backend() -> str:
+    """How this job trains: "fsdp" (sharded), "ddp" (replicated), or "single" (one process). Recorded."""
+    if world_size() <= 1:
+        return "single"
+    return "fsdp" if fsdp_requested() else "ddp"
+
+
 def check_supported() -> None:
+    """Refuse, in one line, launch settings the training core cannot run correctly."""
     for variable, name in UNSUPPORTED_BACKENDS.items():
-        if os.environ.get(variable, "false").lower() == "true":
+        if _flag(variable):
             raise HarnessError(unsupported_message(name))
+    if not fsdp_requested():
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise HarnessError(
+            f"FSDP_VERSION={version} (accelerate's fsdp_version): the training core runs FSDP2 only; "
+            "set fsdp_version: 2 in the accelerate config (as docker/accelerate/fsdp.yaml) or pass --fsdp_version 2"
+        )
+    if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        # transformers then loads real weights on the first process only (the others get empty tensors),
+        # but recipes run scoring passes and load finished stages on every process
+        raise HarnessError(
+            "FSDP_CPU_RAM_EFFICIENT_LOADING=true (accelerate's fsdp_cpu_ram_efficient_loading): every process needs "
+            "the whole base model (recipes score with it on each process); set fsdp_cpu_ram_efficient_loading: false"
+        )
 
 
 def init() -> None:
@@ -138,11 +195,45 @@ def sum_over_processes(values: list[int]) -> list[int]:
     return [int(value) for value in tensor.tolist()]
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model is sharded by FSDP2 (fully_shard, directly or through accelerate)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_parameter_share(model: torch.nn.Module) -> float:
+    """Elements of the parameters this process holds over the model's elements: 1 when replicated (DDP,
+    one process), about 1/processes when sharded (FSDP2 splits each tensor along its first dimension)."""
+    from torch.distributed.tensor import DTensor
+
+    total = held = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        held += parameter.to_local().numel() if isinstance(parameter, DTensor) else parameter.numel()
+    return held / total if total else 1.0
+
+
+def _replicated_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the parameters every process holds whole: all of them under DDP; under FSDP2
+    only those left unsharded (a sharded parameter is a DTensor whose local shard differs per process)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    kept = []
+    for name, parameter in model.named_parameters():
+        if isinstance(parameter, DTensor):
+            if not all(isinstance(placement, Replicate) for placement in parameter.placements):
+                continue
+            parameter = parameter.to_local()
+        kept.append((name, parameter))
+    return kept
+
+
 def parameter_fingerprints(model: torch.nn.Module) -> torch.Tensor:
     """One exact integer checksum per parameter: the int64 sum of its elements' raw bits (as integers of
     the element's width), so changing any element changes it. No overflow below 2^32 elements."""
     sums = []
-    for parameter in model.parameters():
+    for _, parameter in _replicated_parameters(model):
         flat = parameter.detach().contiguous().view(-1)
         bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
         sums.append(bits.sum(dtype=torch.int64))
@@ -152,13 +243,46 @@ def parameter_fingerprints(model: torch.nn.Module) -> torch.Tensor:
 def parameters_out_of_sync(model: torch.nn.Module) -> list[str]:
     """Names of the parameters whose bits differ between processes (empty with one process).
 
-    Data-parallel replicas must stay bit-identical; a difference means gradients were not synchronised."""
+    Data-parallel replicas must stay bit-identical; a difference means gradients were not synchronised.
+    Sharded (FSDP) parameters differ by design and are skipped: after a sharded stage the check runs on
+    the unsharded model every process got back (unsharded_model), which must then be identical."""
     if not active():
         return []
     local = parameter_fingerprints(model).to(_device())
     highest, lowest = local.clone(), local.clone()
     dist.all_reduce(highest, op=dist.ReduceOp.MAX)
     dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-    names = [name for name, _ in model.named_parameters()]
+    names = [name for name, _ in _replicated_parameters(model)]
     return [names[index] for index in (highest != lowest).nonzero().flatten().tolist()]
 
+
+def unsharded_model(model: Any, dtype: torch.dtype) -> Any:
+    """A plain (unsharded) copy of an FSDP2-sharded transformers model on every process, with weights in
+    `dtype`, for saving, evaluation and the recipe's next steps. Every process must call it.
+
+    The full state dict is all-gathered (torch.distributed.checkpoint's get_model_state_dict with
+    full_state_dict) and becomes the parameters of a model of the same class and config built on the meta
+    device (no second, randomly initialised copy); buffers, which FSDP does not shard, are copied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    full = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in full.items()}
+    plain_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        fresh = plain_class._from_config(copy.deepcopy(model.config), dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(full, strict=False, assign=True)
+    for name, buffer in model.named_buffers():  # e.g. RoPE's inv_freq (not in the state dict)
+        if name not in full:
+            owner, _, leaf = name.rpartition(".")
+            setattr(fresh.get_submodule(owner), leaf, buffer.detach().clone())
+    fresh.tie_weights()  # a tied LM head shares the embedding again
+    left = [name for name, tensor in [*fresh.named_parameters(), *fresh.named_buffers()] if tensor.is_meta]
+    if unexpected or left:
+        raise HarnessError(
+            f"gathering the sharded model: unexpected {sorted(unexpected)[:3]}, not loaded {left[:3]} (missing {missing[:3]}); "
+            "this is a harness bug, please report it"
+        )
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.fsdp import FSDPModule
 
 from harness import cpu_kernels
 
@@ -132,6 +134,15 @@ def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return decoder, base.get_output_embeddings()
 
 
+def _recomputes_in_backward(module: torch.nn.Module) -> bool:
+    return getattr(module, "gradient_checkpointing", False) or isinstance(module, CheckpointWrapper)
+
+
+def _plain_type(module: torch.nn.Module) -> type:
+    """The module's own class: FSDP2 (fully_shard) swaps it for a subclass FSDP<name>."""
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def _padded_hidden_states(
     decoder: torch.nn.Module, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None
 ) -> torch.Tensor:
@@ -199,8 +210,9 @@ def final_hidden_states(
     it continues or -1), each example's tokens are the ones after its prefix and its position_ids
     start at the prefix length."""
     decoder, _ = causal_lm_parts(model)
-    # Gradient checkpointing would recompute the layers after the attention implementation is restored.
-    checkpointing = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    # Gradient checkpointing (transformers', or FSDP's activation checkpointing, which wraps the layers)
+    # would recompute the layers after the attention implementation is restored.
+    checkpointing = decoder.training and any(_recomputes_in_backward(m) for m in decoder.modules())
     if type(decoder) in _NO_VARLEN or checkpointing or not hasattr(decoder, "config"):
         if shared_prefixes is not None:
             raise RuntimeError(f"{type(decoder).__name__} cannot run with shared prefixes (no varlen attention)")
@@ -276,7 +288,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 def head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy (float32) of the LM head's logits at `hidden` [N, dim] against `targets` [N]."""
-    if type(head) is torch.nn.Linear:
+    if _plain_type(head) is torch.nn.Linear:
         return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")  # e.g. a LoRA-wrapped head
 

@@ -126,9 +126,14 @@ class RunContext:
 
     def training_key(self, settings: Any) -> dict[str, Any]:
         """Training settings as part of an artifact's cache key: with several processes the global batch is
-        batch_size x processes, so the count joins the key (one process: unchanged, so caches stay valid)."""
+        batch_size x processes, so the count joins the key (one process: unchanged, so caches stay valid);
+        sharded training rounds differently (and bf16 keeps fp32 weights), so FSDP joins it too."""
         key = settings.model_dump(mode="json")
-        return key | {"processes": distributed.world_size()} if distributed.world_size() > 1 else key
+        if distributed.world_size() > 1:
+            key |= {"processes": distributed.world_size()}
+        if distributed.backend() == "fsdp":
+            key |= {"distributed": "fsdp"}
+        return key
 
     def base_model(self) -> tuple[Any, Any]:
         """A fresh copy of the base model and its tokenizer, in the run's weight dtype."""

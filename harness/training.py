@@ -262,13 +262,52 @@ class ResponseOnlyTrainer(Trainer):
         extra_loss: ExtraLoss | None = None,
         neftune_alpha: float | None = None,
         master_weights: bool = False,
+        fsdp_param_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ):
+        self.fsdp_param_dtype = fsdp_param_dtype  # read by create_accelerator_and_postprocess in super().__init__
         super().__init__(*args, **kwargs)
         self.extra_loss = extra_loss
         self.neftune_alpha = neftune_alpha
         self.master_weights = master_weights
         self.counter = TokenCounter()
+
+    def create_accelerator_and_postprocess(self) -> None:  # type: ignore[override]
+        """Under FSDP (ACCELERATE_USE_FSDP, set by accelerate launch), make accelerate's FSDP2 plugin shard the
+        model, with fp32 sharded parameters and, for the bf16 precisions, bf16 compute and fp32 gradient
+        reduction (FSDP's MixedPrecisionPolicy: the usual master-weight scheme, no MasterWeightAdamW).
+
+        accelerate (1.15) switches to FSDP only on accelerators (AcceleratorState's MULTI_GPU branch); on
+        CPU (gloo processes, as the tests run) it would silently train DDP instead. There the distributed
+        type is set to FSDP after the fact, so the CPU run goes through the same accelerate and Trainer
+        code (prepare, checkpoint saving and loading) as a GPU run."""
+        super().create_accelerator_and_postprocess()
+        if not distributed.fsdp_requested():
+            return
+        if distributed.world_size() <= 1:  # (accelerate shards over one GPU when launched so: nothing gained)
+            if self.is_fsdp_enabled:
+                raise HarnessError(
+                    "FSDP in a single process has nothing to shard: launch several (--nproc N --distributed fsdp), "
+                    "or drop --use_fsdp / the FSDP accelerate config"
+                )
+            return
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # its settings from the launcher's FSDP_* variables
+            state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+            self.is_fsdp_enabled = True
+        if not self.accelerator.is_fsdp2:
+            raise HarnessError("accelerate did not set up FSDP2 for --distributed fsdp; this is a harness bug, please report it")
+        plugin = state.fsdp_plugin
+        if self.fsdp_param_dtype is not None:
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=self.fsdp_param_dtype, reduce_dtype=torch.float32)
+        else:
+            plugin.mixed_precision_policy = MixedPrecisionPolicy()  # fp32 throughout
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):  # type: ignore[override]
         """Mixed precision (bf16-mixed, fp16-mixed) around compute_loss.
@@ -280,9 +319,10 @@ class ResponseOnlyTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         processes = self.accelerator.num_processes
         if num_items_in_batch is not None and processes > 1 and self.args.average_tokens_across_devices:
-            # Trainer counted the response tokens of the whole global batch, and DDP averages gradients
-            # over processes: scale each process's token sum by the process count, as Trainer's own
-            # compute_loss does, so that the step's loss is the mean over the global batch.
+            # Trainer counted the response tokens of the whole global batch, and DDP (like FSDP's
+            # reduce-scatter) averages gradients over processes: scale each process's token sum by the
+            # process count, as Trainer's own compute_loss does, so that the step's loss is the mean over
+            # the global batch.
             num_items_in_batch = num_items_in_batch / processes
         loss_of = functools.partial(
             sft_loss,
@@ -291,7 +331,11 @@ class ResponseOnlyTrainer(Trainer):
             neftune_alpha=self.neftune_alpha,
             accumulation_steps=self.args.gradient_accumulation_steps,
         )
-        if model is self.model:  # one process: no wrapper, call the loss directly
+        if distributed.is_sharded(model):
+            # FSDP2 shards in place (model is self.model); the root's forward hooks gather the root's own
+            # parameters (embeddings, final norm, tied LM head) and finish the step's hooks: go through them
+            loss, losses = call_through_wrapper(model, model, loss_of, inputs)
+        elif model is self.model:  # one process: no wrapper, call the loss directly
             loss, losses = loss_of(model, inputs)
         else:
             loss, losses = call_through_wrapper(model, self.accelerator.unwrap_model(model), loss_of, inputs)
@@ -303,9 +347,14 @@ class ResponseOnlyTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):  # type: ignore[override]
         """Store the token counters and the loss sum in the checkpoint's trainer_state.json (written with
-        it, so they cannot disagree): a resumed run reports the whole run's tokens and mean loss."""
+        it, so they cannot disagree): a resumed run reports the whole run's tokens and mean loss.
+
+        Only the main process writes trainer_state.json, so the counters are summed over the processes
+        (every process saves, so the collective is safe); on resume the main process carries the sums."""
+        names = list(vars(self.counter))
+        totals = distributed.sum_over_processes([getattr(self.counter, name) for name in names])
         self.state.stateful_callbacks[PROGRESS_KEY] = {
-            **vars(self.counter),
+            **dict(zip(names, totals, strict=True)),
             "loss_sum": self._total_loss_scalar + float(self._tr_loss.item()),
         }
         super()._save_checkpoint(model, trial)
@@ -385,6 +434,8 @@ class TrainResult:
     precision: str = "fp32"
     steps_run: int = 0  # optimizer steps run by this process (steps - resumed_from_step): resume counters
     processes: int = 1  # data-parallel processes; the token counts are summed over them
+    distributed: str = "single"  # single | ddp (replicated) | fsdp (sharded): harness.distributed.backend()
+    parameter_share: float = 1.0  # share of the parameters' elements the main process held while training
 
     def as_record(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -409,6 +460,21 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
 def _checkpoint_step(path: Path) -> int:
     suffix = path.name.rpartition("-")[2]
     return int(suffix) if suffix.isdigit() else -1
+
+
+def check_checkpoint_backend(checkpoint: Path | None, sharded: bool) -> None:
+    """A checkpoint holds the model and optimizer as its run saved them: an FSDP run saves them through
+    FSDP (pytorch_model_fsdp.bin, optimizer state keyed by FSDP), which a DDP or one-process run cannot
+    load, nor the other way round. Say so in one line instead of Trainer's traceback."""
+    if checkpoint is None:
+        return
+    saved_sharded = (checkpoint / "pytorch_model_fsdp.bin").is_file() or any(checkpoint.glob("pytorch_model_fsdp*/"))
+    if saved_sharded != sharded:
+        was, now = ("--distributed fsdp", "without it") if saved_sharded else ("without --distributed fsdp", "with it")
+        raise HarnessError(
+            f"checkpoint {checkpoint} was saved by a run {was}; this run is {now}: rerun as before to resume, "
+            f"or delete {checkpoint.parent} to train that stage again"
+        )
 
 
 def _saved_progress(checkpoint: Path | None) -> dict[str, Any]:
@@ -467,7 +533,11 @@ def train_sft(
     assert settings.learning_rate is not None, "resolve the learning rate from the model set first"
     console = console or Console(stderr=True)
     precision = resolve_precision(settings.precision)
-    cast_parameters(model, weight_dtype(precision))
+    sharded = distributed.backend() == "fsdp"
+    if sharded and settings.lora is not None:
+        raise HarnessError(distributed.FSDP_LORA_UNSUPPORTED)
+    # Under FSDP the sharded weights stay fp32 and FSDP casts them for compute (fsdp_param_dtype).
+    cast_parameters(model, torch.float32 if sharded else weight_dtype(precision))
     model = apply_lora(model, settings)
     dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
     processes = distributed.world_size()
@@ -518,7 +588,8 @@ def train_sft(
         data_collator=functools.partial(collate_rows, pad_token_id=tokenizer.pad_token_id),
         extra_loss=extra_loss,
         neftune_alpha=settings.neftune_alpha,
-        master_weights=precision == "bf16",
+        master_weights=precision == "bf16" and not sharded,
+        fsdp_param_dtype={"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision),
         callbacks=[RichProgressCallback(console, description), StopOnSigterm(), *(callbacks or [])],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -526,14 +597,23 @@ def train_sft(
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     last_checkpoint = last_complete_checkpoint(output_dir)
+    check_checkpoint_backend(last_checkpoint, sharded)
     saved = _saved_progress(last_checkpoint)
-    for name in vars(trainer.counter):
-        setattr(trainer.counter, name, int(saved.get(name, 0)))
+    for name in vars(trainer.counter):  # sums over the processes: the main process carries them
+        setattr(trainer.counter, name, int(saved.get(name, 0)) if distributed.is_main() else 0)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     raise_if_terminated(trainer.state.global_step)
     wall = time.perf_counter() - started
-    out_of_sync = distributed.parameters_out_of_sync(trainer.model)
+    trained = trainer.model
+    parameter_share = distributed.local_parameter_share(trained)
+    if distributed.is_sharded(trained):  # every process gets the whole model back, in the run's weight dtype
+        trainer.optimizer = trainer.lr_scheduler = trainer.callback_handler.optimizer = None
+        trainer.accelerator.free_memory()  # the sharded optimizer state goes before the full weights are gathered
+        trained = distributed.unsharded_model(trained, weight_dtype(precision))
+        trainer.model = trainer.model_wrapped = trainer.callback_handler.model = None
+        trained.eval()
+    out_of_sync = distributed.parameters_out_of_sync(trained)
     if out_of_sync:
         raise HarnessError(
             f"{description}: after training, {len(out_of_sync)} parameters differ between the {processes} processes "
@@ -563,8 +643,9 @@ def train_sft(
         precision=precision,
         steps_run=steps_run,
         processes=processes,
+        distributed=distributed.backend(),
+        parameter_share=round(distributed.from_main(parameter_share), 6),
     )
-    trained = trainer.model
     if settings.lora is not None:
         trained = trained.merge_and_unload()
     trained.eval()

@@ -353,18 +353,21 @@ def test_a_failed_build_is_one_line_naming_the_step_and_the_log(daemon, build_en
     assert "harness-it:never" not in [tag for image in daemon.images.list() for tag in image.tags]
 
 
-def test_two_processes_train_under_accelerate_launch(daemon, image, tmp_path: Path):
-    """HARNESS_NPROC=2 makes the entry point run `harness run` under `accelerate launch` (DDP; gloo on
-    CPU): one record, whose token counts cover the whole epoch, not one process's share (32 unpacked
-    rows, 4 per process per step: 4 steps, no row repeated). tests/harness/test_distributed.py checks
-    the training itself against one process, outside Docker."""
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_two_processes_train_under_accelerate_launch(daemon, image, tmp_path: Path, backend: str):
+    """HARNESS_NPROC=2 makes the entry point run `harness run` under `accelerate launch` (DDP by default,
+    FSDP2 with the shipped fsdp.yaml, as `--docker --gpus N --distributed fsdp` sets it; gloo on CPU):
+    one record, whose token counts cover the whole epoch, not one process's share (32 unpacked rows, 4
+    per process per step: 4 steps, no row repeated). tests/harness/test_distributed.py checks the
+    training itself against one process, outside Docker."""
     output = tmp_path / "runs"
     output.mkdir()
+    config = f"/opt/harness/docker/accelerate/{backend}.yaml"
     container = daemon.containers.run(
         image.id,
         ["run", "--set", "data.limit=32", "--set", "training.packing=false", "--set", "training.batch_size=4",
          "--limit", "8", "--output", "/runs"],
-        environment={"HARNESS_NPROC": "2"},
+        environment={"HARNESS_NPROC": "2", **({"HARNESS_ACCELERATE_CONFIG": config} if backend == "fsdp" else {})},
         mounts=[docker_mount("/runs", output)],
         user=f"{os.getuid()}:{os.getgid()}",
         network_mode="none",
@@ -375,12 +378,13 @@ def test_two_processes_train_under_accelerate_launch(daemon, image, tmp_path: Pa
         logs = container.logs().decode(errors="replace")
     finally:
         container.remove(force=True)
-    assert "accelerate launch --config_file /opt/harness/docker/accelerate/ddp.yaml --num_processes 2" in logs
+    assert f"accelerate launch --config_file {config} --num_processes 2" in logs
     assert status == 0, logs[-3000:]
     _, record = load_run(output)
     sft = record["training"]["sft"]
     assert sft["real_tokens"] == sft["epoch_tokens"] == record["cost"]["train_tokens"]
     assert sft["processes"] == record["cost"]["device_count"] == 2 and sft["steps"] == 4
+    assert (sft["distributed"], sft["parameter_share"]) == (backend, 0.5 if backend == "fsdp" else 1.0)
 
 
 def docker_mount(target: str, source: Path) -> Any:

@@ -279,6 +279,12 @@ def test_shipped_distributed_configs_are_valid_accelerate_configs():
         # The run spec decides precision; with a DeepSpeed config file accelerate rejects the key.
         assert yaml.safe_load(path.read_text()).get("mixed_precision") == (None if name == "zero3" else "no")
     assert container.DISTRIBUTED_CONFIGS["zero3"].endswith("zero3.yaml")
+    # `harness run --nproc N --distributed fsdp` launches with the same FSDP settings as the image's config
+    from harness.distributed import FSDP_LAUNCH_SETTINGS
+
+    fsdp_config = yaml.safe_load((ROOT / "docker" / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]
+    as_flags = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in fsdp_config.items()}
+    assert as_flags == FSDP_LAUNCH_SETTINGS
     zero3 = json.loads((ROOT / "docker" / "deepspeed" / "zero3.json").read_text())
     assert zero3["zero_optimization"]["stage"] == 3
 

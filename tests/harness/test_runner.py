@@ -39,3 +39,21 @@ def test_resuming_with_other_code_is_refused(tmp_path: Path, monkeypatch):
         check_resumable(tmp_path)
     monkeypatch.setenv("HARNESS_ALLOW_CODE_CHANGE", "1")
     check_resumable(tmp_path)
+
+
+def test_cached_training_artifacts_are_keyed_by_processes_and_sharding(monkeypatch):
+    """Scores from a trained reference model (SFTMix, Cherry's brief experience) depend on the global batch
+    and, under FSDP, on its rounding and bf16 scheme: each joins the artifact key; one process keeps the
+    plain settings (caches made before stay valid)."""
+    from harness.runner import RunContext
+    from harness.spec import TrainingSpec
+
+    settings = TrainingSpec()
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    assert RunContext.training_key(None, settings) == settings.model_dump(mode="json")  # type: ignore[arg-type]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp = RunContext.training_key(None, settings)  # type: ignore[arg-type]
+    assert ddp == settings.model_dump(mode="json") | {"processes": 2}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert RunContext.training_key(None, settings) == ddp | {"distributed": "fsdp"}  # type: ignore[arg-type]
