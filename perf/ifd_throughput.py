@@ -1,6 +1,7 @@
 """IFD scoring throughput: the harness's scoring engine against a faithful re-implementation of the
 Cherry LLM reference loop (cherry_seletion/data_analysis.py: batch size 1, fp32, a Python loop over
-every token's log-softmax), on the same model and records, in one run. Checks the scores agree.
+every token's log-softmax), on the same model and records, in one run. Checks the scores agree. Also
+times the engine on torch's default kernels instead of oneDNN's (harness/cpu_kernels.py).
 
     python perf/ifd_throughput.py [--records 200] [--max-length 512] [--device cpu|cuda]
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from harness import cpu_kernels
 from harness.data import InstructionRecord, load_instruction_data
 from harness.models import load_model_and_tokenizer, resolve_model
 from harness.scoring import compute_ifd
@@ -97,13 +99,25 @@ def main() -> None:
     model.to(args.device).eval()
     load_before = os.getloadavg()[0]
 
-    reference, reference_s = timed(lambda: reference_ifd(model, tokenizer, records, args.max_length, args.device))
-    engine32, engine32_s = timed(lambda: compute_ifd(model, tokenizer, records, template="alpaca", max_length=args.max_length,
-                                                     model_key="bench", rows_per_batch=args.rows_per_batch).ifd)
+    def engine(scored_model):
+        return compute_ifd(scored_model, tokenizer, records, template="alpaca", max_length=args.max_length,
+                           model_key="bench", rows_per_batch=args.rows_per_batch).ifd
+
+    # The reference runs first and again last: the two rates show whether the machine's speed drifted
+    # during the run (a shared VM's can), and the speed-ups use their mean.
+    reference, reference_first_s = timed(lambda: reference_ifd(model, tokenizer, records, args.max_length, args.device))
+    engine32, engine32_s = timed(lambda: engine(model))
+    original = cpu_kernels.available  # the same engine on torch's default CPU kernels (MKL sgemm, unfused MLP)
+    cpu_kernels.available = lambda: False
+    try:
+        engine32_default, engine32_default_s = timed(lambda: engine(model))
+    finally:
+        cpu_kernels.available = original
+    _, reference_last_s = timed(lambda: reference_ifd(model, tokenizer, records, args.max_length, args.device))
+    reference_s = (reference_first_s + reference_last_s) / 2
     low = torch.bfloat16
     model_low = model.to(low)
-    engine16, engine16_s = timed(lambda: compute_ifd(model_low, tokenizer, records, template="alpaca", max_length=args.max_length,
-                                                     model_key="bench", rows_per_batch=args.rows_per_batch).ifd)
+    engine16, engine16_s = timed(lambda: engine(model_low))
     both = ~np.isnan(reference) & ~np.isnan(engine32)
     same_tokens = np.array([joint_tokenization_matches(tokenizer, record) for record in records])
     assert (np.isnan(reference) == np.isnan(engine32)).all(), "the engine and the reference skip different records"
@@ -119,7 +133,11 @@ def main() -> None:
         "load_average_before": round(load_before, 2),
         "load_average_after": round(os.getloadavg()[0], 2),
         "reference_examples_per_s": round(n / reference_s, 3),
+        "reference_first_and_last_examples_per_s": [round(n / reference_first_s, 3), round(n / reference_last_s, 3)],
         "engine_fp32_examples_per_s": round(n / engine32_s, 3),
+        "engine_fp32_default_kernels_examples_per_s": round(n / engine32_default_s, 3),
+        "onednn_kernels_speedup": round(engine32_default_s / engine32_s, 3),
+        "max_abs_diff_onednn_vs_default_kernels": float(np.max(np.abs(engine32[both] - engine32_default[both]))),
         "engine_bf16_examples_per_s": round(n / engine16_s, 3),
         "speedup_fp32": round(reference_s / engine32_s, 2),
         "speedup_bf16": round(reference_s / engine16_s, 2),
@@ -132,7 +150,12 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=2))
     print("\n| implementation | examples/s | speed-up | agreement |\n|---|---|---|---|")
-    print(f"| reference loop (batch 1, fp32, per-token loop) | {summary['reference_examples_per_s']} | 1.0x | - |")
+    first, last = summary["reference_first_and_last_examples_per_s"]
+    print(f"| reference loop (batch 1, fp32, per-token loop) | {summary['reference_examples_per_s']} | 1.0x | "
+          f"mean of a run before the engines ({first}/s) and one after ({last}/s) |")
+    print(f"| engine fp32, torch's default kernels | {summary['engine_fp32_default_kernels_examples_per_s']} | "
+          f"{round(reference_s / engine32_default_s, 2)}x | max abs IFD diff to oneDNN "
+          f"{summary['max_abs_diff_onednn_vs_default_kernels']:.1e} |")
     print(f"| engine fp32 | {summary['engine_fp32_examples_per_s']} | {summary['speedup_fp32']}x | "
           f"max abs IFD diff {summary['max_abs_diff_fp32_vs_reference']:.2e} on records tokenized alike "
           f"({summary['records_tokenized_differently']} tokenized differently: max diff {summary['max_abs_diff_on_those']:.2e}) |")
