@@ -19,7 +19,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check harness recipes benchmarks tests perf scripts docker
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=12
 	$(BIN)/harness leaderboard --check
 
 bench: setup
