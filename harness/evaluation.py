@@ -207,10 +207,15 @@ def sample_indices(task_name: str, total: int, k: int, seed: int) -> list[int]:
 
 
 def _quiet_lm_eval() -> None:
+    import lm_eval.evaluator
+
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("lm_eval.tasks", "lm_eval.tasks._index", "lm_eval.tasks.manager", "lm_eval.evaluator_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # lm-eval asks `git describe` about the working directory and lets git print "fatal: not a git
+    # repository" into the run's output when it is none; the record carries the harness's own commit.
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
 
 
 @functools.lru_cache(maxsize=2)
