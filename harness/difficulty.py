@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -29,8 +30,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from harness import distributed
 from harness.artifacts import ArtifactCache, content_key
 from harness.batching import collate_rows
+from harness.cpu_kernels import onednn_inference
 from harness.data import InstructionRecord, parse_rows, read_rows
 from harness.errors import HarnessError
 from harness.losses import final_hidden_states
@@ -177,20 +180,27 @@ def score_with_local_judge(
     scores = np.full(len(records), np.nan)
     usable = [i for i, ids in enumerate(prompts) if len(ids) <= max_length]
     usable.sort(key=lambda i: len(prompts[i]))
-    forward_tokens = 0
-    with scoring_progress(console) as progress:
+    batches = [usable[start : start + rows_per_batch] for start in range(0, len(usable), rows_per_batch)]
+    processes, rank = distributed.world_size(), distributed.rank()
+    mine: dict[int, list[float]] = {}  # batch number -> scores: in a job of several processes, batches are dealt out
+    with scoring_progress(console) as progress, onednn_inference(model):
         task = progress.add_task("local-judge difficulty", total=len(usable))
-        for start in range(0, len(usable), rows_per_batch):
-            chunk = usable[start : start + rows_per_batch]
+        for number in range(rank, len(batches), processes):
+            chunk = batches[number]
             examples = [TokenizedExample(prompts[i], [-100] * len(prompts[i])) for i in chunk]
             batch = {k: v.to(device) for k, v in collate_rows([[e] for e in examples], tokenizer.pad_token_id).items()}
             hidden = final_hidden_states(model, batch)
             last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
             logits = head(hidden[torch.arange(len(chunk), device=device), last]).float()
             probs = torch.softmax(logits[:, label_ids].double(), dim=-1).cpu()
-            scores[chunk] = (probs * labels).sum(-1).numpy()
-            forward_tokens += sum(len(prompts[i]) for i in chunk)
+            mine[number] = (probs * labels).sum(-1).tolist()
             progress.advance(task, len(chunk))
+        for share in distributed.gather(mine):  # [mine] with one process
+            for number, values in share.items():
+                scores[batches[number]] = values
+                if number not in mine:
+                    progress.advance(task, len(values))
+    forward_tokens = sum(len(prompts[i]) for i in usable)
     details = {"prompt_version": DIFFICULTY_PROMPT_VERSION, "forward_tokens": forward_tokens,
                "over_length": len(records) - len(usable)}
     return DifficultyScores(scores, "local-judge", details)
@@ -232,8 +242,13 @@ def judge_api_key(settings: JudgeSettings) -> str:
     )
 
 
-def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord) -> dict[str, Any]:
-    """One judgment with retries and exponential backoff; malformed replies are retried too."""
+class _KeyRejected(Exception):
+    """The judge endpoint answered 401: raised in the worker threads, reported once by the caller."""
+
+
+def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord, rejected: threading.Event) -> dict[str, Any]:
+    """One judgment with retries and exponential backoff; malformed replies are retried too. Once the
+    endpoint has rejected the key (`rejected`), no worker sends another request."""
     import openai
 
     last_problem = ""
@@ -241,6 +256,8 @@ def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord) 
     for attempt in range(settings.max_retries + 1):
         if attempt:
             time.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
+        if rejected.is_set():
+            raise _KeyRejected
         try:
             response = client.chat.completions.create(
                 model=settings.model,
@@ -252,9 +269,8 @@ def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord) 
                 max_tokens=settings.max_tokens,
             )
         except openai.AuthenticationError:
-            raise HarnessError(
-                f"judge at {settings.base_url} rejected the key in {settings.api_key_env} (401); check it"
-            ) from None
+            rejected.set()
+            raise _KeyRejected from None
         except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError) as error:
             last_problem = type(error).__name__
             continue
@@ -296,14 +312,17 @@ def score_with_judge(
     spent = {"prompt_tokens": 0, "completion_tokens": 0}
     with scoring_progress(console) as progress, ThreadPoolExecutor(settings.concurrency) as pool:
         task = progress.add_task(f"judge {settings.model}", total=len(records), completed=reused)
-        futures = [pool.submit(_judge_one, client, settings, record) for record in pending]
+        rejected = threading.Event()
+        futures = [pool.submit(_judge_one, client, settings, record, rejected) for record in pending]
         for future in as_completed(futures):
             try:
                 entry = future.result()
-            except HarnessError:  # e.g. a rejected key: every other request would fail the same way
+            except _KeyRejected:  # every other request would fail the same way: stop them all
                 for queued in futures:
                     queued.cancel()
-                raise
+                raise HarnessError(
+                    f"judge at {settings.base_url} rejected the key in {settings.api_key_env} (401); check it"
+                ) from None
             spent["prompt_tokens"] += entry["prompt_tokens"]
             spent["completion_tokens"] += entry["completion_tokens"]
             if entry["score"] is None:

@@ -279,7 +279,9 @@ def compute_ifd(
         records=[record.id for record in records],
     )
     if cache is not None:
-        stored = cache.load("ifd", key)
+        # The main process decides for a job of several processes (their caches may be separate disks);
+        # every process must call this function, as all of them join the scoring below.
+        stored = distributed.from_main(cache.load("ifd", key) if distributed.is_main() else None)
         if stored is not None:
             result = IFDScores.from_json(stored)
             kept = len(records) - len(result.skipped)

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainerCallback
 
+from harness import distributed
 from harness.artifacts import content_key
 from harness.mixup import confidence, mixup_loss, random_pairs, sample_lambdas, split_at_median
 from harness.models import load_model_and_tokenizer, resolve_model
@@ -112,7 +113,8 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
         epochs=epochs, per_epoch=params.checkpoints_per_epoch, training=ctx.training_key(settings),
         records=[r.id for r in ctx.data.records], seed=ctx.spec.seed,
     )
-    cached = ctx.cache.load("sftmix", key)
+    # the main process decides (separate caches on several nodes must not split the job: all or none train)
+    cached = distributed.from_main(ctx.cache.load("sftmix", key) if distributed.is_main() else None)
     if cached is not None:
         return np.array(cached["perplexities"]), cached["details"] | {"cached": True}
     if reference is None:

@@ -148,6 +148,8 @@ def _score_in_a_process_group(rank: int, world: int, rendezvous: str, cache_dir:
 
     import torch.distributed as dist
 
+    from harness.data import load_instruction_data
+    from harness.difficulty import score_with_local_judge
     from harness.models import load_model_and_tokenizer, resolve_model
     from harness.scoring import mean_response_losses
 
@@ -164,6 +166,8 @@ def _score_in_a_process_group(rank: int, world: int, rendezvous: str, cache_dir:
         np.save(f"{out_dir}/scores_{rank}.npy", losses)
         with open(f"{out_dir}/work_{rank}.json", "w") as handle:
             json.dump({"scored_here": sum(seen), "computed": stats.computed, "cached": stats.cached}, handle)
+        judged = score_with_local_judge(model, tokenizer, load_instruction_data("alpaca-sample").records[:10], rows_per_batch=2)
+        np.save(f"{out_dir}/difficulty_{rank}.npy", judged.scores)
     finally:
         dist.destroy_process_group()
 
@@ -176,7 +180,7 @@ def _examples(tokenizer) -> list[TokenizedExample]:
     return conditioned + direct
 
 
-def test_processes_of_a_job_share_out_the_chunks_and_all_get_every_score(tiny, tmp_path):
+def test_processes_of_a_job_share_out_scoring_and_all_get_every_score(tiny, tmp_path):
     model, tokenizer = tiny
     alone, _ = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id, chunk_size=8)
     cache = tmp_path / "cache"
@@ -189,6 +193,13 @@ def test_processes_of_a_job_share_out_the_chunks_and_all_get_every_score(tiny, t
     assert all(w["computed"] == 40 and w["cached"] == 0 for w in work)
     for rank in (0, 1):
         np.testing.assert_allclose(np.load(tmp_path / f"scores_{rank}.npy"), alone, rtol=0, atol=1e-6)
+    # the local difficulty judge deals out its batches the same way
+    from harness.data import load_instruction_data
+    from harness.difficulty import score_with_local_judge
+
+    judged = score_with_local_judge(model, tokenizer, load_instruction_data("alpaca-sample").records[:10], rows_per_batch=2).scores
+    for rank in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"difficulty_{rank}.npy"), judged, rtol=0, atol=1e-9)
     # every chunk went into the cache, whichever process ran it: one process now computes nothing
     again, stats = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                 chunk_size=8, cache=ArtifactCache(cache), cache_key="k")
