@@ -207,6 +207,7 @@ def sample_indices(task_name: str, total: int, k: int, seed: int) -> list[int]:
 
 
 def _quiet_lm_eval() -> None:
+    import lm_eval.api.model
     import lm_eval.evaluator
 
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
@@ -216,6 +217,16 @@ def _quiet_lm_eval() -> None:
     # lm-eval asks `git describe` about the working directory and lets git print "fatal: not a git
     # repository" into the run's output when it is none; the record carries the harness's own commit.
     lm_eval.evaluator.get_git_commit_hash = lambda: None
+    # The request cache's lookup loop is a dictionary check per request, yet draws a bar per task.
+    lm_eval.api.model.tqdm = _tqdm_without_cache_check
+
+
+def _tqdm_without_cache_check(*args: Any, **kwargs: Any) -> Any:
+    from tqdm import tqdm
+
+    if kwargs.get("desc") == "Checking cached requests":
+        kwargs["disable"] = True
+    return tqdm(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=2)
