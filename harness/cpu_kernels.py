@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,8 +29,13 @@ _active = 0  # depth of onednn_inference blocks: the fused LM-head loss asks `li
 
 
 def available() -> bool:
-    """oneDNN is compiled into this torch build and exposes the fused linear op."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """oneDNN is compiled into this torch build, exposes the fused linear op, and the CPU is x86-64 (where
+    it was measured; on other CPUs torch's default path is kept)."""
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
