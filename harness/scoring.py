@@ -328,8 +328,12 @@ def embeddings_and_perplexity(
     hidden_size = model.config.hidden_size
     embeddings = np.zeros((len(examples), hidden_size), dtype=np.float32)
     perplexities = np.zeros(len(examples), dtype=np.float64)
+    batches = _batches(examples, order, capacity, rows_per_batch)
+    processes, rank = distributed.world_size(), distributed.rank()
+    mine: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch number -> results: dealt out among processes
     with onednn_inference(model):
-        for batch_rows in _batches(examples, order, capacity, rows_per_batch):
+        for number in range(rank, len(batches), processes):
+            batch_rows = batches[number]
             batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             flat = [i for row in batch_rows for i in row]
@@ -339,9 +343,16 @@ def embeddings_and_perplexity(
             ones = torch.ones(int(mask.sum()), device=device)
             counts = torch.zeros(len(flat), device=device).index_add_(0, seq[mask], ones)
             sums = torch.zeros(len(flat), hidden.shape[-1], device=device).index_add_(0, seq[mask], hidden[mask].float())
-            embeddings[flat] = (sums / counts[:, None]).cpu().numpy()
             token_losses, token_seq = response_token_losses(model, batch, hidden=hidden)
             loss_sums = torch.zeros(len(flat), device=device).index_add_(0, token_seq, token_losses)
             loss_counts = torch.zeros(len(flat), device=device).index_add_(0, token_seq, torch.ones_like(token_losses))
-            perplexities[flat] = torch.exp(loss_sums / loss_counts.clamp(min=1)).double().cpu().numpy()
+            mine[number] = (
+                (sums / counts[:, None]).cpu().numpy(),
+                torch.exp(loss_sums / loss_counts.clamp(min=1)).double().cpu().numpy(),
+            )
+    for share in distributed.gather(mine):  # [mine] with one process
+        for number, (batch_embeddings, batch_perplexities) in share.items():
+            flat = [i for row in batches[number] for i in row]
+            embeddings[flat] = batch_embeddings
+            perplexities[flat] = batch_perplexities
     return embeddings, perplexities

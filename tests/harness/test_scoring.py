@@ -168,6 +168,9 @@ def _score_in_a_process_group(rank: int, world: int, rendezvous: str, cache_dir:
             json.dump({"scored_here": sum(seen), "computed": stats.computed, "cached": stats.cached}, handle)
         judged = score_with_local_judge(model, tokenizer, load_instruction_data("alpaca-sample").records[:10], rows_per_batch=2)
         np.save(f"{out_dir}/difficulty_{rank}.npy", judged.scores)
+        embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id, rows_per_batch=2)
+        np.save(f"{out_dir}/embeddings_{rank}.npy", embeddings)
+        np.save(f"{out_dir}/perplexities_{rank}.npy", perplexities)
     finally:
         dist.destroy_process_group()
 
@@ -200,6 +203,11 @@ def test_processes_of_a_job_share_out_scoring_and_all_get_every_score(tiny, tmp_
     judged = score_with_local_judge(model, tokenizer, load_instruction_data("alpaca-sample").records[:10], rows_per_batch=2).scores
     for rank in (0, 1):
         np.testing.assert_allclose(np.load(tmp_path / f"difficulty_{rank}.npy"), judged, rtol=0, atol=1e-9)
+    # and so do the embedding and perplexity passes (IFD's brief experience, UNIFIT's concept tree)
+    embeddings, perplexities = embeddings_and_perplexity(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id, rows_per_batch=2)
+    for rank in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"embeddings_{rank}.npy"), embeddings, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.load(tmp_path / f"perplexities_{rank}.npy"), perplexities, rtol=1e-6)
     # every chunk went into the cache, whichever process ran it: one process now computes nothing
     again, stats = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                 chunk_size=8, cache=ArtifactCache(cache), cache_key="k")
