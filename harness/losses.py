@@ -20,6 +20,8 @@ that starts with it attends to them instead of recomputing them (`SharedPrefixes
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,9 +174,38 @@ def _run_varlen(decoder: torch.nn.Module, inputs: dict[str, torch.Tensor], posit
         return decoder(**inputs, position_ids=positions, use_cache=False, **{_SEGMENTS_KWARG: lengths}, **extra)
     except _VarlenUnsupported:
         _NO_VARLEN.add(type(decoder))
+        previous = getattr(config, _OUTSIDE_ATTR, previous)  # inside keep_varlen_attention: the model's own, for good
         return None
     finally:
         config._attn_implementation = previous
+
+
+_OUTSIDE_ATTR = "_harness_attn_outside"  # the model's own attention implementation, while keep_varlen_attention holds
+
+
+@contextlib.contextmanager
+def keep_varlen_attention(model: Any) -> Iterator[None]:
+    """Keep the per-example attention selected for a whole training run.
+
+    Outside this block it is selected only while the loss's forward runs. Layers that are recomputed in
+    the backward pass (gradient checkpointing; FSDP's activation checkpointing) would then recompute with
+    the model's own attention over the whole flattened sequence, across examples, so without this block
+    checkpointed training takes the padded path (correct, slower). Inside it they recompute exactly as
+    they ran forward. The model's own implementation is restored on exit."""
+    decoder, _ = causal_lm_parts(model)
+    config = getattr(decoder, "config", None)
+    if config is None or type(decoder) in _NO_VARLEN or config._attn_implementation == VARLEN_ATTENTION:
+        yield
+        return
+    outside = config._attn_implementation
+    setattr(config, _OUTSIDE_ATTR, outside)
+    config._attn_implementation = VARLEN_ATTENTION
+    try:
+        yield
+    finally:
+        if config._attn_implementation == VARLEN_ATTENTION:
+            config._attn_implementation = outside
+        delattr(config, _OUTSIDE_ATTR)
 
 
 @torch.no_grad()
@@ -211,9 +242,11 @@ def final_hidden_states(
     start at the prefix length."""
     decoder, _ = causal_lm_parts(model)
     # Gradient checkpointing (transformers', or FSDP's activation checkpointing, which wraps the layers)
-    # would recompute the layers after the attention implementation is restored.
+    # would recompute the layers after the attention implementation is restored, unless
+    # keep_varlen_attention holds it for the whole run.
     checkpointing = decoder.training and any(_recomputes_in_backward(m) for m in decoder.modules())
-    if type(decoder) in _NO_VARLEN or checkpointing or not hasattr(decoder, "config"):
+    kept = hasattr(decoder, "config") and decoder.config._attn_implementation == VARLEN_ATTENTION
+    if type(decoder) in _NO_VARLEN or (checkpointing and not kept) or not hasattr(decoder, "config"):
         if shared_prefixes is not None:
             raise RuntimeError(f"{type(decoder).__name__} cannot run with shared prefixes (no varlen attention)")
         return _padded_hidden_states(decoder, batch, inputs_embeds)

@@ -35,7 +35,7 @@ from harness.interrupts import (
     set_in_training,
     termination_requested,
 )
-from harness.losses import final_hidden_states, response_token_losses
+from harness.losses import final_hidden_states, keep_varlen_attention, response_token_losses
 from harness.neftune import noisy_input_embeddings
 from harness.spec import TrainingSpec
 from harness.templates import TokenizedExample
@@ -602,7 +602,8 @@ def train_sft(
     for name in vars(trainer.counter):  # sums over the processes: the main process carries them
         setattr(trainer.counter, name, int(saved.get(name, 0)) if distributed.is_main() else 0)
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    with keep_varlen_attention(model):  # checkpointed layers recompute with the same per-example attention
+        train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     raise_if_terminated(trainer.state.global_step)
     wall = time.perf_counter() - started
     trained = trainer.model

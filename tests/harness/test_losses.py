@@ -127,3 +127,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, sample_records):
         gradients.append({name: p.grad for name, p in trained.named_parameters()})
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradient, gradients[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_kept_per_example_attention_is_recomputed_in_backward(tiny, sample_records, monkeypatch):
+    """Inside keep_varlen_attention (train_sft holds it for the whole run), checkpointed layers take the
+    padding-free path forward and recompute with it in backward, giving the unchecked gradients."""
+    from harness import losses as losses_module
+
+    model, _ = tiny
+    batch = _packed_batch(tiny, sample_records)
+    calls = []
+    real = losses_module.varlen_attention
+    monkeypatch.setitem(
+        __import__("transformers").AttentionInterface._global_mapping, losses_module.VARLEN_ATTENTION,
+        lambda *args, **kwargs: calls.append(torch.is_grad_enabled()) or real(*args, **kwargs),
+    )
+    plain = copy.deepcopy(model).train()
+    response_token_losses(plain, batch)[0].mean().backward()
+    checkpointed = copy.deepcopy(model).train()
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers >= 5.x
+        checkpointed.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        checkpointed.gradient_checkpointing_enable({"use_reentrant": False})
+    calls.clear()
+    with losses_module.keep_varlen_attention(checkpointed):
+        loss = response_token_losses(checkpointed, batch)[0].mean()
+        forward = len(calls)
+        loss.backward()
+    layers = checkpointed.config.num_hidden_layers
+    assert forward == layers and len(calls) == 2 * layers  # each layer forward, then recomputed in backward
+    assert checkpointed.config._attn_implementation != losses_module.VARLEN_ATTENTION  # restored on exit
+    for (name, ours), (_, reference) in zip(checkpointed.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, reference.grad, atol=1e-5, rtol=1e-4, msg=name)
