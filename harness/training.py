@@ -345,6 +345,14 @@ class ResponseOnlyTrainer(Trainer):
             self.counter.examples += int(inputs["num_examples"])
         return (loss, None) if return_outputs else loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:  # type: ignore[override]
+        """Under FSDP a checkpoint's weights are written by accelerate's save_fsdp_model (with the optimizer),
+        which is what resuming reads; Trainer would also write them as model.safetensors, doubling every
+        checkpoint (a 70B model's full fp32 state is 280 GB). The run's final model is saved by the runner."""
+        if _internal_call and self.is_fsdp_enabled:
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save_checkpoint(self, model, trial):  # type: ignore[override]
         """Store the token counters and the loss sum in the checkpoint's trainer_state.json (written with
         it, so they cannot disagree): a resumed run reports the whole run's tokens and mean loss.

@@ -183,6 +183,7 @@ def test_a_killed_sharded_run_resumes_from_its_checkpoint(tmp_path: Path, fsdp_r
     assert not (run_dir / "record.json").exists()
     checkpoint = run_dir / "checkpoints" / "sft" / "checkpoint-3"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file()
+    assert not list(checkpoint.glob("*.safetensors"))  # the weights once, not again as model.safetensors
 
     harness_run(args)
     record = json.loads((run_dir / "record.json").read_text())
