@@ -2,9 +2,9 @@
 
 On x86 CPUs an fp32 nn.Linear in torch runs MKL's sgemm. oneDNN's matmul (the kernel torch.compile's
 CPU backend emits for linear layers, `torch.ops.mkldnn._linear_pointwise`) is faster at the shapes of
-a small decoder: 2-D products of a few thousand tokens by 576-3072 features ran at 205-220 GFLOP/s
-against MKL's 150-200 on our 2-core AVX-512 machine (perf/ifd_throughput.py measures the end-to-end
-effect). It also applies an elementwise epilogue inside the same kernel, so a SwiGLU MLP
+a small decoder: 2-D products of a few thousand tokens by 192-1536 features ran at 207-213 GFLOP/s
+against MKL's 167-187 on our 2-core AVX-512 machine (perf/linear_kernels.py; perf/ifd_throughput.py
+measures the end-to-end effect). It also applies an elementwise epilogue inside the same kernel, so a SwiGLU MLP
 (down(silu(gate(x)) * up(x)), Llama/Mistral/Qwen2) needs no separate SiLU and product passes over
 the [tokens, intermediate] activations.
 

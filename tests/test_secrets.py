@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.openai_server import send_json
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CANARIES = {"OPENAI_API_KEY": "sk-canary-5e0c7b1f92d4", "HF_TOKEN": "hf_canary3d9a41c6b8e0"}
 IMAGE = "harness-it:latest"  # tests/test_docker_integration.py's image tag
@@ -50,12 +52,7 @@ class JudgeServer(ThreadingHTTPServer):
                                      "message": {"role": "assistant", "content": f"Score: {1 + len(prompt) % 5}"}}],
                         "usage": {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53},
                     }  # fmt: skip
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, payload)
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -26,6 +26,7 @@ from harness.difficulty import (
 )
 from harness.errors import HarnessError
 from harness.scoring import IFDScores
+from tests.harness.openai_server import send_json
 from tests.recipes.helpers import write_phased_file
 
 
@@ -68,13 +69,7 @@ def judge_server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             user = body["messages"][-1]["content"]
             instruction = user.split("[Instruction]\n", 1)[1].split("\n\n[Input]", 1)[0]
-            status, payload = script.reply(instruction)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, *script.reply(instruction))
 
         def log_message(self, *args):
             pass
