@@ -1,7 +1,7 @@
 """The leaderboard: read run records, compare every recipe with one-off SFT on the same items, and
 render tables (rich, Markdown, HTML, CSV, JSON) and plots.
 
-One table per (model, suite): rows are runs, columns are metrics (value ± standard error, best per
+One table per (model, suite, library stack): rows are runs, columns are metrics (value ± standard error, best per
 column marked, and the difference from one-off with a paired bootstrap CI and p-value computed from
 the per-example results), plus the cost of each run. Rendering is deterministic (fixed bootstrap
 seed, no clock, sorted everything), so `harness leaderboard --check` can tell whether the committed
@@ -81,6 +81,7 @@ class Run:
     data_sha256: str | None
     commit: str | None
     chat_template: bool | None
+    stack: tuple[tuple[str, str], ...]  # (library, version) that ran, python aside; () for records without versions
     metrics: dict[tuple[str, str], tuple[float, float | None, int | None]]  # (task, metric) -> value, stderr, n
     cost: dict[str, float | None]
     samples: dict[str, ItemScores] = field(default_factory=dict)
@@ -167,6 +168,7 @@ def parse_record(path: Path) -> Run:
     data = record.get("data") if isinstance(record.get("data"), dict) else {}
     seed = record.get("seed")
     commit = record.get("git_commit")
+    versions = record.get("versions") if isinstance(record.get("versions"), dict) else {}
     return Run(
         run_id=run_id,
         path=path,
@@ -179,6 +181,7 @@ def parse_record(path: Path) -> Run:
         data_sha256=data.get("sha256") if isinstance(data.get("sha256"), str) else None,
         commit=commit if isinstance(commit, str) else None,
         chat_template=chat_template if isinstance(chat_template, bool) else None,
+        stack=tuple(sorted((str(name), str(version)) for name, version in versions.items() if name != "python")),
         metrics=metrics,
         cost=cost,
     )
@@ -347,14 +350,18 @@ class Group:
     columns: list[Column]
     cells: dict[tuple[str, Column], Cell]
     notes: list[str]
+    stack: tuple[tuple[str, str], ...] = ()  # the library versions every run of the group ran on
+    stack_label: str = ""  # what sets this group's stack apart, when the same model and suite ran on several
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model}--{self.suite}")
+        stack = f"--{self.stack_label}" if self.stack_label else ""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model}--{self.suite}{stack}")
 
     @property
     def title(self) -> str:
-        return f"{self.model} · suite {self.suite}"
+        stack = f" · {self.stack_label}" if self.stack_label else ""
+        return f"{self.model} · suite {self.suite}{stack}"
 
     def data_summary(self) -> str:
         sources = sorted({(r.data, r.data_records) for r in self.runs}, key=lambda x: (x[0], x[1] or 0))
@@ -437,13 +444,30 @@ def _delta(run: Run, base: Run, column: Column, cell: Cell, base_cell: Cell) -> 
     return Delta(base.run_id, difference, low, high, p_value, None, "normal approx. (unpaired)")
 
 
+def stack_labels(stacks: Iterable[tuple[tuple[str, str], ...]]) -> dict[tuple[tuple[str, str], ...], str]:
+    """A short name per stack: the library versions in which it differs from the others ('' when alone)."""
+    stacks = sorted(set(stacks))
+    if len(stacks) < 2:
+        return {stack: "" for stack in stacks}
+    tables = [dict(stack) for stack in stacks]
+    differing = sorted({name for table in tables for name in table if len({t.get(name) for t in tables}) > 1})
+    return {stack: ", ".join(f"{name} {table.get(name, 'unknown')}" for name in differing)
+            for stack, table in zip(stacks, tables, strict=True)}
+
+
 def build_groups(runs: list[Run]) -> list[Group]:
-    """One group per (model, suite), runs sorted one-off first, columns sorted by task and metric."""
-    grouped: dict[tuple[str, str], list[Run]] = {}
+    """One group per (model, suite, library stack), runs sorted one-off first, columns sorted by task and
+    metric. Runs made on different library versions never share a table (nor a paired difference): a
+    record names what ran, and a comparison must not mix stacks silently."""
+    grouped: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = {}
     for run in runs:
-        grouped.setdefault((run.model, run.suite), []).append(run)
+        grouped.setdefault((run.model, run.suite, run.stack), []).append(run)
+    labels_by_protocol = {
+        protocol: stack_labels(stack for (model, suite, stack) in grouped if (model, suite) == protocol)
+        for protocol in {(model, suite) for model, suite, _ in grouped}
+    }
     groups = []
-    for (model, suite), members in sorted(grouped.items()):
+    for (model, suite, stack), members in sorted(grouped.items()):
         members = sorted(members, key=_sort_key)
         columns = sorted({Column(task, metric) for run in members for task, metric in run.metrics},
                          key=lambda c: (c.task, c.metric))
@@ -472,7 +496,11 @@ def build_groups(runs: list[Run]) -> list[Group]:
             notes.append("runs were trained on different data (see the runs table)")
         if len({r.chat_template for r in members}) > 1:
             notes.append("runs were evaluated with and without the chat template: not the same protocol")
-        groups.append(Group(model, suite, members, _labels(members), columns, cells, notes))
+        stack_label = labels_by_protocol[(model, suite)][stack]
+        if stack_label:
+            notes.append(f"{model} on suite {suite} also ran on other library versions: those runs are in a "
+                         "separate table, never compared with these")
+        groups.append(Group(model, suite, members, _labels(members), columns, cells, notes, stack, stack_label))
     return groups
 
 
@@ -758,7 +786,8 @@ def render_json(groups: list[Group]) -> str:
     rows = list(_rows(groups))
     for group in groups:
         payload["groups"].append({
-            "model": group.model, "suite": group.suite, "data": group.data_summary(), "notes": group.notes,
+            "model": group.model, "suite": group.suite, "stack": dict(group.stack), "data": group.data_summary(),
+            "notes": group.notes,
             "columns": [{"task": c.task, "metric": c.metric, "higher_is_better": c.higher_is_better}
                         for c in group.columns],
             "runs": [{"run_id": run.run_id, "recipe": run.recipe, "label": group.labels[run.run_id], "seed": run.seed,

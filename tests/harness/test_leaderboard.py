@@ -23,7 +23,8 @@ SCRIPT = ROOT / "scripts" / "screenshot_leaderboard.py"
 
 
 def write_run(root: Path, run_id: str, recipe: str, scores: dict[str, dict[int, float]], *, model: str = "tiny",
-              suite: str = "smoke", seed: int = 0, cost: dict | None = None, samples: bool = True) -> Path:
+              suite: str = "smoke", seed: int = 0, cost: dict | None = None, samples: bool = True,
+              versions: dict[str, str] | None = None) -> Path:
     """A run directory as the runner writes it: record.json (metrics from the scores) + eval/samples_*.jsonl."""
     run_dir = root / run_id
     (run_dir / "eval").mkdir(parents=True)
@@ -43,6 +44,8 @@ def write_run(root: Path, run_id: str, recipe: str, scores: dict[str, dict[int, 
         "cost": cost or {"train_tokens": 20_000, "response_tokens": 9_000, "scoring_tokens": 0, "wall_seconds": 75.0,
                          "device_hours": 0.0208, "judge_cost_usd": 0.0},
     }
+    if versions is not None:
+        record["versions"] = versions
     (run_dir / "record.json").write_text(json.dumps(record, indent=2))
     return run_dir
 
@@ -172,6 +175,33 @@ def test_several_runs_of_a_recipe_compare_with_the_one_off_of_their_seed(tmp_pat
                                                             "ifd (seed 0)", "ifd (seed 1)"]
     for seed in (0, 1):
         assert group.cells[(f"ifd-s{seed}", board.Column("arc", "acc"))].delta.baseline == f"one-off-s{seed}"
+
+
+def test_runs_on_different_library_versions_are_never_compared(tmp_path: Path):
+    """A run made on a newer transformers lands in its own table, named by what differs, with no delta
+    against the one-off of the other stack; runs on the same stack still pair."""
+    results = tmp_path / "results"
+    old = {"python": "3.11.7", "torch": "2.13.0", "transformers": "5.23.0", "accelerate": "1.15.0"}
+    new = {**old, "python": "3.12.1", "transformers": "5.24.0"}
+    write_run(results, "one-off-tiny-aaaa", "one-off", {"arc": binary_scores(60, 0.5, seed=1)}, versions=old)
+    write_run(results, "ifd-tiny-bbbb", "ifd", {"arc": binary_scores(60, 0.6, seed=2)}, versions=old)
+    write_run(results, "phased-tiny-cccc", "phased", {"arc": binary_scores(60, 0.7, seed=3)}, versions=new)
+    groups, warnings = collect([results])
+    assert warnings == []
+    assert [[run.recipe for run in group.runs] for group in groups] == [["one-off", "ifd"], ["phased"]]
+    assert [group.title for group in groups] == ["tiny · suite smoke · transformers 5.23.0",
+                                                 "tiny · suite smoke · transformers 5.24.0"]
+    assert len({group.slug for group in groups}) == 2
+    column = board.Column("arc", "acc")
+    assert groups[0].cells[("ifd-tiny-bbbb", column)].delta is not None
+    assert groups[1].cells[("phased-tiny-cccc", column)].delta is None
+    assert any("other library versions" in note for note in groups[1].notes)
+    payload = json.loads(board.render_json(groups))
+    assert [group["stack"]["transformers"] for group in payload["groups"]] == ["5.23.0", "5.24.0"]
+    # python's version is not part of the stack: the same libraries on 3.11 and 3.12 compare
+    write_run(results, "one-off-tiny-dddd", "one-off", {"arc": binary_scores(60, 0.5, seed=4)}, versions=new)
+    groups, _ = collect([results])
+    assert groups[1].cells[("phased-tiny-cccc", column)].delta.baseline == "one-off-tiny-dddd"
 
 
 def test_corrupt_and_partial_records_are_skipped_with_a_warning_naming_the_file(two_runs, capsys):
