@@ -297,6 +297,41 @@ def suites() -> None:
     stdout_console().print(table)
 
 
+@cli.command()
+@click.option("--suite", "suite_name", default="small", show_default=True, help="the evaluation suite to size")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="items per task (default: the suite's)")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="training seeds per recipe")
+@click.option("--discordance", type=click.FloatRange(0.0, 1.0), default=0.15, show_default=True,
+              help="share of items on which two checkpoints' scores differ")
+@click.option("--seed-sd", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="seed-to-seed SD of a checkpoint's task score (0-1 units) that more items cannot shrink")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="two-sided test level")
+@click.option("--power", "power_level", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.8,
+              show_default=True, help="probability of detecting an effect of the MDE's size")
+def power(suite_name: str, limit: int | None, seeds: int, discordance: float, seed_sd: float, alpha: float,
+          power_level: float) -> None:
+    """Minimum detectable effect per task and for the headline, before any compute is spent."""
+    from harness.evaluation import load_suite
+    from harness.power import study_power
+
+    study = study_power(load_suite(suite_name), limit=limit, seeds=seeds, discordance=discordance, seed_sd=seed_sd,
+                        alpha=alpha, power=power_level)
+    table = Table(title=f"minimum detectable effect: suite {suite_name}, {seeds} seed(s) per recipe, "
+                        f"discordance {discordance:g}, seed SD {seed_sd:g}, alpha {alpha:g}, power {power_level:g}")
+    for column in ("task", "primary metric", "items", "chance", "SE of Δ (points)", "MDE (points)",
+                   "MDE (normalised points)"):
+        table.add_column(column, justify="left" if column in ("task", "primary metric") else "right")
+    for row in study.tasks:
+        table.add_row(row.task, row.metric or "-", str(row.items), f"{row.chance:g}", f"{100 * row.stderr:.2f}",
+                      f"{100 * row.mde:.1f}", f"{100 * row.normalised_mde:.1f}")
+    table.add_row("[bold]headline[/]", "mean normalised primary", "", "", f"{100 * study.headline_stderr:.2f}",
+                  "", f"[bold]{100 * study.headline_mde:.1f}[/]")
+    table.caption = ("A true difference smaller than the MDE is missed more often than not at this size; a study "
+                     "finding 'no difference' below it is underpowered, not evidence of equivalence.")
+    stdout_console().print(table)
+
+
 @cli.group("alpaca-eval")
 def alpaca_eval_group() -> None:
     """AlpacaEval utilities."""

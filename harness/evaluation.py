@@ -143,11 +143,19 @@ class SuiteTask(BaseModel):
     metrics: list[str] | None = Field(None, description="metrics to record; None: all that lm-eval reports")
     chat_template: bool | None = Field(None, description="None: the suite's setting")
     gen_kwargs: dict[str, Any] | None = Field(None, description="generation overrides, e.g. max_gen_toks")
+    primary: str | None = Field(None, description="the metric the headline uses; None: the first of `metrics`")
+    chance: float = Field(0.0, ge=0.0, lt=1.0, description="a random guesser's score of the primary metric")
+
+    @property
+    def primary_metric(self) -> str | None:
+        return self.primary or (self.metrics[0] if self.metrics else None)
 
     @model_validator(mode="after")
     def _limit_or_sample(self) -> SuiteTask:
         if self.limit is not None and self.sample is not None:
             raise ValueError(f"task {self.task}: give either limit or sample, not both")
+        if self.primary is not None and self.metrics is not None and self.primary not in self.metrics:
+            raise ValueError(f"task {self.task}: primary metric '{self.primary}' is not one of its metrics {self.metrics}")
         return self
 
 

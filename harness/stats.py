@@ -123,3 +123,221 @@ def normal_interval(mean: float, stderr: float, confidence: float = CONFIDENCE) 
 
     z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
     return mean - z * stderr, mean + z * stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Verdicts across training seeds: the two-level bootstrap, the paired sign-flip test, corrections for
+# multiple comparisons, power (minimum detectable effect) and the verdict rule.
+
+
+@dataclass(frozen=True)
+class SeededDelta:
+    """Recipe minus baseline, each scored by several training seeds on the same items.
+
+    `seed_variance` and `item_variance` split the bootstrap variance of `delta` into what resampling the
+    checkpoints and what resampling the items contributes (the item x seed interaction is in neither:
+    `variance` is their sum plus it)."""
+
+    delta: float
+    low: float
+    high: float
+    variance: float  # of the two-level bootstrap replicates
+    seed_variance: float
+    item_variance: float
+    seeds: tuple[int, int]  # (recipe, baseline)
+    n: int
+    resamples: int
+
+
+def _as_grid(scores: np.ndarray, what: str) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[None, :]
+    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"{what}: need a (seeds, items) array, got shape {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{what}: values must be finite")
+    return scores
+
+
+def two_level_bootstrap(
+    recipe: np.ndarray,
+    baseline: np.ndarray,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    confidence: float = CONFIDENCE,
+) -> SeededDelta:
+    """Bootstrap of mean(recipe) - mean(baseline) over (seeds, items) score grids on the same items.
+
+    Each replicate draws the items once (shared by both recipes, so the pairing is kept) and the seeds
+    of each recipe on their own (a recipe's seeds are independent checkpoints): the 'pigeonhole'
+    bootstrap of a crossed design (Owen, "The pigeonhole bootstrap", Ann. Appl. Stat. 2007). Its exact
+    variance is `two_level_variance` (checked against it in the tests)."""
+    recipe, baseline = _as_grid(recipe, "recipe scores"), _as_grid(baseline, "baseline scores")
+    if recipe.shape[1] != baseline.shape[1]:
+        raise ValueError(f"two_level_bootstrap: recipe and baseline need the same items ({recipe.shape[1]} vs "
+                         f"{baseline.shape[1]})")
+    (seeds_r, n), seeds_b = recipe.shape, baseline.shape[0]
+    rng = np.random.default_rng(seed)
+    replicates = np.empty(resamples)
+    for start in range(0, resamples, _CHUNK):
+        stop = min(start + _CHUNK, resamples)
+        size = stop - start
+        # A resample with replacement is a multinomial count per item (and per seed): the mean over the
+        # drawn seeds and items is (seed weights) . grid . (item weights).
+        item_weights = rng.multinomial(n, np.full(n, 1.0 / n), size=size) / n
+        weight_r = rng.multinomial(seeds_r, np.full(seeds_r, 1.0 / seeds_r), size=size) / seeds_r
+        weight_b = rng.multinomial(seeds_b, np.full(seeds_b, 1.0 / seeds_b), size=size) / seeds_b
+        per_seed_r = item_weights @ recipe.T  # (size, seeds_r): each seed's mean over the drawn items
+        per_seed_b = item_weights @ baseline.T
+        replicates[start:stop] = (weight_r * per_seed_r).sum(axis=1) - (weight_b * per_seed_b).sum(axis=1)
+    delta = float(recipe.mean() - baseline.mean())
+    low, high = _percentiles(replicates, confidence)
+    components = two_level_variance(recipe, baseline)
+    return SeededDelta(delta, low, high, float(replicates.var()), components["seed"], components["item"],
+                       (seeds_r, seeds_b), n, resamples)
+
+
+def two_level_variance(recipe: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
+    """The exact variance of `two_level_bootstrap`'s replicates, from the two-way decomposition
+    y[s, i] = m + a[s] + b[i] + e[s, i] of each grid (plug-in mean squares, divisors S, N, SN):
+    seed = v_a(recipe)/S_r + v_a(baseline)/S_b, item = v(b_recipe - b_baseline)/N,
+    interaction = v_e(recipe)/(S_r N) + v_e(baseline)/(S_b N); total = their sum."""
+    recipe, baseline = _as_grid(recipe, "recipe scores"), _as_grid(baseline, "baseline scores")
+
+    def parts(grid: np.ndarray) -> tuple[float, np.ndarray, float]:
+        mean = grid.mean()
+        a = grid.mean(axis=1) - mean
+        b = grid.mean(axis=0) - mean
+        e = grid - mean - a[:, None] - b[None, :]
+        return float((a**2).mean()), b, float((e**2).mean())
+
+    (seeds_r, n), seeds_b = recipe.shape, baseline.shape[0]
+    va_r, b_r, ve_r = parts(recipe)
+    va_b, b_b, ve_b = parts(baseline)
+    seed = va_r / seeds_r + va_b / seeds_b
+    item = float(((b_r - b_b) ** 2).mean()) / n
+    interaction = ve_r / (seeds_r * n) + ve_b / (seeds_b * n)
+    return {"seed": seed, "item": item, "interaction": interaction, "total": seed + item + interaction}
+
+
+EXACT_SIGN_FLIP_MAX = 16  # up to 2^16 sign patterns are enumerated; beyond, Monte Carlo
+
+
+def sign_flip_test(differences: np.ndarray, *, resamples: int = RESAMPLES, seed: int = SEED) -> float:
+    """Two-sided p-value of the paired sign-flip permutation test of mean(differences) = 0.
+
+    Under the null each item's difference is as likely negative as positive (the two runs are
+    exchangeable on it), so flipping signs gives the null distribution of the mean. Items with a zero
+    difference cannot flip and drop out. Exact (all 2^k patterns) when k <= EXACT_SIGN_FLIP_MAX items
+    differ, else a Monte Carlo test with the +1 correction (Davison & Hinkley 1997, sec. 4.2.1)."""
+    differences = _check(differences, "sign_flip_test")
+    nonzero = differences[differences != 0]
+    k = nonzero.shape[0]
+    if k == 0:
+        return 1.0
+    observed = abs(nonzero.sum())
+    tolerance = 1e-9 * max(1.0, float(np.abs(nonzero).sum()))
+    if k <= EXACT_SIGN_FLIP_MAX:
+        patterns = ((np.arange(2**k)[:, None] >> np.arange(k)[None, :]) & 1) * 2 - 1
+        sums = np.abs(patterns @ nonzero)
+        return float(np.count_nonzero(sums >= observed - tolerance) / 2**k)
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for start in range(0, resamples, _CHUNK):
+        size = min(_CHUNK, resamples - start)
+        signs = rng.integers(0, 2, size=(size, k)) * 2 - 1
+        extreme += int(np.count_nonzero(np.abs(signs @ nonzero) >= observed - tolerance))
+    return min(1.0, (extreme + 1) / (resamples + 1))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error rate; Holm 1979), in the input's order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.shape[0]
+    if m == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    result = np.empty(m)
+    result[order] = np.minimum(adjusted, 1.0)
+    return [float(x) for x in result]
+
+
+def benjamini_hochberg(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate; Benjamini & Hochberg 1995), in order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.shape[0]
+    if m == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
+    result = np.empty(m)
+    result[order] = np.minimum(adjusted, 1.0)
+    return [float(x) for x in result]
+
+
+def adjust(p_values: list[float], method: str) -> list[float]:
+    if method == "holm":
+        return holm(p_values)
+    if method == "bh":
+        return benjamini_hochberg(p_values)
+    if method == "none":
+        return [float(p) for p in p_values]
+    raise ValueError(f"unknown correction '{method}' (holm, bh or none)")
+
+
+POWER = 0.80
+ALPHA = 0.05
+
+
+def _z(probability: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(probability)
+
+
+def minimum_detectable_effect(stderr: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true difference a two-sided level-alpha test with this standard error detects with
+    probability `power`: (z_{1-alpha/2} + z_power) * stderr (normal approximation)."""
+    return (_z(1.0 - alpha / 2.0) + _z(power)) * stderr
+
+
+def planned_stderr(items: int, *, discordance: float, seeds: int = 1, seed_sd: float = 0.0) -> float:
+    """Standard error of a recipe-minus-baseline difference planned before any run.
+
+    `discordance`: share of items on which two checkpoints' scores differ (for 0/1 metrics the variance
+    of a per-item difference is about that share when the effect is small); each recipe is trained with
+    `seeds` seeds and scored on the same `items`; `seed_sd`: the SD of a checkpoint's mean score from
+    seed to seed (the part that more items cannot shrink). Var = D / (K N) + 2 seed_sd^2 / K."""
+    if items <= 0 or seeds <= 0:
+        raise ValueError("items and seeds must be positive")
+    if not 0.0 <= discordance <= 1.0:
+        raise ValueError(f"discordance must lie in [0, 1], got {discordance}")
+    return math.sqrt(discordance / (seeds * items) + 2.0 * seed_sd**2 / seeds)
+
+
+def no_flip_interval(n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A difference interval when no item's score changed between two runs: the observed difference is
+    0, but with n items a share of flips up to 1-(alpha/2)^(1/n) each way (exact binomial upper bound;
+    about 3.7/n at 95%, the 'rule of three' two-sided) cannot be ruled out, so the interval is not [0, 0]."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    bound = 1.0 - ((1.0 - confidence) / 2.0) ** (1.0 / n)
+    return -bound, bound
+
+
+VERDICTS = ("better", "worse", "equivalent", "inconclusive")
+
+
+def verdict(low: float, high: float, adjusted_p: float, *, margin: float, alpha: float = ALPHA,
+            higher_is_better: bool = True) -> str:
+    """better / worse: the corrected test rejects and the CI excludes 0 on that side; equivalent: the
+    CI lies inside +-margin (two one-sided tests at the CI's level); else inconclusive."""
+    if adjusted_p < alpha and (low > 0 or high < 0):
+        return "better" if (low > 0) == higher_is_better else "worse"
+    if -margin < low and high < margin:
+        return "equivalent"
+    return "inconclusive"
