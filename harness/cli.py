@@ -53,6 +53,8 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec key, e.g. training.epochs=2")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--seed", type=int, default=None, help="random seed (default 0)")
+@click.option("--seeds", "seeds_text", default=None, metavar="LIST|N",
+              help="train each recipe once per seed: 0,1,2 or a count (3 = 0,1,2); evaluation items and prompts stay fixed")
 @click.option("--limit", type=int, default=None, help="evaluation items per task (overrides the suite)")
 @click.option("--online", is_flag=True, default=None, help="evaluate with lm-eval's own hub-backed tasks (needs hub access)")
 @click.option("--docker", "in_docker", is_flag=True, help="run inside the harness image (built when missing)")
@@ -82,6 +84,7 @@ def run(
     overrides: tuple[str, ...],
     output: Path,
     seed: int | None,
+    seeds_text: str | None,
     limit: int | None,
     online: bool | None,
     in_docker: bool,
@@ -104,6 +107,20 @@ def run(
         from harness.distributed import unsupported_message
 
         raise HarnessError(unsupported_message(distributed))
+    seeds = None
+    if seeds_text is not None:
+        from harness.spec import parse_seeds
+
+        if seed is not None:
+            raise HarnessError("give --seed or --seeds, not both")
+        try:
+            seeds = parse_seeds(seeds_text)
+        except ValueError as error:
+            raise HarnessError(f"--seeds {error}") from None
+        if len(seeds) > 1 and (in_docker or (nproc or 1) > 1):
+            raise HarnessError("--seeds with several seeds runs on this machine in one process; with --docker or "
+                               "--nproc give one --seed per command (or use harness sweep)")
+        seed = seeds[0] if len(seeds) == 1 else None
 
     flags: dict[str, Any] = {
         "recipe": recipe,
@@ -126,12 +143,13 @@ def run(
     _quiet_libraries()
     from harness.runner import execute_run, prepare_run
 
+    seeded = [spec] if seeds is None or len(seeds) == 1 else [spec.model_copy(update={"seed": s}) for s in seeds]
     if spec.recipe == "all":
         from harness.compare import specs_for_all
 
-        prepared_runs = [prepare_run(sub_spec) for sub_spec in specs_for_all(spec)]
+        prepared_runs = [prepare_run(sub_spec) for one in seeded for sub_spec in specs_for_all(one)]
     else:
-        prepared_runs = [prepare_run(spec)]  # with --docker too: bad input never starts a container
+        prepared_runs = [prepare_run(one) for one in seeded]  # with --docker too: bad input never starts a container
     from harness.container import container_argv
 
     if in_docker:
@@ -166,7 +184,7 @@ def run(
     records = [execute_run(prepared, output, console) for prepared in prepared_runs]
     if console.quiet:
         return
-    if spec.recipe == "all":
+    if len(records) > 1:
         from harness.compare import comparison_table
 
         stdout_console().print(comparison_table(records))

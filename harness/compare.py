@@ -9,18 +9,19 @@ from typing import Any
 from rich.table import Table
 
 from harness.errors import HarnessError, unknown_name
+from harness.leaderboard import LOWER_IS_BETTER
 from harness.spec import RunSpec
 
 
 def specs_for_all(spec: RunSpec) -> list[RunSpec]:
-    from recipes import RECIPE_MODULES
+    from recipes import ALL_RECIPES
 
     for name in spec.params:
-        if name not in RECIPE_MODULES:
-            raise unknown_name("recipe in params (with --recipe all, params.<recipe>.<key>)", name, RECIPE_MODULES)
+        if name not in ALL_RECIPES:
+            raise unknown_name("recipe in params (with --recipe all, params.<recipe>.<key>)", name, ALL_RECIPES)
         if not isinstance(spec.params[name], dict):
             raise HarnessError(f"with --recipe all, params.{name} must be a mapping of that recipe's parameters")
-    return [spec.model_copy(update={"recipe": name, "params": dict(spec.params.get(name, {}))}) for name in RECIPE_MODULES]
+    return [spec.model_copy(update={"recipe": name, "params": dict(spec.params.get(name, {}))}) for name in ALL_RECIPES]
 
 
 def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
@@ -35,8 +36,8 @@ def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None
 def comparison_table(records: list[dict[str, Any]]) -> Table:
     """Rows = recipes, columns = metrics (value ± stderr, delta vs one-off) and cost."""
     columns = sorted({name for record in records for name in _metric_cells(record)})
-    baseline = next((r for r in records if r["recipe"]["name"] == "one-off"), None)
-    base_cells = _metric_cells(baseline) if baseline else {}
+    several_seeds = len({record.get("seed") for record in records}) > 1
+    baselines = {r.get("seed"): r for r in records if r["recipe"]["name"] == "one-off"}  # each seed: its own one-off
     first = records[0]
     table = Table(title=f"recipes on {first['model']['name']} / {first['data']['source']} / suite {first['suite']['name']}")
     table.add_column("recipe")
@@ -44,10 +45,15 @@ def comparison_table(records: list[dict[str, Any]]) -> Table:
         table.add_column(column, justify="right")
     for column in ("train tokens", "scoring tokens", "wall s"):
         table.add_column(column, justify="right")
-    best = {c: max(_metric_cells(r).get(c, (float("-inf"), None))[0] for r in records) for c in columns}
+    best = {}
+    for column in columns:
+        values = [cells[column][0] for cells in map(_metric_cells, records) if column in cells]
+        best[column] = min(values) if column.rsplit(" ", 1)[-1] in LOWER_IS_BETTER else max(values)
     for record in records:
         cells = _metric_cells(record)
-        row = [record["recipe"]["name"]]
+        baseline = baselines.get(record.get("seed"))
+        base_cells = _metric_cells(baseline) if baseline else {}
+        row = [record["recipe"]["name"] + (f" (seed {record['seed']})" if several_seeds else "")]
         for column in columns:
             if column not in cells:
                 row.append("-")

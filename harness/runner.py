@@ -269,13 +269,19 @@ class RunContext:
                 evaluation = run_suite(
                     model, tokenizer, self.suite, output_dir=self.run_dir / "eval" / name, limit=self.spec.eval.limit,
                     batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template,
-                    seed=self.spec.seed, online=self.spec.eval.online, judge=self.spec.eval.judge,
+                    seed=eval_seed(self.spec, self.suite), online=self.spec.eval.online, judge=self.spec.eval.judge,
                     context=self.section_context(f"{self.run_dir.name}:{name}"), resume=True,
                 )
                 self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
                 self.evaluation_work[name] = evaluation["work"]
                 tasks = evaluation["tasks"]
             return distributed.from_main(tasks)
+
+
+def eval_seed(spec: RunSpec, suite: Suite) -> int:
+    """The evaluation's seed (few-shot examples, sampling): eval.seed, else the suite's sample seed; never
+    the training seed, so runs that differ only in their training seed are scored identically."""
+    return spec.eval.seed if spec.eval.seed is not None else suite.sample_seed
 
 
 def record_digest(record: dict[str, Any]) -> str:
@@ -442,7 +448,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             limit=prepared.spec.eval.limit,
             batch_size=prepared.spec.eval.batch_size,
             chat_template=prepared.spec.eval.chat_template,
-            seed=prepared.spec.seed,
+            seed=eval_seed(prepared.spec, prepared.suite),
             online=prepared.spec.eval.online,
             judge=prepared.spec.eval.judge,
             context=ctx.section_context(prepared.run_id),
@@ -473,6 +479,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "scoring": ctx.scoring.as_record(),
         "suite": {
             "name": prepared.suite.name,
+            "eval_seed": eval_seed(prepared.spec, prepared.suite),
             "chat_template": evaluation["chat_template"],
             "online": evaluation["online"],
             "limit": evaluation["limit"],

@@ -84,6 +84,26 @@ class EvalSpec(StrictModel):
     chat_template: bool | None = Field(None, description="None: the suite's setting")
     online: bool | None = Field(None, description="lm-eval's hub-backed tasks instead of the shipped ones; None: the suite's setting")
     judge: str | None = Field(None, description="judge of the suite's alpaca_eval/pairwise sections (openai:<model>, local:<model>); None: the suite's")
+    seed: int | None = Field(
+        None, ge=0, lt=2**32,
+        description="seed of lm-eval's few-shot draws and sampling; None: the suite's sample_seed. Never the training "
+        "seed, so every training seed is scored on the same items with the same prompts",
+    )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: a comma-separated list (0,1,2) or a count (3 = 0,1,2). Raises ValueError naming the value."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        numbers = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"'{text}' is neither a count (3) nor a list of seeds (0,1,2)") from None
+    seeds = list(range(numbers[0])) if len(numbers) == 1 and "," not in text else numbers
+    if not seeds:
+        raise ValueError(f"'{text}' names no seed")
+    if len(set(seeds)) != len(seeds) or any(not 0 <= seed < 2**32 for seed in seeds):
+        raise ValueError(f"'{text}': seeds must be distinct and in [0, 2^32)")
+    return seeds
 
 
 class RunSpec(StrictModel):

@@ -8,12 +8,15 @@ from types import ModuleType
 from harness.errors import unknown_name
 
 RECIPE_MODULES = {
+    "base": "recipes.base",
     "one-off": "recipes.one_off",
     "phased": "recipes.phased",
     "ifd": "recipes.ifd",
     "sftmix": "recipes.sftmix",
     "unifit": "recipes.unifit",
 }
+# What `--recipe all` runs: every training recipe (base, the untrained reference, is asked for by name).
+ALL_RECIPES = [name for name in RECIPE_MODULES if name != "base"]
 
 
 def get_recipe(name: str) -> ModuleType:

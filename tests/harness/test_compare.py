@@ -32,3 +32,20 @@ def test_comparison_table_marks_deltas_against_one_off():
     cells = [list(column.cells) for column in table.columns]
     assert cells[0] == ["one-off", "ifd"]
     assert "(+0.1000)" in cells[1][1] and "0.5000 ± 0.1000" in cells[1][0]
+
+
+def test_comparison_table_best_of_lower_is_better_and_per_seed_baselines():
+    def record(name, seed, acc, perplexity):
+        return {"recipe": {"name": name}, "seed": seed, "model": {"name": "tiny"}, "data": {"source": "s"},
+                "suite": {"name": "smoke"},
+                "metrics": {"t": {"n": 10, "acc": {"value": acc, "stderr": 0.1},
+                                  "perplexity": {"value": perplexity, "stderr": 0.5}}},
+                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+
+    table = comparison_table([record("one-off", 0, 0.5, 9.0), record("one-off", 1, 0.4, 12.0),
+                              record("ifd", 0, 0.6, 11.0), record("ifd", 1, 0.45, 10.0)])
+    labels, acc, perplexity = (list(column.cells) for column in table.columns[:3])
+    assert labels == ["one-off (seed 0)", "one-off (seed 1)", "ifd (seed 0)", "ifd (seed 1)"]
+    assert perplexity[0].startswith("[bold]9.0000")  # the lowest perplexity is the best
+    assert not perplexity[1].startswith("[bold]")
+    assert "(+0.1000)" in acc[2] and "(+0.0500)" in acc[3]  # each seed against the one-off of its seed
