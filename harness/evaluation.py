@@ -56,7 +56,10 @@ ONLINE_TASKS: dict[str, str] = {
 # Suite sections that are not lm-eval tasks -> the module that implements them. The module provides
 # run_suite_section(model, tokenizer, config: dict, *, output_dir: Path, seed: int, context: SectionContext)
 # -> dict of metrics, and optionally check_suite_section(config: dict) -> None, called before training.
-EXTRA_SECTIONS: dict[str, str] = {"alpaca_eval": "harness.alpaca", "pairwise": "harness.pairwise"}
+EXTRA_SECTIONS: dict[str, str] = {
+    "alpaca_eval": "harness.alpaca", "pairwise": "harness.pairwise", "heldout_nll": "harness.heldout_nll",
+}
+JUDGED_SECTIONS = {"alpaca_eval", "pairwise"}  # eval.judge applies to these
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class Suite(BaseModel):
     tasks: list[SuiteTask] = []
     alpaca_eval: dict[str, Any] | None = None
     pairwise: dict[str, Any] | None = None
+    heldout_nll: dict[str, Any] | None = None
 
 
 def list_suites() -> dict[str, str]:
@@ -578,7 +582,7 @@ def _section_configs(suite: Suite, *, limit: int | None, judge: str | None) -> d
         config = dict(config)
         if limit is not None:
             config["limit"] = limit
-        if judge is not None:
+        if judge is not None and key in JUDGED_SECTIONS:
             config["judge"] = judge
         configs[key] = config
     return configs

@@ -37,7 +37,7 @@ LEADERBOARD_SCHEMA_VERSION = 1
 DEFAULT_RESULTS = Path("results")
 DEFAULT_DIR = Path("leaderboard")
 # Metrics where smaller is better (lm-eval's perplexity-style metrics); everything else: larger is better.
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss", "ter"}
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss", "ter", "nll"}
 # Files the leaderboard owns inside its directory; --write replaces them and --check compares them.
 OWNED_TOP_LEVEL = ("README.md", "index.html", "leaderboard.csv", "leaderboard.json")
 OWNED_PLOT_SUFFIXES = (".png", ".svg")
