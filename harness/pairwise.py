@@ -1,11 +1,19 @@
-"""Pairwise judging of two runs, the protocol of Phased IFT and Cherry LLM.
+"""Pairwise judging of two runs, the protocols of Cherry LLM and Phased IFT.
 
 Each run generates greedy answers on the pairwise test sets shipped in benchmarks/pairwise/ (Vicuna 80,
 Koala 180, LIMA 300, Self-Instruct 252, WizardLM 218). A judge scores both answers 1-10 with A shown
 first, then again with B shown first. Per question: win = won twice or won + tied; tie = tied twice or
-won + lost; loss otherwise. WinRate = (win + tie/2) / N - 0.5 (xubuvd/PhasedSFT), per set and over
-all sets pooled (each set weighted by its size). Replies without two scores are counted skips and
-left out of N. Standard errors are over questions (outcome 1 / 0.5 / 0).
+won + lost; loss otherwise. WinRate = (win + tie/2) / N - 0.5, per set. Standard errors are over
+questions (outcome 1 / 0.5 / 0). Two named protocols (PROTOCOLS; the section key `protocol`) differ in
+the rest, and the record names the one used:
+- `cherry` (default; tianyi-lab/Cherry_LLM): the judge prompt asks for scores then an explanation, 1,024
+  reply tokens; all five sets; the overall WinRate pools all questions (each set weighted by its size);
+  a review without two scores is a counted skip, left out of N.
+- `phasedsft` (xubuvd/PhasedSFT, the Phased IFT paper): the judge prompt says "Do not explain for your
+  scores", 256 reply tokens; the paper's sets (Self-Instruct, WizardLM, Koala, Vicuna; its OASST and
+  Anthropic sets are not available; no LIMA); a question whose reviews do not both parse stays in N
+  and adds nothing, i.e. counts as a loss (win_tie_loss_stat.py divides by all questions); the overall
+  WinRate is the mean of the per-set WinRates.
 
 As a suite section (`pairwise:` in a suite YAML, run by run_suite_section) the run's model is A and a
 reference is B; WinRate > 0 means the run's answers are preferred. The reference is one of:
@@ -27,7 +35,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -40,6 +48,71 @@ from harness.records import atomic_write_json, atomic_write_text
 PAIRWISE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "pairwise"
 PAIRWISE_SETS = {"vicuna": 80, "koala": 180, "lima": 300, "sinstruct": 252, "wizardlm": 218}
 OUTPUTS_PREFIX = "outputs_"
+
+
+@dataclass(frozen=True)
+class PairwiseProtocol:
+    """How verdicts become a WinRate, and which prompt and sets the judge sees."""
+
+    name: str
+    test_sets: tuple[str, ...]  # the default sets
+    judge_prompt: str  # harness.judges.PAIRWISE_PROMPTS (a data file in benchmarks/pairwise/)
+    judge_max_tokens: int  # reply budget of an OpenAI-protocol judge
+    failed_as_loss: bool  # a question whose reviews do not both parse: in N as a loss (True) or skipped (False)
+    overall: Literal["pooled", "set_mean"]
+    source: str
+    unavailable_sets: tuple[str, ...] = ()
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "judge_prompt": self.judge_prompt,
+            "judge_max_tokens": self.judge_max_tokens,
+            "failed_reviews": "counted as losses (in N)" if self.failed_as_loss else "skipped (not in N)",
+            "overall": "mean of the per-set WinRates" if self.overall == "set_mean" else "all questions pooled",
+            "default_test_sets": list(self.test_sets),
+            "unavailable_sets": list(self.unavailable_sets),
+            "outcome_rule": "win = won twice or won + tied; tie = tied twice or won + lost; WinRate = (win + tie/2)/N - 0.5",
+            "source": self.source,
+        }
+
+
+PROTOCOLS = {
+    "cherry": PairwiseProtocol(
+        name="cherry",
+        test_sets=("vicuna", "koala", "lima", "sinstruct", "wizardlm"),
+        judge_prompt="cherry",
+        judge_max_tokens=1024,
+        failed_as_loss=False,
+        overall="pooled",
+        source=(
+            "tianyi-lab/Cherry_LLM evaluation/generation/eval.py (prompt; --max_tokens default 1024), "
+            "review_eval_score.py (task_list Vicuna, Koala, WizardLM, SInstruct, LIMA; cal_rate pools their counts)"
+        ),
+    ),
+    "phasedsft": PairwiseProtocol(
+        name="phasedsft",
+        test_sets=("sinstruct", "wizardlm", "koala", "vicuna"),
+        judge_prompt="phasedsft",
+        judge_max_tokens=256,
+        failed_as_loss=True,
+        overall="set_mean",
+        source=(
+            "xubuvd/PhasedSFT evaluation/eval.py (gen_prompt's active criteria; --max_tokens default 256, "
+            "run_gpt4_scoring.sh passes 256), evaluation/win_tie_loss_stat.py (per test set; a pair of reviews "
+            "with a score <= 0, i.e. unparsed, is skipped by `continue` but N = total_len, all questions), "
+            "run_win_rate.sh / generation/evaluation.sh (sets oasst, anthropic, koala, vicuna, sinstruct, wizardlm; "
+            "no LIMA); Phased IFT paper (arXiv 2406.04371) reports each set and their mean"
+        ),
+        unavailable_sets=("oasst", "anthropic"),
+    ),
+}
+
+
+def get_protocol(name: str) -> PairwiseProtocol:
+    if name not in PROTOCOLS:
+        raise unknown_name("pairwise protocol", name, PROTOCOLS)
+    return PROTOCOLS[name]
 
 
 @dataclass(frozen=True)
@@ -89,8 +162,9 @@ def load_pairwise_set(name: str, limit: int | None = None) -> list[PairwiseItem]
     return items[:limit] if limit is not None else items
 
 
-def resolve_sets(sets: list[str] | None) -> list[str]:
-    chosen = list(sets) if sets else list(PAIRWISE_SETS)
+def resolve_sets(sets: list[str] | None, protocol: PairwiseProtocol | None = None) -> list[str]:
+    """The sets asked for, else the protocol's (all shipped sets without one)."""
+    chosen = list(sets) if sets else list(protocol.test_sets if protocol else PAIRWISE_SETS)
     for name in chosen:
         if name not in PAIRWISE_SETS:
             raise unknown_name("pairwise set", name, PAIRWISE_SETS)
@@ -185,17 +259,45 @@ def outcome(scores: tuple[float, float] | None, scores_reverse: tuple[float, flo
 OUTCOME_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
-def win_rate(outcomes: list[str | None]) -> dict[str, Any]:
-    """WinRate = (win + tie/2) / N - 0.5 over judged questions; skips counted, not in N."""
-    judged = [OUTCOME_VALUE[o] for o in outcomes if o is not None]
+def outcome_value(result: str | None, failed_as_loss: bool = False) -> float | None:
+    """A question's share of a win (1 / 0.5 / 0); an unjudged question is 0 (a loss) or None (skipped)."""
+    if result is None:
+        return 0.0 if failed_as_loss else None
+    return OUTCOME_VALUE[result]
+
+
+def win_rate(outcomes: list[str | None], failed_as_loss: bool = False) -> dict[str, Any]:
+    """WinRate = (win + tie/2) / N - 0.5. Questions without two parsed reviews (`failed`) are left out of
+    N (`skipped`), or with failed_as_loss kept in N as losses (PhasedSFT's win_tie_loss_stat.py)."""
+    values = [outcome_value(o, failed_as_loss) for o in outcomes]
+    judged = [v for v in values if v is not None]
     counts = {k: sum(o == k for o in outcomes) for k in OUTCOME_VALUE}
+    failed = sum(o is None for o in outcomes)
     n = len(judged)
     value = sum(judged) / n - 0.5 if n else None
     stderr = None
     if n > 1:
         mean = sum(judged) / n
         stderr = math.sqrt(sum((v - mean) ** 2 for v in judged) / (n - 1) / n)
-    return {"win_rate": {"value": value, "stderr": stderr}, **counts, "skipped": len(outcomes) - n, "n": n}
+    return {
+        "win_rate": {"value": value, "stderr": stderr},
+        **counts,
+        "failed": failed,
+        "failed_counted_as_loss": failed if failed_as_loss else 0,
+        "skipped": len(outcomes) - n,
+        "n": n,
+    }
+
+
+def set_mean(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean of the per-set WinRates (Phased IFT's overall figure); its standard error from the
+    per-set ones (the sets are independent); counts summed over the sets."""
+    values = [entry["win_rate"]["value"] for entry in per_set.values()]
+    stderrs = [entry["win_rate"]["stderr"] for entry in per_set.values()]
+    value = sum(values) / len(values) if values and None not in values else None
+    stderr = math.sqrt(sum(e**2 for e in stderrs)) / len(stderrs) if stderrs and None not in stderrs else None
+    keys = [*OUTCOME_VALUE, "failed", "failed_counted_as_loss", "skipped", "n"]
+    return {"win_rate": {"value": value, "stderr": stderr}} | {k: sum(e[k] for e in per_set.values()) for k in keys}
 
 
 def judge_pairwise(
@@ -207,11 +309,15 @@ def judge_pairwise(
     sets: list[str] | None = None,
     name_a: str = "A",
     name_b: str = "B",
+    protocol: str = "cherry",
 ) -> dict[str, Any]:
-    """Judge run A's answers against run B's on every set, in both orders; returns A's WinRate over B.
+    """Judge run A's answers against run B's on every set, in both orders; returns A's WinRate over B
+    under `protocol` (PROTOCOLS; the judge's prompt and reply budget are the judge's own options).
 
-    Writes judgments_<set>.jsonl (per question: both reviews, raw replies, outcome) and pairwise.json."""
-    chosen = resolve_sets(sets)
+    Writes judgments_<set>.jsonl (per question: both reviews, raw replies, outcome, the value counted)
+    and pairwise.json."""
+    rules = get_protocol(protocol)
+    chosen = resolve_sets(sets, rules)
     started = time.perf_counter()
     per_set: dict[str, Any] = {}
     all_outcomes: list[str | None] = []
@@ -242,21 +348,23 @@ def judge_pairwise(
                     "reply_a_first": f.raw,
                     "reply_b_first": r.raw,
                     "outcome": o,
+                    "value": outcome_value(o, rules.failed_as_loss),
                 },
                 ensure_ascii=False,
             )
             for i, f, r, o in zip(ids, forward, backward, outcomes, strict=True)
         ]
         atomic_write_text(output_dir / f"judgments_{name}.jsonl", "\n".join(lines) + "\n")
-        per_set[name] = win_rate(outcomes) | {"missing_in_b": len(rows_a) - len(ids)}
+        per_set[name] = win_rate(outcomes, rules.failed_as_loss) | {"missing_in_b": len(rows_a) - len(ids)}
         all_outcomes += outcomes
     parsed = sum(first_position.values())
+    overall = set_mean(per_set) if rules.overall == "set_mean" else win_rate(all_outcomes, rules.failed_as_loss)
     result = {
         "a": name_a,
         "b": name_b,
         "judge": judge.describe(),
-        "protocol": "Phased IFT / Cherry LLM: 1-10 scores in both orders; WinRate = (win + tie/2)/N - 0.5",
-        "overall": win_rate(all_outcomes),
+        "protocol": rules.as_record() | {"test_sets": chosen},
+        "overall": overall,
         "sets": per_set,
         "position_bias": {
             "reviews_parsed": parsed,
@@ -277,7 +385,8 @@ def judge_pairwise(
 class PairwiseSection(SectionSettings):
     """The `pairwise:` keys of a suite (benchmarks/suites/paper.yaml)."""
 
-    test_sets: list[str] = Field(default_factory=lambda: list(PAIRWISE_SETS))
+    protocol: Literal["cherry", "phasedsft"] = Field("cherry", description="PROTOCOLS: prompt, sets, failed reviews, overall")
+    test_sets: list[str] | None = Field(None, description="None: the protocol's sets")
     both_orders: bool = Field(True, description="the protocol judges both orders; false is refused")
     reference: str | dict[str, Any] = Field("base", description="base | {model, model_path} | {outputs}")
     judge: str = Field("openai:gpt-4", description="the papers used GPT-4")
@@ -326,7 +435,10 @@ def _section_settings(config: dict[str, Any]) -> tuple[PairwiseSection, Referenc
         resolve_sets(settings.test_sets)
     except HarnessError as error:
         raise HarnessError(f"section pairwise: test_sets: {error}") from None
-    options = judge_options(settings.judge_options, where="section pairwise: judge_options")
+    rules = PROTOCOLS[settings.protocol]
+    # the protocol's prompt and reply budget unless judge_options names its own (the record shows both)
+    defaults = {"pairwise_prompt": rules.judge_prompt, "pairwise_max_tokens": rules.judge_max_tokens}
+    options = judge_options(defaults | settings.judge_options, where="section pairwise: judge_options")
     return settings, parse_reference(settings.reference), options
 
 
@@ -339,7 +451,7 @@ def check_suite_section(config: dict[str, Any]) -> None:
     if reference.kind == "model":
         resolve_model(reference.model or "", reference.model_path)
     if reference.kind == "outputs":
-        for name in settings.test_sets:
+        for name in resolve_sets(settings.test_sets, PROTOCOLS[settings.protocol]):
             path = (reference.outputs or Path()) / f"{OUTPUTS_PREFIX}{name}.jsonl"
             if not path.is_file():
                 raise HarnessError(f"section pairwise: reference outputs not found: {path}")
@@ -439,7 +551,8 @@ def run_suite_section(
         if context.base_model is None:
             raise HarnessError("section pairwise: reference base needs the run's base model; give reference: {model: NAME}")
         reference = Reference("base", model=context.base_model, model_path=context.base_model_path)
-    sets = resolve_sets(settings.test_sets)
+    rules = PROTOCOLS[settings.protocol]
+    sets = resolve_sets(settings.test_sets, rules)
     generation = settings.generation_settings(context.template_for(tokenizer))
     output_dir.mkdir(parents=True, exist_ok=True)
     produced = generate_pairwise_outputs(
@@ -469,6 +582,7 @@ def run_suite_section(
         sets=sets,
         name_a=context.generator,
         name_b=reference.name,
+        protocol=rules.name,
     )
     overall = result["overall"]
     bounds = (-0.5, 0.5)  # WinRate's range
@@ -476,24 +590,33 @@ def run_suite_section(
     for name, entry in result["sets"].items():
         cell = metric_cell(entry["win_rate"]["value"], entry["win_rate"]["stderr"], bounds=bounds, n=entry["n"])
         cells[f"win_rate_{name}"] = cell
+    # Per-question rows for the leaderboard's paired tests. Their plain mean is the overall WinRate: under
+    # a per-set mean each row is weighted by N / (sets x questions in its set).
     samples = []
+    counted = {name: entry["n"] for name, entry in result["sets"].items()}
+    total = sum(counted.values())
     for name in sets:
+        weight = total / (len(sets) * counted[name]) if rules.overall == "set_mean" and counted[name] else 1.0
         for line in (output_dir / f"judgments_{name}.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if row["outcome"] is not None:
-                samples.append({"doc_id": f"{name}/{row['id']}", "set": name, "win_rate": OUTCOME_VALUE[row["outcome"]] - 0.5})
+            value = outcome_value(row["outcome"], rules.failed_as_loss)
+            if value is not None:
+                samples.append({"doc_id": f"{name}/{row['id']}", "set": name, "win_rate": (value - 0.5) * weight})
     return cells | {
         "n": overall["n"],
         "win": overall["win"],
         "tie": overall["tie"],
         "loss": overall["loss"],
         "skipped": overall["skipped"],
+        "failed_reviews": overall["failed"],
+        "protocol": rules.name,
         "reference": reference.name,
         "judge": result["judge"]["judge"],
         "judge_cost_usd": result["cost_usd"],
         "details": {
             "protocol": result["protocol"],
             "judge": result["judge"],
+            "judge_prompt": {"name": options.pairwise_prompt, "max_tokens": options.pairwise_max_tokens},
             "position_bias": result["position_bias"],
             "sets": result["sets"],
             "limit": settings.limit,
