@@ -62,6 +62,8 @@ class PairwiseProtocol:
     overall: Literal["pooled", "set_mean"]
     source: str
     unavailable_sets: tuple[str, ...] = ()
+    input_joiner: str = "\n\n"  # a Self-Instruct question's instruction and input, as the model sees them
+    judge_input_joiner: str = "\n\n"  # ... and as the judge sees them
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,7 @@ class PairwiseProtocol:
             "failed_reviews": "counted as losses (in N)" if self.failed_as_loss else "skipped (not in N)",
             "overall": "mean of the per-set WinRates" if self.overall == "set_mean" else "all questions pooled",
             "default_test_sets": list(self.test_sets),
+            "self_instruct_question": {"model": f"instruction{self.input_joiner!r}input", "judge": f"instruction{self.judge_input_joiner!r}input"},
             "unavailable_sets": list(self.unavailable_sets),
             "outcome_rule": "win = won twice or won + tied; tie = tied twice or won + lost; WinRate = (win + tie/2)/N - 0.5",
             "source": self.source,
@@ -105,6 +108,8 @@ PROTOCOLS = {
             "no LIMA); Phased IFT paper (arXiv 2406.04371) reports each set and their mean"
         ),
         unavailable_sets=("oasst", "anthropic"),
+        input_joiner="\n",  # generation/generation_v2.py: prompt_input "User: {instruction}\n{input}</s>..."
+        judge_input_joiner=" Input: ",  # evaluation/eval.py: '{instruction} Input: {input}'
     ),
 }
 
@@ -119,11 +124,13 @@ def get_protocol(name: str) -> PairwiseProtocol:
 class PairwiseItem:
     set: str
     id: str
-    question: str
+    question: str  # what the model answers
+    judge_question: str = ""  # what the judge is shown ("": the same)
 
 
-def _question(name: str, row: dict[str, Any], line: int) -> tuple[str, str]:
-    """(id, question) for one row; field names differ per set (as in Cherry LLM's eva_generation.py)."""
+def _question(name: str, row: dict[str, Any], line: int, joiner: str = "\n\n") -> tuple[str, str]:
+    """(id, question) for one row; field names differ per set (as in Cherry LLM's eva_generation.py).
+    A Self-Instruct question is its instruction, then `joiner` and its input when it has one."""
     try:
         if name == "vicuna":
             return str(row["question_id"]), row["text"]
@@ -136,14 +143,15 @@ def _question(name: str, row: dict[str, Any], line: int) -> tuple[str, str]:
         if name == "sinstruct":
             instances = row["instances"]
             extra = instances[0]["input"].strip() if instances else ""
-            return str(row["id"]), f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
+            return str(row["id"]), f"{row['instruction']}{joiner}{extra}" if extra else row["instruction"]
     except (KeyError, IndexError, TypeError) as error:
         raise HarnessError(f"pairwise set {name}, line {line + 1}: missing field {error}") from None
     raise unknown_name("pairwise set", name, PAIRWISE_SETS)
 
 
-def load_pairwise_set(name: str, limit: int | None = None) -> list[PairwiseItem]:
-    """The questions of one test set in file order (the first `limit` when given)."""
+def load_pairwise_set(name: str, limit: int | None = None, protocol: str = "cherry") -> list[PairwiseItem]:
+    """The questions of one test set in file order (the first `limit` when given), worded as `protocol` does."""
+    rules = get_protocol(protocol)
     if name not in PAIRWISE_SETS:
         raise unknown_name("pairwise set", name, PAIRWISE_SETS)
     path = PAIRWISE_DIR / f"{name}_test_set.jsonl"
@@ -155,10 +163,11 @@ def load_pairwise_set(name: str, limit: int | None = None) -> list[PairwiseItem]
             row = json.loads(text)
         except json.JSONDecodeError as error:
             raise HarnessError(f"{path}, line {line + 1}: invalid JSON ({error.msg})") from None
-        identifier, question = _question(name, row, line)
+        identifier, question = _question(name, row, line, rules.input_joiner)
         if not isinstance(question, str) or not question.strip():
             raise HarnessError(f"{path}, line {line + 1}: empty question")
-        items.append(PairwiseItem(name, identifier, question))
+        _, judge_question = _question(name, row, line, rules.judge_input_joiner)
+        items.append(PairwiseItem(name, identifier, question, judge_question))
     return items[:limit] if limit is not None else items
 
 
@@ -185,13 +194,15 @@ def generate_pairwise_outputs(
     generator: str = "model",
     progress: Any = None,
     chunk_size: int = 64,
+    protocol: str = "cherry",
 ) -> dict[str, Any]:
     """Greedy answers for every set, written to output_dir/outputs_<set>.jsonl (+ generation.json).
-    Reused when generation.json says the same generator, sets, limit and settings; saved chunk by chunk
-    (generation.partial.json) while running, so a killed job resumes."""
+    Reused when generation.json says the same generator, sets, limit, settings and question wording
+    (`protocol`); saved chunk by chunk (generation.partial.json) while running, so a killed job resumes."""
     settings = settings or GenerationSettings()
     chosen = resolve_sets(sets)
     key = {"generator": generator, "sets": chosen, "limit": limit, "settings": settings.as_record()}
+    key |= _wording_key(protocol)
     record_path = output_dir / "generation.json"
     if record_path.is_file() and all((output_dir / f"outputs_{name}.jsonl").is_file() for name in chosen):
         try:
@@ -200,7 +211,7 @@ def generate_pairwise_outputs(
             saved = {}
         if saved.get("key") == key:
             return saved
-    items = [item for name in chosen for item in load_pairwise_set(name, limit)]
+    items = [item for name in chosen for item in load_pairwise_set(name, limit, protocol)]
     partial = output_dir / "generation.partial.json"
     generations, summary = resumable_generate(
         model, tokenizer, [i.question for i in items], settings, progress_file=partial, chunk_size=chunk_size, progress=progress
@@ -210,6 +221,12 @@ def generate_pairwise_outputs(
     atomic_write_json(record_path, record)
     partial.unlink(missing_ok=True)
     return record
+
+
+def _wording_key(protocol: str) -> dict[str, str]:
+    """The question wording's part of a generation key: empty for cherry's (the only wording before
+    protocols), so answers saved before keep their keys."""
+    return {} if protocol == "cherry" else {"questions": protocol}
 
 
 def write_outputs(
@@ -328,7 +345,10 @@ def judge_pairwise(
         ids = [i for i in rows_a if i in rows_b]
         if not ids:
             raise HarnessError(f"pairwise set {name}: runs {name_a} and {name_b} share no question ids")
-        items = [(rows_a[i]["question"], rows_a[i]["output"], rows_b[i]["output"]) for i in ids]
+        # the judge's wording of each question (PhasedSFT shows it a Self-Instruct input as " Input: ...")
+        shown = {item.id: item.judge_question for item in load_pairwise_set(name, protocol=rules.name)}
+        questions = {i: shown.get(i) or rows_a[i]["question"] for i in ids}
+        items = [(questions[i], rows_a[i]["output"], rows_b[i]["output"]) for i in ids]
         reviews: list[Review] = judge.review_pairs(items + [(q, b, a) for q, a, b in items])
         forward, backward = reviews[: len(ids)], reviews[len(ids) :]
         outcomes = [outcome(f.scores, r.scores) for f, r in zip(forward, backward, strict=True)]
@@ -342,7 +362,7 @@ def judge_pairwise(
             json.dumps(
                 {
                     "id": i,
-                    "question": rows_a[i]["question"],
+                    "question": questions[i],
                     "scores_a_first": list(f.scores) if f.scores else None,
                     "scores_b_first": list(r.scores) if r.scores else None,
                     "reply_a_first": f.raw,
@@ -473,9 +493,10 @@ def reference_outputs(
     limit: int | None,
     settings: GenerationSettings,
     chunk_size: int = 64,
+    protocol: str = "cherry",
 ) -> dict[str, Any]:
     """Write the reference's answers to output_dir/outputs_<set>.jsonl; a model's answers are generated
-    once per (weights, sets, limit, settings) into the artifact cache and copied from there after."""
+    once per (weights, sets, limit, settings, question wording) into the artifact cache and copied from there after."""
     from harness import __version__
     from harness.artifacts import ArtifactCache, content_key
     from harness.models import MODEL_SET_VERSION, load_model_and_tokenizer, resolve_model
@@ -484,7 +505,7 @@ def reference_outputs(
         items, texts = [], []
         for name in sets:
             rows = read_outputs(reference.outputs or Path(), name)
-            for item in load_pairwise_set(name, limit):
+            for item in load_pairwise_set(name, limit, protocol):
                 if item.id in rows:
                     items.append(item)
                     texts.append(rows[item.id]["output"])
@@ -501,6 +522,7 @@ def reference_outputs(
         settings=settings.as_record(),
         harness=__version__,
         model_set=MODEL_SET_VERSION,
+        **_wording_key(protocol),
     )
     saved = cache.load(kind, key)
     from_cache = saved is not None
@@ -512,7 +534,7 @@ def reference_outputs(
         model, tokenizer = load_model_and_tokenizer(resolved)
         if torch.cuda.is_available():
             model.to("cuda")
-        items = [item for name in sets for item in load_pairwise_set(name, limit)]
+        items = [item for name in sets for item in load_pairwise_set(name, limit, protocol)]
         progress_file = cache.partial_dir(kind, key) / "generation.json"
         generations, summary = resumable_generate(
             model, tokenizer, [i.question for i in items], settings, progress_file=progress_file, chunk_size=chunk_size
@@ -526,7 +548,7 @@ def reference_outputs(
         }
         cache.save(kind, key, saved)
     answers = {(a["set"], a["id"]): a["output"] for a in saved["answers"]}
-    items = [item for name in sets for item in load_pairwise_set(name, limit)]
+    items = [item for name in sets for item in load_pairwise_set(name, limit, protocol)]
     write_outputs(output_dir, items, [answers[(i.set, i.id)] for i in items], generator=reference.name)
     return {
         "reference": reference.name,
@@ -564,6 +586,7 @@ def run_suite_section(
         limit=settings.limit,
         generator=context.generator,
         chunk_size=settings.chunk_size,
+        protocol=rules.name,
     )
     from_reference = reference_outputs(
         reference,
@@ -572,6 +595,7 @@ def run_suite_section(
         limit=settings.limit,
         settings=generation,
         chunk_size=settings.chunk_size,
+        protocol=rules.name,
     )
     judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.jsonl", chunk_size=settings.chunk_size)
     result = judge_pairwise(

@@ -223,6 +223,16 @@ def test_protocols_name_their_sets():
     assert PROTOCOLS["phasedsft"].judge_max_tokens == 256 and PROTOCOLS["cherry"].judge_max_tokens == 1024
 
 
+def test_phasedsft_words_self_instruct_inputs_as_its_scripts():
+    """generation_v2.py: "User: {instruction}\\n{input}</s>..."; eval.py shows the judge '{instruction} Input: {input}'."""
+    cherry = load_pairwise_set("sinstruct", limit=1)[0]
+    phased = load_pairwise_set("sinstruct", limit=1, protocol="phasedsft")[0]
+    instruction, extra = cherry.question.split("\n\n", 1)
+    assert cherry.judge_question == cherry.question
+    assert phased.question == f"{instruction}\n{extra}" and phased.judge_question == f"{instruction} Input: {extra}"
+    assert load_pairwise_set("vicuna", limit=1, protocol="phasedsft")[0].question == load_pairwise_set("vicuna", limit=1)[0].question
+
+
 def test_failed_reviews_count_as_losses_and_sets_are_averaged():
     counted = win_rate(["win", "win", "tie", "loss", None], failed_as_loss=True)
     assert counted["n"] == 5 and counted["failed"] == counted["failed_counted_as_loss"] == 1 and counted["skipped"] == 0
