@@ -75,6 +75,7 @@ def cli() -> None:
     help="data-parallel processes on this machine (one per GPU; gloo processes on CPU) under accelerate launch",
 )
 @click.option("--docker-network", default=None, help="with --docker: container network, e.g. none (offline) or host")
+@click.option("--dry-run", is_flag=True, help="print the resolved spec (YAML) and stop: loads no model, data or judge")
 def run(
     recipe: str | None,
     model: str | None,
@@ -93,9 +94,12 @@ def run(
     distributed: str,
     nproc: int | None,
     docker_network: str | None,
+    dry_run: bool,
 ) -> None:
-    """Train with a recipe, evaluate, write a run record and print the results."""
-    from harness.spec import build_spec
+    """Train with a recipe, evaluate, write a run record and print the results.
+
+    --config takes a YAML run spec, or the name of a shipped paper config (`harness recipes --configs`)."""
+    from harness.spec import build_spec, config_path
 
     if not in_docker and (image or gpus or docker_network):
         raise HarnessError("--image, --gpus and --docker-network need --docker")
@@ -131,7 +135,12 @@ def run(
         "eval.limit": limit,
         "eval.online": online,
     }
+    if config_file is not None:
+        config_file = config_path(config_file)
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
+    if dry_run:
+        print_resolved_spec(spec)
+        return
     if distributed == "fsdp" and spec.training.lora is not None:
         from harness.distributed import FSDP_LORA_UNSUPPORTED
 
@@ -190,6 +199,35 @@ def run(
         stdout_console().print(comparison_table(records))
     else:
         print_record_summary(records[0])
+
+
+def print_resolved_spec(spec: Any) -> None:
+    """The dry run: the spec as the run would use it (recipe params and the model set's defaults filled
+    in) as YAML on stdout, one document per recipe for --recipe all. Reads the suite file; loads nothing."""
+    import yaml
+
+    from harness.evaluation import load_suite
+    from harness.runner import resolve_spec
+
+    load_suite(spec.eval.suite)  # an unknown suite is an error here too
+    if spec.recipe == "all":
+        from harness.compare import specs_for_all
+
+        specs = specs_for_all(spec)
+    else:
+        specs = [spec]
+    documents = []
+    for sub_spec in specs:
+        resolved, _, _, model_info = resolve_spec(sub_spec)
+        training = resolved.training
+        console.print(
+            f"dry run: {resolved.recipe} on {model_info.entry.name} ({model_info.weights}); examples per optimizer step "
+            f"{training.batch_size * training.gradient_accumulation_steps} per process"
+            + ("" if not training.packing else " (rows: packed examples)"),
+            soft_wrap=True,
+        )
+        documents.append(resolved.model_dump(mode="json"))
+    click.echo(yaml.safe_dump_all(documents, sort_keys=False), nl=False)
 
 
 def launch_processes(nproc: int, argv: list[str], distributed: str = "ddp") -> int:
@@ -290,8 +328,12 @@ def models() -> None:
 
 
 @cli.command()
-def recipes() -> None:
-    """List the recipes."""
+@click.option("--configs", "show_configs", is_flag=True, help="list the shipped paper configs and their sources instead")
+def recipes(show_configs: bool) -> None:
+    """List the recipes (or, with --configs, the shipped paper configurations)."""
+    if show_configs:
+        print_paper_configs()
+        return
     from recipes import list_recipes
 
     table = Table(title="recipes")
@@ -299,6 +341,28 @@ def recipes() -> None:
     table.add_column("description")
     for name, description in list_recipes().items():
         table.add_row(name, description)
+    stdout_console().print(table)
+
+
+def print_paper_configs() -> None:
+    """recipes/configs/*.yaml: what each runs and the paper and code files its values come from."""
+    from harness.spec import config_source, paper_configs, read_yaml_config
+
+    table = Table(title="paper configs (harness run --config NAME)", show_lines=True)
+    for column in ("name", "recipe", "model", "template", "paper", "code"):
+        table.add_column(column, overflow="fold")
+    for name, path in paper_configs().items():
+        raw, source = read_yaml_config(path), config_source(path)
+        training = raw.get("training") or {}
+        code = source.get("code") or []
+        table.add_row(
+            name,
+            str(raw.get("recipe", "one-off")),
+            str(raw.get("model", "tiny")),
+            str(training.get("template", "auto")),
+            str(source.get("paper", "")),
+            "\n".join(code) if isinstance(code, list) else str(code),
+        )
     stdout_console().print(table)
 
 

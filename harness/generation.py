@@ -18,7 +18,7 @@ from typing import Any
 from harness.data import InstructionRecord
 from harness.errors import HarnessError
 from harness.records import atomic_write_json
-from harness.templates import render_prompt
+from harness.templates import PLAIN_TEMPLATES, render_prompt
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class GenerationSettings:
 
     max_new_tokens: int = 512
     repetition_penalty: float = 1.0  # NEFTune evaluated with 1.2
-    template: str = "chat"  # chat | alpaca (the run's resolved training template)
+    template: str = "chat"  # chat | alpaca | user-assistant (the run's resolved training template)
     batch_size: int = 8
     max_prompt_tokens: int = 2048  # longer prompts keep their last tokens (counted)
 
@@ -38,8 +38,8 @@ class GenerationSettings:
             raise HarnessError(f"generation repetition_penalty={self.repetition_penalty}: must be > 0")
         if self.batch_size < 1:
             raise HarnessError(f"generation batch_size={self.batch_size}: must be >= 1")
-        if self.template not in ("chat", "alpaca"):
-            raise HarnessError(f"generation template '{self.template}': must be chat or alpaca")
+        if self.template not in ("chat", *PLAIN_TEMPLATES):
+            raise HarnessError(f"generation template '{self.template}': must be chat, {' or '.join(PLAIN_TEMPLATES)}")
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self) | {"decoding": "greedy"}
@@ -82,7 +82,7 @@ def generate(
         repetition_penalty=settings.repetition_penalty,
         batch_size=settings.batch_size,
         max_prompt_tokens=settings.max_prompt_tokens,
-        add_special_tokens=settings.template == "alpaca",  # chat templates carry their own special tokens
+        add_special_tokens=settings.template in PLAIN_TEMPLATES,  # chat templates carry their own special tokens
         progress=progress,
     )
 

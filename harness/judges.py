@@ -41,25 +41,14 @@ DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 LOCAL_ALPACA_PROMPT = "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 LOCAL_ALPACA_LABELS = ("m", "M")  # first output, second output (as in the official config)
 
-# The pairwise review prompt of the Vicuna evaluation (lm-sys/FastChat), as Cherry LLM sends it to its
-# judge (tianyi-lab/Cherry_LLM evaluation/generation/eval.py; Phased IFT uses the same protocol):
-# the judge scores both answers 1-10 on its reply's first line.
-PAIRWISE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-PAIRWISE_TEMPLATE = (
-    "[Question]\n{question}\n\n"
-    "[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
-    "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n"
-    "[System]\n{criteria}\n\n"
-)
-PAIRWISE_CRITERIA = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their "
-    "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates "
-    "better overall performance.\nPlease first output a single line containing only two values indicating the "
-    "scores for Assistant 1 and 2, respectively. The two scores are separated by a space. In the subsequent "
-    "line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias and "
-    "ensuring that the order in which the responses were presented does not affect your judgment."
-)
+# Pairwise review prompts, versioned data files benchmarks/pairwise/judge_prompt_<name>.json (system message,
+# template, criteria and the source they were copied from): `cherry` is the Vicuna evaluation's prompt
+# (lm-sys/FastChat) as Cherry LLM sends it (tianyi-lab/Cherry_LLM evaluation/generation/eval.py): two 1-10
+# scores on the first line, then an explanation; `phasedsft` is PhasedSFT's active prompt (xubuvd/PhasedSFT
+# evaluation/eval.py): the same with "Do not explain for your scores." JudgeOptions.pairwise_prompt picks one.
+PAIRWISE_PROMPT_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "pairwise"
+PAIRWISE_PROMPTS = ("cherry", "phasedsft")
+DEFAULT_PAIRWISE_PROMPT = "cherry"
 LOOPBACK_HOSTS = {"localhost", "ip6-localhost"}
 
 
@@ -121,6 +110,7 @@ class JudgeOptions:
     annotator_config: str = DEFAULT_ANNOTATOR  # openai: the official alpaca_eval annotator config to run
     price_per_token: float | None = None  # openai: USD per token when alpaca_eval does not know the model
     pairwise_max_tokens: int = 1024  # openai: reply budget for a pairwise review (Cherry LLM used 1024)
+    pairwise_prompt: str = DEFAULT_PAIRWISE_PROMPT  # the review prompt, one of PAIRWISE_PROMPTS (a data file)
     model_path: str | None = None  # local: weights (.gguf or directory) for a model-set name
     max_answer_tokens: int = 1024  # local: each answer is cut to this many judge tokens (counted)
     batch_size: int = 4  # local
@@ -150,6 +140,7 @@ def check_judge(name: str, options: JudgeOptions | None = None) -> None:
     kind, _, target = name.partition(":")
     if kind not in JUDGE_KINDS:
         raise unknown_name("judge kind", kind, JUDGE_KINDS)
+    load_pairwise_prompt(options.pairwise_prompt)  # a bad prompt name fails before any generation
     if kind == "openai":
         OpenAIJudge(target, options)  # checks the annotator config and that a remote judge has its key
         return
@@ -166,6 +157,7 @@ def make_judge(name: str, options: JudgeOptions | None = None, *, model: Any = N
     kind, _, target = name.partition(":")
     if kind not in JUDGE_KINDS:
         raise unknown_name("judge kind", kind, JUDGE_KINDS)
+    load_pairwise_prompt(options.pairwise_prompt)  # a bad prompt name fails before any generation
     if kind == "openai":
         return OpenAIJudge(target, options)
     if not target:
@@ -191,8 +183,42 @@ def parse_score_pair(reply: str) -> tuple[float, float] | None:
     return scores
 
 
-def pairwise_prompt(question: str, answer_1: str, answer_2: str) -> str:
-    return PAIRWISE_TEMPLATE.format(question=question, answer_1=answer_1, answer_2=answer_2, criteria=PAIRWISE_CRITERIA)
+@dataclass(frozen=True)
+class PairwisePrompt:
+    """A pairwise review prompt as shipped: the system message, the user message's template and criteria."""
+
+    name: str
+    version: int
+    source: str
+    system: str
+    template: str
+    criteria: str
+
+    def render(self, question: str, answer_1: str, answer_2: str) -> str:
+        return self.template.format(question=question, answer_1=answer_1, answer_2=answer_2, criteria=self.criteria)
+
+    def digest(self) -> str:
+        """What decides the judge's reply: part of the verdict cache key."""
+        text = json.dumps([self.system, self.template, self.criteria])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_pairwise_prompt(name: str) -> PairwisePrompt:
+    """The shipped prompt file benchmarks/pairwise/judge_prompt_<name>.json."""
+    if name not in PAIRWISE_PROMPTS:
+        raise unknown_name("pairwise judge prompt", name, PAIRWISE_PROMPTS)
+    path = PAIRWISE_PROMPT_DIR / f"judge_prompt_{name}.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return PairwisePrompt(
+            name, int(raw["version"]), raw["source"], raw["system"], raw["template"], raw["criteria"]
+        )
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise HarnessError(f"pairwise judge prompt file {path}: unreadable ({type(error).__name__}: {error})") from None
+
+
+def pairwise_prompt(question: str, answer_1: str, answer_2: str, prompt: str = DEFAULT_PAIRWISE_PROMPT) -> str:
+    return load_pairwise_prompt(prompt).render(question, answer_1, answer_2)
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible judge
@@ -341,8 +367,9 @@ class OpenAIJudge:
         alpaca_eval_modules()
         from alpaca_eval.decoders.openai import openai_completions
 
+        prompt = load_pairwise_prompt(self.options.pairwise_prompt)
         prompts = [
-            f"<|im_start|>system\n{PAIRWISE_SYSTEM}\n<|im_end|>\n<|im_start|>user\n{pairwise_prompt(*item)}\n<|im_end|>"
+            f"<|im_start|>system\n{prompt.system}\n<|im_end|>\n<|im_start|>user\n{prompt.render(*item)}\n<|im_end|>"
             for item in items
         ]
         with tempfile.TemporaryDirectory() as scratch, _quiet_client_config_warning():
@@ -536,11 +563,12 @@ class LocalJudge:
         """Read 'score_1 score_2' by greedy decoding restricted to the grammar of two scores in 1..10."""
         from harness.generation import generate_from_prompts
 
+        prompt = load_pairwise_prompt(self.options.pairwise_prompt)
         prompts = [
             self._render(
                 [
-                    {"role": "system", "content": PAIRWISE_SYSTEM},
-                    {"role": "user", "content": pairwise_prompt(q, self._cut(a1), self._cut(a2))},
+                    {"role": "system", "content": prompt.system},
+                    {"role": "user", "content": prompt.render(q, self._cut(a1), self._cut(a2))},
                 ]
             )
             for q, a1, a2 in items
@@ -560,6 +588,14 @@ class LocalJudge:
 
 # ----------------------------------------------------------------------------- cached verdicts
 
+def _prompt_identity(options: JudgeOptions) -> dict[str, Any]:
+    """The pairwise prompt's part of a cache key; empty for the default prompt, so verdicts saved before
+    prompts became selectable (all with that prompt) keep their keys."""
+    if options.pairwise_prompt == DEFAULT_PAIRWISE_PROMPT:
+        return {}
+    return {"pairwise_prompt": f"{options.pairwise_prompt}:{load_pairwise_prompt(options.pairwise_prompt).digest()}"}
+
+
 def judge_identity(judge: Any) -> dict[str, Any]:
     """What decides a judge's verdicts (not its counters or its price): the judge part of a cache key."""
     inner = judge.judge if isinstance(judge, CachedJudge) else judge
@@ -570,7 +606,7 @@ def judge_identity(judge: Any) -> dict[str, Any]:
             "base_url": inner.describe()["base_url"],
             "annotator_config": inner.options.annotator_config,
             "pairwise_max_tokens": inner.options.pairwise_max_tokens,
-        }
+        } | _prompt_identity(inner.options)
     if isinstance(inner, LocalJudge):
         return {
             "kind": "local",
@@ -579,7 +615,7 @@ def judge_identity(judge: Any) -> dict[str, Any]:
             "alpaca_prompt": LOCAL_ALPACA_PROMPT,
             "labels": list(LOCAL_ALPACA_LABELS),
             "max_answer_tokens": inner.options.max_answer_tokens,
-        }
+        } | _prompt_identity(inner.options)
     return {"judge": inner.name}
 
 

@@ -72,7 +72,10 @@ class PreparedRun:
         return self.spec.run_id(salt=f"{self.data.content_hash()}|{__version__}")
 
 
-def prepare_run(spec: RunSpec) -> PreparedRun:
+def resolve_spec(spec: RunSpec) -> tuple[RunSpec, ModuleType, BaseModel, ResolvedModel]:
+    """The spec as the run will use it: the recipe's params validated with their defaults filled in, and
+    the model set's learning rate, template and precision where the spec says auto. Loads nothing (the
+    dry run prints this)."""
     from recipes import get_recipe
 
     recipe = get_recipe(spec.recipe)
@@ -86,6 +89,11 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         }
     )
     resolved = spec.model_copy(update={"params": params.model_dump(mode="json"), "training": training})
+    return resolved, recipe, params, model_info
+
+
+def prepare_run(spec: RunSpec) -> PreparedRun:
+    resolved, recipe, params, model_info = resolve_spec(spec)
     data = load_instruction_data(spec.data.name, limit=spec.data.limit, dedupe=spec.data.dedupe)
     suite = load_suite(spec.eval.suite)
     plan_suite(suite, online=spec.eval.online)  # unknown tasks or missing data files fail before training

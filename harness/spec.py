@@ -64,7 +64,9 @@ class TrainingSpec(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed", "fp16-mixed"] = Field(
         "auto", description="auto: bf16-mixed on a bf16 GPU, fp32 on CPU; bf16 = pure bf16 weights, fp32 master copy"
     )
-    template: Literal["auto", "chat", "alpaca"] = Field("auto", description="auto: the model set's template")
+    template: Literal["auto", "chat", "alpaca", "user-assistant"] = Field(
+        "auto", description="auto: the model set's template; user-assistant: Phased IFT's (harness.templates)"
+    )
     neftune_alpha: float | None = Field(None, gt=0, description="per-sequence NEFTune noise (None: off)")
     save_steps: int = Field(200, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     logging_steps: int = Field(10, gt=0)
@@ -253,6 +255,42 @@ def parse_override(assignment: str) -> dict[str, Any]:
     return nested
 
 
+# ----------------------------------------------------------------------------- shipped paper configs
+
+# Paper configurations (recipes/configs/<name>.yaml): run specs plus a `source:` block that documents
+# them (paper, code files, and per key the value and where it was read); `--config NAME` finds them.
+PAPER_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+DOCUMENTATION_KEYS = ("source",)  # in a config file only; not part of the spec or its hash
+
+
+def paper_configs() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(PAPER_CONFIGS_DIR.glob("*.yaml"))}
+
+
+def config_path(config_file: Path) -> Path:
+    """A config file's path; a bare name that is not a file is looked up among the shipped configs."""
+    try:
+        exists = config_file.exists()
+    except (OSError, ValueError):
+        exists = False
+    shipped = paper_configs()
+    if not exists and config_file.suffix == "" and len(config_file.parts) == 1:
+        if config_file.name in shipped:
+            return shipped[config_file.name]
+        suggestion = closest(config_file.name, list(shipped))
+        if suggestion:
+            raise HarnessError(f"config file not found: {config_file}; did you mean the shipped config '{suggestion}'?")
+    return config_file
+
+
+def config_source(config_file: Path) -> dict[str, Any]:
+    """The `source:` block of a config file ({} when it has none)."""
+    source = read_yaml_config(config_path(config_file)).get("source") or {}
+    if not isinstance(source, dict):
+        raise HarnessError(f"config file {config_file}: 'source' must be a mapping (paper, code, values)")
+    return source
+
+
 def build_spec(
     *,
     config_file: Path | None,
@@ -262,7 +300,9 @@ def build_spec(
     """Layer the defaults, the config file, --set and the flags, validating after each source."""
     raw: dict[str, Any] = {}
     if config_file is not None:
-        raw = deep_merge(raw, read_yaml_config(config_file))
+        config_file = config_path(config_file)
+        loaded = read_yaml_config(config_file)
+        raw = deep_merge(raw, {key: value for key, value in loaded.items() if key not in DOCUMENTATION_KEYS})
         validate_spec(raw, f"config file {config_file}")
     for assignment in overrides:
         raw = deep_merge(raw, parse_override(assignment))

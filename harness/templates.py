@@ -21,12 +21,34 @@ ALPACA_PROMPT_NO_INPUT = (
 ALPACA_RESPONSE_TAG = "### Response:"  # Cherry LLM's direct text is "### Response:" + output
 
 
+# ----------------------------------------------------------------------------- Phased IFT's template
+# xubuvd/PhasedSFT xllm/xllm_dataset.py, PromptIterableDataset.tokenize_example (used by xllm/pretrain.py for
+# Llama and xllm/mistral_pretrain.py for Mistral): the first user turn is BOS + "User: " + text + EOS, each
+# assistant turn "\nAssistant: " (no loss) then text + EOS (the loss), each later user turn "\nUser: " +
+# text + EOS; an Alpaca input follows the instruction after "\n" (generation/generation_v2.py). Its
+# generation prompt ends "Assistant:" without the space; prompts here end as in training.
+USER_ASSISTANT = "user-assistant"
+PLAIN_TEMPLATES = ("alpaca", USER_ASSISTANT)  # plain text: the tokenizer adds BOS, as for Alpaca
+
+
+def render_user_assistant(record: InstructionRecord, eos: str) -> str:
+    """`User: {instruction}[\n{input}]</s>\nAssistant: ` after any earlier turns (BOS comes from the tokenizer)."""
+    turns = [f"User: {user}{eos}\nAssistant: {assistant}{eos}" for user, assistant in record.history]
+    message = f"{record.instruction}\n{record.input}" if record.input.strip() else record.instruction
+    return "\n".join([*turns, f"User: {message}{eos}\nAssistant: "])
+
+
+# -----------------------------------------------------------------------------
+
+
 def user_message(record: InstructionRecord) -> str:
     return f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
 
 
 def render_prompt(record: InstructionRecord, template: str, tokenizer: Any) -> str:
     """Everything the model sees before the response it is trained (or scored) on."""
+    if template == USER_ASSISTANT:
+        return render_user_assistant(record, tokenizer.eos_token)
     if template == "alpaca":
         prefix = ""
         for user, assistant in record.history:
@@ -42,7 +64,7 @@ def render_prompt(record: InstructionRecord, template: str, tokenizer: Any) -> s
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": user_message(record)})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise HarnessError(f"unknown template '{template}' (valid: chat, alpaca)")
+    raise HarnessError(f"unknown template '{template}' (valid: chat, alpaca, {USER_ASSISTANT})")
 
 
 def response_tag(template: str, tokenizer: Any) -> str:
@@ -87,7 +109,7 @@ def tokenize_for_training(
     """Prompt + response + EOS, labels -100 on the prompt; over-long responses are truncated (counted)."""
     stats = TokenizeStats()
     examples = []
-    add_bos = template == "alpaca"
+    add_bos = template in PLAIN_TEMPLATES
     for record in records:
         prompt = render_prompt(record, template, tokenizer)
         example = tokenize_example(prompt, record.output + tokenizer.eos_token, tokenizer, add_bos)

@@ -114,3 +114,20 @@ def test_alpaca_eval_metrics_bad_file_is_one_line(tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 2
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_dry_run_prints_the_resolved_spec_and_writes_nothing(tmp_path: Path, capsys):
+    """--dry-run: the spec with the model set's defaults and the recipe's params filled in, as YAML."""
+    import yaml
+
+    output = tmp_path / "runs"
+    code, out, err = run_cli(["run", "--recipe", "phased", "--set", "training.epochs=2", "--dry-run", "--output", str(output)], capsys)
+    assert code == 0, err
+    spec = yaml.safe_load(out)
+    assert spec["training"]["learning_rate"] == 2e-3 and spec["training"]["template"] == "chat"  # the tiny model's
+    assert spec["training"]["epochs"] == 2.0 and spec["params"]["thresholds"] == [1.5, 3.5]  # recipe defaults filled in
+    assert not output.exists()
+    code, out, _ = run_cli(["run", "--recipe", "all", "--dry-run"], capsys)
+    assert code == 0 and [doc["recipe"] for doc in yaml.safe_load_all(out)] == ["one-off", "phased", "ifd", "sftmix", "unifit"]
+    code, _, err = run_cli(["run", "--recipe", "phased", "--set", "params.thresholds=[4, 2]", "--dry-run"], capsys)
+    assert code == 2 and "params.thresholds" in err and "Traceback" not in err

@@ -1,5 +1,6 @@
-"""Pairwise judging (Phased IFT / Cherry LLM protocol): test sets, outcome rules, WinRate, and a full
-comparison of two sets of outputs with the local tiny judge and with an OpenAI-protocol server."""
+"""Pairwise judging (Cherry LLM and Phased IFT protocols): test sets, outcome rules, WinRate, the two
+protocols' prompts and counting, and a full comparison of two sets of outputs with the local tiny judge
+and with an OpenAI-protocol server."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import pytest
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext
 from harness.generation import GenerationSettings
-from harness.judges import JudgeOptions, LocalJudge, make_judge
+from harness.judges import CachedJudge, JudgeOptions, LocalJudge, load_pairwise_prompt, make_judge
 from harness.pairwise import (
     PAIRWISE_SETS,
+    PROTOCOLS,
     check_suite_section,
     generate_pairwise_outputs,
     judge_pairwise,
     load_pairwise_set,
     outcome,
     read_outputs,
+    resolve_sets,
     run_suite_section,
+    set_mean,
     win_rate,
 )
 from tests.harness.openai_server import OpenAIServer
@@ -188,3 +192,117 @@ def test_section_bad_config_is_a_one_line_error(change, message):
     with pytest.raises(HarnessError) as error:
         check_suite_section(SECTION | change)
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+# ----------------------------------------------------------------------------- the PhasedSFT protocol
+
+# PhasedSFT's active judge criteria, quoted from xubuvd/PhasedSFT evaluation/eval.py, gen_prompt()
+# (commit f688aa2); the explain variant above it there is commented out.
+PHASEDSFT_CRITERIA = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the user question "
+    "displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their responses. Each "
+    "assistant receives an overall score on a scale of 1 to 10, where a higher score indicates better overall "
+    "performance.\nPlease only output a single line containing only two values indicating the scores for Assistant 1 "
+    "and 2, respectively. The two scores are separated by a space. Do not explain for your scores."
+)
+
+
+def test_shipped_judge_prompts_are_the_published_ones():
+    phased, cherry = load_pairwise_prompt("phasedsft"), load_pairwise_prompt("cherry")
+    assert phased.criteria == PHASEDSFT_CRITERIA and "xubuvd/PhasedSFT evaluation/eval.py" in phased.source
+    assert cherry.criteria.endswith("does not affect your judgment.") and "Cherry_LLM" in cherry.source
+    assert phased.system == cherry.system == "You are a helpful and precise assistant for checking the quality of the answer."
+    assert phased.template == cherry.template and phased.digest() != cherry.digest()
+    with pytest.raises(HarnessError, match="unknown pairwise judge prompt 'phased'; did you mean 'phasedsft'"):
+        load_pairwise_prompt("phased")
+
+
+def test_protocols_name_their_sets():
+    assert resolve_sets(None, PROTOCOLS["phasedsft"]) == ["sinstruct", "wizardlm", "koala", "vicuna"]  # no LIMA
+    assert resolve_sets(None, PROTOCOLS["cherry"]) == list(PAIRWISE_SETS)
+    assert PROTOCOLS["phasedsft"].judge_max_tokens == 256 and PROTOCOLS["cherry"].judge_max_tokens == 1024
+
+
+def test_phasedsft_words_self_instruct_inputs_as_its_scripts():
+    """generation_v2.py: "User: {instruction}\\n{input}</s>..."; eval.py shows the judge '{instruction} Input: {input}'."""
+    cherry = load_pairwise_set("sinstruct", limit=1)[0]
+    phased = load_pairwise_set("sinstruct", limit=1, protocol="phasedsft")[0]
+    instruction, extra = cherry.question.split("\n\n", 1)
+    assert cherry.judge_question == cherry.question
+    assert phased.question == f"{instruction}\n{extra}" and phased.judge_question == f"{instruction} Input: {extra}"
+    assert load_pairwise_set("vicuna", limit=1, protocol="phasedsft")[0].question == load_pairwise_set("vicuna", limit=1)[0].question
+
+
+def test_failed_reviews_count_as_losses_and_sets_are_averaged():
+    counted = win_rate(["win", "win", "tie", "loss", None], failed_as_loss=True)
+    assert counted["n"] == 5 and counted["failed"] == counted["failed_counted_as_loss"] == 1 and counted["skipped"] == 0
+    assert counted["win_rate"]["value"] == pytest.approx((2 + 0.5) / 5 - 0.5)
+    per_set = {"a": win_rate(["win", "win"]), "b": win_rate(["loss", "tie", "tie", "tie"])}
+    mean = set_mean(per_set)
+    assert mean["win_rate"]["value"] == pytest.approx((0.5 + (1.5 / 4 - 0.5)) / 2)  # not the pooled 3.5/6 - 0.5
+    assert mean["n"] == 6 and mean["win"] == 2 and mean["tie"] == 3
+
+
+def test_phasedsft_protocol_counts_a_failed_review_as_a_loss(tmp_path, monkeypatch):
+    """The same server verdicts judged under both protocols: koala_1's reviews do not parse. PhasedSFT keeps
+    it in N as a loss and averages the two sets; Cherry drops it and pools the questions. The PhasedSFT
+    judge gets its own prompt and a 256-token budget, and its verdicts are not read from Cherry's cache."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    _write_outputs(tmp_path / "a", lambda i: "A detailed and helpful answer. " * 4)
+    _write_outputs(tmp_path / "b", lambda i: "No." if i.id != "koala_1" else "No. MALFORMED")
+    results = {}
+    with OpenAIServer() as server:
+        for protocol in ("cherry", "phasedsft"):
+            rules = PROTOCOLS[protocol]
+            options = JudgeOptions(base_url=server.base_url, pairwise_prompt=rules.judge_prompt, pairwise_max_tokens=rules.judge_max_tokens)
+            judge = CachedJudge(make_judge("openai:judge-model", options), tmp_path / "judge_cache.jsonl")
+            results[protocol] = judge_pairwise(
+                tmp_path / "a", tmp_path / "b", judge=judge, output_dir=tmp_path / protocol, sets=["vicuna", "koala"], protocol=protocol
+            )
+        assert len(server.requests) == 16  # 8 reviews per protocol: the shared cache holds them apart
+        bodies = {protocol: server.requests[k * 8]["body"] for k, protocol in enumerate(("cherry", "phasedsft"))}
+    assert bodies["phasedsft"]["max_tokens"] == 256 and bodies["cherry"]["max_tokens"] == 1024
+    assert "Do not explain for your scores." in bodies["phasedsft"]["messages"][-1]["content"]
+    assert "Do not explain" not in bodies["cherry"]["messages"][-1]["content"]
+    phased, cherry = results["phasedsft"], results["cherry"]
+    koala = phased["sets"]["koala"]
+    assert koala["n"] == 2 and koala["win"] == 1 and koala["failed_counted_as_loss"] == 1
+    assert koala["win_rate"]["value"] == pytest.approx((1 + 0) / 2 - 0.5)  # the failed question adds nothing to N's wins
+    assert phased["overall"]["win_rate"]["value"] == pytest.approx((0.5 + 0.0) / 2)  # mean of the sets
+    assert cherry["sets"]["koala"]["n"] == 1 and cherry["sets"]["koala"]["skipped"] == 1
+    assert cherry["overall"]["win_rate"]["value"] == pytest.approx(0.5)
+    assert phased["protocol"]["name"] == "phasedsft" and "counted as losses" in phased["protocol"]["failed_reviews"]
+    assert cherry["protocol"]["name"] == "cherry" and "skipped" in cherry["protocol"]["failed_reviews"]
+    judgments = [json.loads(line) for line in (tmp_path / "phasedsft" / "judgments_koala.jsonl").read_text().splitlines()]
+    assert [(j["outcome"], j["value"]) for j in judgments] == [("win", 1.0), (None, 0.0)]
+
+
+def test_section_with_the_phasedsft_protocol_records_it(tiny, tmp_path, monkeypatch):
+    """As a suite section: the record names the protocol and its prompt; the per-question rows average to
+    the per-set mean (weighted), so the leaderboard's paired tests see the protocol's figure."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    model, tokenizer = tiny
+    _write_outputs(tmp_path / "ref", lambda i: "Short." if i.id not in ("koala_1", "1") else "Short. MALFORMED")
+    (tmp_path / "ref" / "outputs_koala.jsonl").write_text(
+        "\n".join((tmp_path / "ref" / "outputs_koala.jsonl").read_text().splitlines()[:1]) + "\n"
+    )  # one koala question: the sets differ in size, so the per-set mean differs from the pooled rate
+    with OpenAIServer() as server:
+        config = SECTION | {
+            "protocol": "phasedsft",
+            "judge": "openai:judge-model",
+            "judge_options": {"base_url": server.base_url},
+            "reference": {"outputs": str(tmp_path / "ref")},
+        }
+        result = run_suite_section(model, tokenizer, config, output_dir=tmp_path / "eval", seed=0)
+        assert {r["body"]["max_tokens"] for r in server.requests} == {256}
+    assert result["protocol"] == "phasedsft" and result["details"]["protocol"]["name"] == "phasedsft"
+    assert result["details"]["judge_prompt"] == {"name": "phasedsft", "max_tokens": 256}
+    assert result["failed_reviews"] == 1 and result["n"] == 3  # vicuna 2 (one failed, kept), koala 1
+    sets = result["details"]["sets"]
+    expected = (sets["vicuna"]["win_rate"]["value"] + sets["koala"]["win_rate"]["value"]) / 2
+    assert result["win_rate"]["value"] == pytest.approx(expected)
+    assert sum(row["win_rate"] for row in result["samples"]) / len(result["samples"]) == pytest.approx(expected)
+    with pytest.raises(HarnessError, match="unknown key 'protocl'"):
+        check_suite_section(SECTION | {"protocl": "phasedsft"})
+    with pytest.raises(HarnessError, match="protocol"):
+        check_suite_section(SECTION | {"protocol": "phased"})
