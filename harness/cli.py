@@ -138,8 +138,10 @@ def run(
     if config_file is not None:
         config_file = config_path(config_file)
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
+    seeded = [spec] if seeds is None or len(seeds) == 1 else [spec.model_copy(update={"seed": s}) for s in seeds]
     if dry_run:
-        print_resolved_spec(spec)
+        for one in seeded:
+            print_resolved_spec(one)
         return
     if distributed == "fsdp" and spec.training.lora is not None:
         from harness.distributed import FSDP_LORA_UNSUPPORTED
@@ -152,7 +154,6 @@ def run(
     _quiet_libraries()
     from harness.runner import execute_run, prepare_run
 
-    seeded = [spec] if seeds is None or len(seeds) == 1 else [spec.model_copy(update={"seed": s}) for s in seeds]
     if spec.recipe == "all":
         from harness.compare import specs_for_all
 
