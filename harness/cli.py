@@ -140,8 +140,7 @@ def run(
     spec = build_spec(config_file=config_file, overrides=list(overrides), flags=flags)
     seeded = [spec] if seeds is None or len(seeds) == 1 else [spec.model_copy(update={"seed": s}) for s in seeds]
     if dry_run:
-        for one in seeded:
-            print_resolved_spec(one)
+        print_resolved_specs(seeded)
         return
     if distributed == "fsdp" and spec.training.lora is not None:
         from harness.distributed import FSDP_LORA_UNSUPPORTED
@@ -202,21 +201,18 @@ def run(
         print_record_summary(records[0])
 
 
-def print_resolved_spec(spec: Any) -> None:
-    """The dry run: the spec as the run would use it (recipe params and the model set's defaults filled
-    in) as YAML on stdout, one document per recipe for --recipe all. Reads the suite file; loads nothing."""
+def print_resolved_specs(seeded: list[Any]) -> None:
+    """The dry run: each spec as the run would use it (recipe params and the model set's defaults filled
+    in) as YAML on stdout, one document per recipe (--recipe all) and seed (--seeds). Reads the suite
+    file; loads nothing."""
     import yaml
 
+    from harness.compare import specs_for_all
     from harness.evaluation import load_suite
     from harness.runner import resolve_spec
 
-    load_suite(spec.eval.suite)  # an unknown suite is an error here too
-    if spec.recipe == "all":
-        from harness.compare import specs_for_all
-
-        specs = specs_for_all(spec)
-    else:
-        specs = [spec]
+    load_suite(seeded[0].eval.suite)  # an unknown suite is an error here too
+    specs = [sub for spec in seeded for sub in (specs_for_all(spec) if spec.recipe == "all" else [spec])]
     documents = []
     for sub_spec in specs:
         resolved, _, _, model_info = resolve_spec(sub_spec)
