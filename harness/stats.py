@@ -160,65 +160,97 @@ def _as_grid(scores: np.ndarray, what: str) -> np.ndarray:
     return scores
 
 
+Grids = np.ndarray | list[np.ndarray]
+
+
+def _as_tasks(recipe: Grids, baseline: Grids) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One (seeds, items) grid per task for each side; each task's items the same on both sides and each
+    side's seeds the same across tasks (a seed is one checkpoint, scored on every task)."""
+    recipe_tasks = [recipe] if isinstance(recipe, np.ndarray) else list(recipe)
+    baseline_tasks = [baseline] if isinstance(baseline, np.ndarray) else list(baseline)
+    if not recipe_tasks or len(recipe_tasks) != len(baseline_tasks):
+        raise ValueError("two_level_bootstrap: need the same tasks (at least one) on both sides")
+    recipe_tasks = [_as_grid(grid, "recipe scores") for grid in recipe_tasks]
+    baseline_tasks = [_as_grid(grid, "baseline scores") for grid in baseline_tasks]
+    for r, b in zip(recipe_tasks, baseline_tasks, strict=True):
+        if r.shape[1] != b.shape[1]:
+            raise ValueError(f"two_level_bootstrap: recipe and baseline need the same items ({r.shape[1]} vs {b.shape[1]})")
+        if r.shape[0] != recipe_tasks[0].shape[0] or b.shape[0] != baseline_tasks[0].shape[0]:
+            raise ValueError("two_level_bootstrap: each side needs the same seeds on every task")
+    return recipe_tasks, baseline_tasks
+
+
 def two_level_bootstrap(
-    recipe: np.ndarray,
-    baseline: np.ndarray,
+    recipe: Grids,
+    baseline: Grids,
     *,
     resamples: int = RESAMPLES,
     seed: int = SEED,
     confidence: float = CONFIDENCE,
 ) -> SeededDelta:
-    """Bootstrap of mean(recipe) - mean(baseline) over (seeds, items) score grids on the same items.
+    """Bootstrap of mean(recipe) - mean(baseline) over (seeds, items) score grids on the same items; with a
+    list of grids (one per task), of the mean over tasks of each task's mean (a headline).
 
-    Each replicate draws the items once (shared by both recipes, so the pairing is kept) and the seeds
-    of each recipe on their own (a recipe's seeds are independent checkpoints): the 'pigeonhole'
-    bootstrap of a crossed design (Owen, "The pigeonhole bootstrap", Ann. Appl. Stat. 2007). Its exact
-    variance is `two_level_variance` (checked against it in the tests)."""
-    recipe, baseline = _as_grid(recipe, "recipe scores"), _as_grid(baseline, "baseline scores")
-    if recipe.shape[1] != baseline.shape[1]:
-        raise ValueError(f"two_level_bootstrap: recipe and baseline need the same items ({recipe.shape[1]} vs "
-                         f"{baseline.shape[1]})")
-    (seeds_r, n), seeds_b = recipe.shape, baseline.shape[0]
+    Each replicate draws each task's items once (shared by both sides, so the pairing is kept; tasks
+    apart, so every task keeps its size) and the seeds of each side on their own (a recipe's seeds are
+    independent checkpoints; one draw per side serves every task, since a checkpoint is scored on all):
+    the 'pigeonhole' bootstrap of a crossed design (Owen, "The pigeonhole bootstrap", Ann. Appl. Stat.
+    2007), stratified by task. Its exact variance is `two_level_variance` (checked in the tests)."""
+    recipe_tasks, baseline_tasks = _as_tasks(recipe, baseline)
+    seeds_r, seeds_b = recipe_tasks[0].shape[0], baseline_tasks[0].shape[0]
+    tasks = len(recipe_tasks)
     rng = np.random.default_rng(seed)
     replicates = np.empty(resamples)
     for start in range(0, resamples, _CHUNK):
-        stop = min(start + _CHUNK, resamples)
-        size = stop - start
-        # A resample with replacement is a multinomial count per item (and per seed): the mean over the
+        size = min(_CHUNK, resamples - start)
+        # A resample with replacement is a multinomial count per seed (and per item): the mean over the
         # drawn seeds and items is (seed weights) . grid . (item weights).
-        item_weights = rng.multinomial(n, np.full(n, 1.0 / n), size=size) / n
         weight_r = rng.multinomial(seeds_r, np.full(seeds_r, 1.0 / seeds_r), size=size) / seeds_r
         weight_b = rng.multinomial(seeds_b, np.full(seeds_b, 1.0 / seeds_b), size=size) / seeds_b
-        per_seed_r = item_weights @ recipe.T  # (size, seeds_r): each seed's mean over the drawn items
-        per_seed_b = item_weights @ baseline.T
-        replicates[start:stop] = (weight_r * per_seed_r).sum(axis=1) - (weight_b * per_seed_b).sum(axis=1)
-    delta = float(recipe.mean() - baseline.mean())
+        per_seed_r = np.zeros((size, seeds_r))
+        per_seed_b = np.zeros((size, seeds_b))
+        for grid_r, grid_b in zip(recipe_tasks, baseline_tasks, strict=True):
+            n = grid_r.shape[1]
+            item_weights = rng.multinomial(n, np.full(n, 1.0 / n), size=size) / n
+            per_seed_r += item_weights @ grid_r.T / tasks  # each seed's headline over the drawn items
+            per_seed_b += item_weights @ grid_b.T / tasks
+        replicates[start : start + size] = (weight_r * per_seed_r).sum(axis=1) - (weight_b * per_seed_b).sum(axis=1)
+    delta = float(np.mean([r.mean() - b.mean() for r, b in zip(recipe_tasks, baseline_tasks, strict=True)]))
     low, high = _percentiles(replicates, confidence)
-    components = two_level_variance(recipe, baseline)
+    components = two_level_variance(recipe_tasks, baseline_tasks)
+    n_items = sum(grid.shape[1] for grid in recipe_tasks)
     return SeededDelta(delta, low, high, float(replicates.var()), components["seed"], components["item"],
-                       (seeds_r, seeds_b), n, resamples)
+                       (seeds_r, seeds_b), n_items, resamples)
 
 
-def two_level_variance(recipe: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
-    """The exact variance of `two_level_bootstrap`'s replicates, from the two-way decomposition
-    y[s, i] = m + a[s] + b[i] + e[s, i] of each grid (plug-in mean squares, divisors S, N, SN):
-    seed = v_a(recipe)/S_r + v_a(baseline)/S_b, item = v(b_recipe - b_baseline)/N,
-    interaction = v_e(recipe)/(S_r N) + v_e(baseline)/(S_b N); total = their sum."""
-    recipe, baseline = _as_grid(recipe, "recipe scores"), _as_grid(baseline, "baseline scores")
+def two_level_variance(recipe: Grids, baseline: Grids) -> dict[str, float]:
+    """The exact variance of `two_level_bootstrap`'s replicates. Each task's grid decomposes as
+    y[s, i] = m + a[s] + b[i] + e[s, i] (plug-in mean squares: divisors S, N, SN); over T tasks,
+    seed = v(A_recipe)/S_r + v(A_baseline)/S_b with A[s] the mean over tasks of a[s] (a seed is one
+    checkpoint on every task), item = sum_t v(b_recipe,t - b_baseline,t) / (T^2 N_t), interaction =
+    sum_t (v_e(recipe,t)/S_r + v_e(baseline,t)/S_b) / (T^2 N_t); total = their sum."""
+    recipe_tasks, baseline_tasks = _as_tasks(recipe, baseline)
+    tasks = len(recipe_tasks)
 
-    def parts(grid: np.ndarray) -> tuple[float, np.ndarray, float]:
+    def parts(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         mean = grid.mean()
         a = grid.mean(axis=1) - mean
         b = grid.mean(axis=0) - mean
         e = grid - mean - a[:, None] - b[None, :]
-        return float((a**2).mean()), b, float((e**2).mean())
+        return a, b, float((e**2).mean())
 
-    (seeds_r, n), seeds_b = recipe.shape, baseline.shape[0]
-    va_r, b_r, ve_r = parts(recipe)
-    va_b, b_b, ve_b = parts(baseline)
-    seed = va_r / seeds_r + va_b / seeds_b
-    item = float(((b_r - b_b) ** 2).mean()) / n
-    interaction = ve_r / (seeds_r * n) + ve_b / (seeds_b * n)
+    seeds_r, seeds_b = recipe_tasks[0].shape[0], baseline_tasks[0].shape[0]
+    a_r, a_b = np.zeros(seeds_r), np.zeros(seeds_b)
+    item = interaction = 0.0
+    for grid_r, grid_b in zip(recipe_tasks, baseline_tasks, strict=True):
+        n = grid_r.shape[1]
+        ar, br, ver = parts(grid_r)
+        ab, bb, veb = parts(grid_b)
+        a_r += ar / tasks
+        a_b += ab / tasks
+        item += float(((br - bb) ** 2).mean()) / (n * tasks**2)
+        interaction += (ver / seeds_r + veb / seeds_b) / (n * tasks**2)
+    seed = float((a_r**2).mean()) / seeds_r + float((a_b**2).mean()) / seeds_b
     return {"seed": seed, "item": item, "interaction": interaction, "total": seed + item + interaction}
 
 

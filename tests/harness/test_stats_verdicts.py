@@ -38,6 +38,28 @@ def test_two_level_bootstrap_variance_equals_the_exact_pigeonhole_variance():
     assert exact["seed"] == pytest.approx(seed) and exact["item"] == pytest.approx(item)
 
 
+def test_headline_over_tasks_shares_seeds_and_keeps_tasks_apart():
+    """Three tasks of different sizes, a checkpoint effect common to all tasks of a seed: the stratified
+    bootstrap's variance equals its exact formula, and the seed part is that of the per-seed headline."""
+    rng = np.random.default_rng(8)
+    sizes = (40, 150, 90)
+    offsets_r, offsets_b = rng.normal(0, 0.04, (3, 1)), rng.normal(0, 0.04, (2, 1))
+    recipe, baseline = [], []
+    for n in sizes:
+        items = rng.uniform(0, 1, n)
+        recipe.append(items[None, :] + 0.03 + offsets_r + rng.normal(0, 0.2, (3, n)))
+        baseline.append(items[None, :] + offsets_b + rng.normal(0, 0.2, (2, n)))
+    result = stats.two_level_bootstrap(recipe, baseline, resamples=40_000)
+    exact = stats.two_level_variance(recipe, baseline)
+    assert result.variance == pytest.approx(exact["total"], rel=0.03)
+    assert result.delta == pytest.approx(np.mean([r.mean() - b.mean() for r, b in zip(recipe, baseline)]))
+    headline_r = np.mean([grid.mean(axis=1) for grid in recipe], axis=0)  # per seed, over tasks
+    headline_b = np.mean([grid.mean(axis=1) for grid in baseline], axis=0)
+    assert exact["seed"] == pytest.approx(headline_r.var() / 3 + headline_b.var() / 2)
+    with pytest.raises(ValueError, match="same seeds on every task"):
+        stats.two_level_bootstrap([recipe[0], recipe[1][:2], recipe[2]], baseline)
+
+
 def test_one_seed_each_reduces_to_the_paired_item_bootstrap():
     rng = np.random.default_rng(1)
     a, b = rng.normal(0, 1, 200), rng.normal(0.1, 1, 200)
