@@ -52,7 +52,7 @@ def test_headline_over_tasks_shares_seeds_and_keeps_tasks_apart():
     result = stats.two_level_bootstrap(recipe, baseline, resamples=40_000)
     exact = stats.two_level_variance(recipe, baseline)
     assert result.variance == pytest.approx(exact["total"], rel=0.03)
-    assert result.delta == pytest.approx(np.mean([r.mean() - b.mean() for r, b in zip(recipe, baseline)]))
+    assert result.delta == pytest.approx(np.mean([r.mean() - b.mean() for r, b in zip(recipe, baseline, strict=True)]))
     headline_r = np.mean([grid.mean(axis=1) for grid in recipe], axis=0)  # per seed, over tasks
     headline_b = np.mean([grid.mean(axis=1) for grid in baseline], axis=0)
     assert exact["seed"] == pytest.approx(headline_r.var() / 3 + headline_b.var() / 2)
