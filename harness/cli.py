@@ -494,13 +494,25 @@ def alpaca_eval_metrics(annotations_file: Path, as_json: bool, bootstrap: int) -
 @click.option("--check", is_flag=True, help="exit 1 when --dir differs from a fresh rendering of the runs")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("leaderboard"), show_default=True,
               help="the leaderboard folder for --write and --check")
+@click.option("--baseline", default="one-off", show_default=True, help="the recipe variant the verdicts compare with")
+@click.option("--correction", type=click.Choice(["holm", "bh", "none"]), default="holm", show_default=True,
+              help="multiple-comparison adjustment of the main family (per-benchmark cells: BH unless none)")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.05, show_default=True)
+@click.option("--margin", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="equivalence margin in points (a CI inside ±margin is 'equivalent')")
+@click.option("--min-seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="fewer seeds on a side: the verdict is conditional on the checkpoints trained")
 def leaderboard(runs_dirs: tuple[Path, ...], fmt: str, out: Path | None, write_all: bool, check: bool,
-                directory: Path) -> None:
-    """Compare runs: one table per (model, suite), Δ vs one-off with paired bootstrap CIs, cost, plots."""
+                directory: Path, baseline: str, correction: str, alpha: float, margin: float, min_seeds: int) -> None:
+    """Compare runs: per (model, suite) the verdicts (headline Δ vs the baseline, CI, adjusted p, MDE) and
+    every metric with paired bootstrap CIs, cost, plots."""
     from harness.leaderboard import leaderboard_command
+    from harness.report.summary import VerdictOptions
 
+    verdicts = VerdictOptions(baseline=baseline, correction=correction, alpha=alpha, margin=margin / 100,
+                              min_seeds=min_seeds)
     leaderboard_command(list(runs_dirs), fmt, out, write_all=write_all, check=check, directory=directory,
-                        console=console, stdout=stdout_console())
+                        console=console, stdout=stdout_console(), verdicts=verdicts)
 
 
 @cli.group("docker")

@@ -70,6 +70,18 @@ class VariantSummary:
     conditional: bool = False  # fewer than min_seeds seeds on this side or the baseline's
 
 
+@dataclass(frozen=True)
+class VerdictOptions:
+    """`harness leaderboard`'s --baseline, --correction, --alpha, --margin and --min-seeds."""
+
+    baseline: str = BASELINE
+    correction: str = "holm"
+    alpha: float = stats.ALPHA
+    margin: float = 0.01
+    min_seeds: int = 3
+    resamples: int = 4_000
+
+
 @dataclass
 class GroupSummary:
     baseline: str
@@ -170,11 +182,13 @@ def _normal_compare(recipe: list[tuple[float, float]], baseline: list[tuple[floa
                       "normal approx. (no per-item values)")
 
 
-def summarise(runs: list[Any], suite: str, labels: dict[str, str], *, baseline: str = BASELINE,
-              correction: str = "holm", alpha: float = stats.ALPHA, margin: float = 0.01, min_seeds: int = 3,
-              resamples: int = 4_000) -> GroupSummary:
+def summarise(runs: list[Any], suite: str, labels: dict[str, str], options: VerdictOptions | None = None,
+              **overrides: Any) -> GroupSummary:
     """Verdicts for the runs of one comparable group (same model, suite, stack). `labels`: run id ->
     variant label (runs sharing a label are seeds of one variant)."""
+    options = VerdictOptions(**{**vars(options or VerdictOptions()), **overrides})
+    baseline, correction, alpha = options.baseline, options.correction, options.alpha
+    margin, min_seeds, resamples = options.margin, options.min_seeds, options.resamples
     by_variant: dict[str, list[Any]] = {}
     for run in sorted(runs, key=lambda r: (labels[r.run_id], r.seed if r.seed is not None else -1, r.run_id)):
         by_variant.setdefault(labels[run.run_id], []).append(run)

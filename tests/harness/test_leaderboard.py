@@ -125,7 +125,7 @@ def test_markdown_csv_and_json_carry_the_same_figures(two_runs):
     (group,), _ = collect([results])
     cell = group.cells[("ifd-tiny-bbbb", board.Column("arc", "acc"))]
     markdown = board.render_markdown([group], "results")
-    ifd_row = next(line for line in markdown.splitlines() if line.startswith("| ifd |"))
+    ifd_row = next(line for line in markdown.splitlines() if line.startswith("| ifd |") and "<br>" in line)
     assert f"**{cell.value:.4f} ± {cell.stderr:.4f}**<br>Δ {cell.delta.delta:+.4f} " in ifd_row
     assert f"[{cell.delta.low:+.4f}, {cell.delta.high:+.4f}]" in ifd_row and "n=120" in ifd_row
     # cost: own tokens, overhead = scoring + reference training, wall time, device-hours, judge cost

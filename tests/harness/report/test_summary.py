@@ -90,3 +90,33 @@ def test_unknown_suite_falls_back_to_the_recorded_metric(tmp_path: Path):
     runs, labels = load(tmp_path)
     summary = summarise(runs, "gone", labels, resamples=500)
     assert [(s.task, s.metric, s.chance) for s in summary.tasks] == [("t", "acc", 0.0)]
+
+
+def test_leaderboard_json_and_page_carry_the_verdicts_under_stable_keys(tmp_path: Path, capsys):
+    from tests.cli_helpers import run_cli
+
+    rng = np.random.default_rng(3)
+    difficulty = rng.uniform(0.2, 0.7, 120)
+    for seed in range(3):
+        write_run(tmp_path / "runs", f"one-off-{seed}", "one-off", seed, binary(rng, difficulty))
+        write_run(tmp_path / "runs", f"ifd-{seed}", "ifd", seed, binary(rng, difficulty + 0.2))
+        write_run(tmp_path / "runs", f"phased-{seed}", "phased", seed, binary(rng, difficulty + 0.01))
+    code, out, err = run_cli(["leaderboard", "--runs", str(tmp_path / "runs"), "--format", "json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)["groups"][0]["summary"]
+    assert summary["baseline"] == "one-off" and summary["settings"]["correction"] == "holm"
+    variants = {v["label"]: v for v in summary["variants"]}
+    headline = variants["ifd"]["headline"]
+    assert set(headline) >= {"delta", "ci_low", "ci_high", "p_value", "adjusted_p", "mde", "verdict", "items"}
+    assert headline["verdict"] == "better" and variants["ifd"]["seeds"] == [0, 1, 2]
+    assert variants["phased"]["headline"]["adjusted_p"] >= variants["phased"]["headline"]["p_value"]
+    code, out, _ = run_cli(["leaderboard", "--runs", str(tmp_path / "runs"), "--format", "json", "--correction", "none",
+                            "--baseline", "phased"], capsys)
+    summary = json.loads(out)["groups"][0]["summary"]
+    raw = {v["label"]: v["headline"] for v in summary["variants"] if v["headline"]}
+    assert summary["baseline"] == "phased" and set(raw) == {"ifd", "one-off"}
+    assert all(h["adjusted_p"] == h["p_value"] for h in raw.values())
+    code, out, _ = run_cli(["leaderboard", "--runs", str(tmp_path / "runs"), "--format", "md"], capsys)
+    assert "### Verdicts" in out and "| ifd | 3 |" in out and "better" in out
+    code, _, err = run_cli(["leaderboard", "--runs", str(tmp_path / "runs"), "--correction", "bonf"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
