@@ -118,7 +118,7 @@ def _require(mapping: Any, key: str, kind: type | tuple[type, ...], where: str) 
 
 
 COST_KEYS = ("train_tokens", "response_tokens", "scoring_tokens", "overhead_train_tokens", "wall_seconds",
-             "device_hours", "judge_cost_usd")
+             "device_hours", "judge_cost_usd", "flops", "training_device_hours", "recipe_judge_cost_usd")
 
 
 def parse_record(path: Path) -> Run:

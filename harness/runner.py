@@ -286,6 +286,23 @@ class RunContext:
             return distributed.from_main(tasks)
 
 
+def phase_seconds(timings: dict[str, float], overhead_stages: set[str]) -> dict[str, float]:
+    """The run's stage timings summed per phase: prepare (loading, saving), scoring, reference training
+    (stages marked overhead), training and evaluation (final and intermediate)."""
+    phases = dict.fromkeys(("prepare", "scoring", "reference_training", "training", "evaluation"), 0.0)
+    for stage, seconds in timings.items():
+        if stage.startswith("score:"):
+            phase = "scoring"
+        elif stage.startswith("train:"):
+            phase = "reference_training" if stage.removeprefix("train:") in overhead_stages else "training"
+        elif stage == "evaluate" or stage.startswith("evaluate:"):
+            phase = "evaluation"
+        else:
+            phase = "prepare"
+        phases[phase] = round(phases[phase] + seconds, 3)
+    return phases
+
+
 def eval_seed(spec: RunSpec, suite: Suite) -> int:
     """The evaluation's seed (few-shot examples, sampling): eval.seed, else the suite's sample seed; never
     the training seed, so runs that differ only in their training seed are scored identically."""
@@ -470,6 +487,10 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         result.real_tokens for stage, result in ctx.train_results.items() if stage in ctx.overhead_stages
     ) + int(output.details.get("cached_overhead_train_tokens", 0))
     device_count = distributed.world_size()  # processes: one device each
+    parameters = sum(parameter.numel() for parameter in output.model.parameters())
+    scoring_tokens = ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0)
+    phases = phase_seconds(ctx.timings, ctx.overhead_stages)
+    recipe_judge_cost = round(output.details.get("judge_cost_usd") or 0.0, 6)
     record = {
         "schema_version": RECORD_SCHEMA_VERSION,
         "run_id": prepared.run_id,
@@ -498,12 +519,24 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "train_tokens": train_tokens,
             "response_tokens": sum(result.response_tokens for result in target.values()),
             "overhead_train_tokens": overhead_train_tokens,
-            "scoring_tokens": ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0),
+            "scoring_tokens": scoring_tokens,
             "wall_seconds": round(wall, 2),
             "device_count": device_count,
             "device_hours": round(wall * device_count / 3600, 5),
+            # the method's cost without its evaluation: what a user pays to get the model
+            "training_device_hours": round((wall - phases["evaluation"]) * device_count / 3600, 5),
+            "parameters": parameters,
+            # about 6N per trained token (forward + backward), 2N per forward-only scoring token (Kaplan et
+            # al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1); evaluation not counted
+            "flops": 6 * parameters * (train_tokens + overhead_train_tokens) + 2 * parameters * scoring_tokens,
+            "phase_seconds": phases,
+            "cached": {
+                "scoring": ctx.scoring.computed == 0 and ctx.scoring.cached > 0,
+                "training": bool(ctx.training_work) and all(work.get("reused") for work in ctx.training_work.values()),
+            },
             # the recipe's judge (e.g. Phased IFT's difficulty scorer) plus the evaluations' judges
-            "judge_cost_usd": round((output.details.get("judge_cost_usd") or 0.0) + eval_judge_cost, 6),
+            "judge_cost_usd": round(recipe_judge_cost + eval_judge_cost, 6),
+            "recipe_judge_cost_usd": recipe_judge_cost,
             "eval_judge_cost_usd": eval_judge_cost,
         },
         "timings": ctx.timings,

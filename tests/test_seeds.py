@@ -60,6 +60,13 @@ def test_seeds_flag_trains_once_per_seed_on_a_fixed_evaluation(tmp_path: Path, c
     assert prompts(runs[0], "local_arc_easy") == prompts(runs[1], "local_arc_easy")
     assert records[0]["training"]["sft"]["final_loss"] != records[1]["training"]["sft"]["final_loss"]
     assert "(seed 0)" in out and "(seed 1)" in out  # the comparison table names each seed
+    cost = records[0]["cost"]  # compute: 6N per trained token, 2N per scored token; phases add up to the stages
+    assert cost["parameters"] > 0 and cost["flops"] == 6 * cost["parameters"] * (
+        cost["train_tokens"] + cost["overhead_train_tokens"]) + 2 * cost["parameters"] * cost["scoring_tokens"]
+    assert sum(cost["phase_seconds"].values()) == pytest.approx(sum(records[0]["timings"].values()), abs=0.01)
+    assert cost["phase_seconds"]["training"] > 0 and cost["phase_seconds"]["evaluation"] > 0
+    assert 0 < cost["training_device_hours"] < cost["device_hours"]
+    assert cost["cached"] == {"scoring": False, "training": False}
 
 
 def test_base_recipe_evaluates_the_untrained_model(tmp_path: Path, capsys):
@@ -68,6 +75,7 @@ def test_base_recipe_evaluates_the_untrained_model(tmp_path: Path, capsys):
     (path,) = tmp_path.glob("*/record.json")
     record = json.loads(path.read_text())
     assert record["recipe"]["name"] == "base" and record["training"] == {} and record["cost"]["train_tokens"] == 0
+    assert record["cost"]["flops"] == 0 and record["cost"]["phase_seconds"]["training"] == 0
     assert 0.0 <= record["metrics"]["local_arc_easy"]["acc"]["value"] <= 1.0
 
 

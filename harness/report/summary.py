@@ -68,6 +68,8 @@ class VariantSummary:
     lc: Comparison | None = None
     tasks: dict[str, Comparison] = field(default_factory=dict)
     conditional: bool = False  # fewer than min_seeds seeds on this side or the baseline's
+    cost: dict[str, float | None] = field(default_factory=dict)  # means over seeds; None where a run lacks it
+    compute_ratio: float | None = None  # FLOPs (training + scoring) relative to the baseline's
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ def summarise(runs: list[Any], suite: str, labels: dict[str, str], options: Verd
     variants, references = [], []
     for label, members in by_variant.items():
         summary = VariantSummary(label, [run.seed for run in members], None, None)
+        summary.cost = {key: _mean_cost(members, key) for key in ("flops", "training_device_hours", "judge_cost_usd")}
         headline_per_seed = _headline_per_run(members, specs)
         if headline_per_seed is not None:
             summary.headline_mean = float(np.mean(headline_per_seed))
@@ -241,8 +244,18 @@ def summarise(runs: list[Any], suite: str, labels: dict[str, str], options: Verd
             summary.lc = _normal_compare([(v, se) for v, se, _ in lc[0]], [(v, se) for v, se, _ in lc[1]])
     if base_runs is None:
         notes.append(f"no {baseline} run in this group: no differences or verdicts")
+    else:
+        base_flops = _mean_cost(base_runs, "flops")
+        for summary in variants + references:
+            flops = summary.cost.get("flops")
+            summary.compute_ratio = flops / base_flops if flops is not None and base_flops else None
     _adjust_and_decide(variants, specs, correction=correction, alpha=alpha, margin=margin)
     return GroupSummary(baseline, specs, variants, references, settings, notes)
+
+
+def _mean_cost(runs: list[Any], key: str) -> float | None:
+    values = [run.cost.get(key) for run in runs]
+    return None if any(value is None for value in values) else float(np.mean(values))
 
 
 def _headline_per_run(runs: list[Any], specs: list[TaskSpec]) -> list[float] | None:

@@ -10,7 +10,7 @@ from typing import Any
 from harness.report.summary import Comparison, GroupSummary, VariantSummary
 
 HEADERS = ("recipe", "seeds", "headline ± seed SD", "Δ headline [95% CI]", "adj. p", "verdict", "MDE",
-           "AlpacaEval LC Δ", "held-out NLL Δ")
+           "AlpacaEval LC Δ", "held-out NLL Δ", "compute × baseline", "train device-h", "judge $")
 
 SUMMARY_KEYS = (
     "summary.baseline: the variant every other is compared with; summary.settings: correction, alpha, margin, "
@@ -18,7 +18,8 @@ SUMMARY_KEYS = (
     "summary.references[]: label, seeds, conditional (fewer than min_seeds seeds on a side), headline_mean and "
     "headline_seed_sd (normalised score, over seeds), and for the comparisons headline, alpaca_eval_lc and "
     "tasks.<task>: delta, ci_low, ci_high, stderr, p_value, adjusted_p, mde, verdict, method, items (paired), "
-    "items_scored, seed_variance, item_variance. Headline units: chance-normalised points (0-1); task units: the "
+    "items_scored, seed_variance, item_variance; cost (flops, training_device_hours, judge_cost_usd: means over "
+    "seeds) and compute_ratio (FLOPs relative to the baseline). Headline units: chance-normalised points (0-1); task units: the "
     "metric's own; LC: percentage points."
 )
 
@@ -65,7 +66,11 @@ def rows(summary: GroupSummary) -> list[list[str]]:
             cells = [comparison_text(comparison), f"{comparison.adjusted_p:.3g}",
                      verdict_text(comparison), f"{100 * comparison.mde:.1f}",
                      comparison_text(variant.lc, 1.0), comparison_text(nll, 1.0)]
-        table.append([variant.label, _seeds_text(variant, summary), headline, *cells])
+        cost = variant.cost
+        costs = ["–" if variant.compute_ratio is None else f"{variant.compute_ratio:.2f}",
+                 "–" if cost.get("training_device_hours") is None else f"{cost['training_device_hours']:.3f}",
+                 "–" if cost.get("judge_cost_usd") is None else f"{cost['judge_cost_usd']:.2f}"]
+        table.append([variant.label, _seeds_text(variant, summary), headline, *cells, *costs])
     return table
 
 
@@ -77,7 +82,9 @@ def caption(summary: GroupSummary) -> str:
             f"within each variant; {settings['resamples']:,} resamples); p: paired sign-flip test, {settings['correction']}-"
             f"adjusted over variants × {{headline, AlpacaEval LC}}; verdict at alpha {settings['alpha']:g} with an "
             f"equivalence margin of ±{100 * settings['margin']:g} points; MDE: the difference detectable with 80% "
-            "power at this size. Held-out NLL: nats per token, lower is better (a proxy). "
+            "power at this size. Held-out NLL: nats per token, lower is better (a proxy). Compute: estimated FLOPs of "
+            "training and scoring (6N per trained token, 2N per scored token; evaluation excluded) relative to the "
+            "baseline's; device-hours without evaluation. "
             + " ".join(summary.notes))
 
 
@@ -94,7 +101,7 @@ def render_rich(summary: GroupSummary, title: str) -> Any:
 
 
 def render_markdown(summary: GroupSummary) -> list[str]:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|---|" + "---:|" * 4 + "---|" + "---:|" * 3]
+    lines = ["| " + " | ".join(HEADERS) + " |", "|---|" + "---:|" * 4 + "---|" + "---:|" * 6]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows(summary)]
     return [*lines, "", f"*{caption(summary)}*", ""]
 
@@ -130,7 +137,8 @@ def _variant_json(variant: VariantSummary) -> dict[str, Any]:
     return {"label": variant.label, "seeds": variant.seeds, "conditional": variant.conditional,
             "headline_mean": variant.headline_mean, "headline_seed_sd": variant.headline_seed_sd,
             "headline": _comparison_json(variant.headline), "alpaca_eval_lc": _comparison_json(variant.lc),
-            "tasks": {task: _comparison_json(c) for task, c in sorted(variant.tasks.items())}}
+            "tasks": {task: _comparison_json(c) for task, c in sorted(variant.tasks.items())},
+            "cost": variant.cost, "compute_ratio": variant.compute_ratio}
 
 
 def render_json(summary: GroupSummary) -> dict[str, Any]:
