@@ -642,7 +642,8 @@ def render_markdown(groups: list[Group], source: str) -> str:
         lines.append("No run records yet.")
     for group in groups:
         lines += [f"## {_md_escape(group.title)}", "", f"Data: {_md_escape(group.data_summary())}", ""]
-        lines += ["### Verdicts", "", *summary_tables.render_markdown(group.summary), "### All runs", ""]
+        lines += ["### Verdicts", "", *summary_tables.render_markdown(group.summary),
+                  *summary_tables.render_benchmarks_markdown(group.summary), "### Every metric of every run", ""]
         lines.append("| recipe | " + " | ".join(_md_escape(c.title) for c in group.columns) + " | "
                      + " | ".join(COST_HEADERS) + " |")
         lines.append("|---|" + "---:|" * (len(group.columns) + len(COST_HEADERS)))
@@ -689,7 +690,7 @@ td.best .value { font-weight: 700; color: #1a7f37; }
 .scroll { overflow-x: auto; }
 figure { display: inline-block; margin: 0.5rem 1rem 0.5rem 0; } img { max-width: 100%; }
 code { font-size: 0.85rem; }
-table.summary td.better { background: #dafbe1; } table.summary td.worse { background: #ffebe9; }
+table.summary { font-size: 0.82rem; } table.summary td.better { background: #dafbe1; } table.summary td.worse { background: #ffebe9; }
 table.summary td.equivalent { background: #ddf4ff; }
 """
 
@@ -710,6 +711,8 @@ def render_html(groups: list[Group], source: str) -> str:
         parts += [f'<section id="{esc(group.slug)}">', f"<h2>{esc(group.title)}</h2>",
                   f'<p class="note">Data: {esc(group.data_summary())}</p>',
                   *summary_tables.render_html(group.summary),
+                  *summary_tables.render_benchmarks_html(group.summary),
+                  "<details><summary>every metric of every run (value ± SE, Δ vs the baseline run of its seed)</summary>",
                   '<div class="scroll"><table class="leaderboard">', "<thead><tr><th>recipe</th>"
                   + "".join(f"<th>{esc(c.title)}</th>" for c in group.columns)
                   + "".join(f"<th>{h}</th>" for h in COST_HEADERS) + "</tr></thead>", "<tbody>"]
@@ -728,7 +731,7 @@ def render_html(groups: list[Group], source: str) -> str:
                 row.append(f'<td class="num{" best" if cell.best else ""}">{text}</td>')
             row += [f'<td class="num">{esc(text)}</td>' for text in cost_cells(run)]
             parts.append("<tr>" + "".join(row) + "</tr>")
-        parts += ["</tbody>", "</table></div>"]
+        parts += ["</tbody>", "</table></div>", "</details>"]
         parts += [f'<p class="note"><em>{esc(note)}</em></p>' for note in group.notes]
         parts.append(f'<p class="note">{esc(METHOD_NOTE)} Blue Δ: p &lt; 0.05.</p>')
         for name, stem in plot_files(group).items():

@@ -146,3 +146,53 @@ def render_json(summary: GroupSummary) -> dict[str, Any]:
             "tasks": [[spec.task, spec.metric, spec.chance] for spec in summary.tasks],
             "variants": [_variant_json(v) for v in sorted(summary.variants, key=lambda v: v.label)],
             "references": [_variant_json(v) for v in summary.references], "notes": summary.notes}
+
+
+def benchmark_rows(summary: GroupSummary) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """Per-benchmark Δ vs the baseline on each task's primary metric (and the side metrics): headers and,
+    per variant, (cell text, verdict) pairs. Accuracy-like metrics in points; NLL in nats."""
+    compared = [v for v in sorted(summary.variants, key=lambda v: v.label) if v.label != summary.baseline and v.tasks]
+    tasks = [spec.task for spec in summary.tasks] + sorted({t for v in compared for t in v.tasks} - {s.task for s in summary.tasks})
+    metric = {spec.task: spec.metric for spec in summary.tasks}
+    headers = ["recipe"] + [f"{task.removeprefix('local_')} {metric.get(task, 'nll')}" for task in tasks]
+    table = []
+    for variant in compared:
+        row = [(variant.label, "")]
+        for task in tasks:
+            comparison = variant.tasks.get(task)
+            scale = 100.0 if task in metric else 1.0
+            row.append(("–", "") if comparison is None else (
+                comparison_text(comparison, scale) + f" p={comparison.adjusted_p:.2g}", comparison.verdict))
+        table.append(row)
+    return headers, table
+
+
+def render_benchmarks_markdown(summary: GroupSummary) -> list[str]:
+    headers, table = benchmark_rows(summary)
+    if not table:
+        return []
+    lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    for row in table:
+        lines.append("| " + " | ".join(f"**{text}**" if verdict in VERDICT_CLASS else text for text, verdict in row) + " |")
+    return [*lines, "", "*Δ vs the baseline per benchmark [95% CI], p Benjamini-Hochberg-adjusted over all cells; "
+            "bold: better, worse or equivalent (the rest inconclusive).*", ""]
+
+
+def render_benchmarks_html(summary: GroupSummary) -> list[str]:
+    esc = html.escape
+    headers, table = benchmark_rows(summary)
+    if not table:
+        return []
+    parts = ['<table class="summary benchmarks"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in headers)
+             + "</tr></thead><tbody>"]
+    for row in table:
+        cells = [f"<td>{esc(row[0][0])}</td>"]
+        for text, verdict in row[1:]:
+            delta, _, rest = text.partition(" ")  # "+0.9 [-0.2, +2.1] p=1": the Δ, then its CI and p below it
+            cells.append(f'<td class="num {VERDICT_CLASS.get(verdict, "")}" title="{esc(verdict)}">{esc(delta)}'
+                         f'<span class="delta">{esc(rest)}</span></td>')
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts += ["</tbody></table>", '<p class="note">Δ vs the baseline per benchmark on its primary metric (points; '
+              "held-out NLL in nats) [95% CI], p Benjamini-Hochberg-adjusted over all cells; green better, red worse, "
+              "blue equivalent, white inconclusive.</p>"]
+    return parts
