@@ -32,6 +32,12 @@ def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None
     return cells
 
 
+def recipe_label(record: dict[str, Any]) -> str:
+    """The run's recipe variant (e.g. `phased[scorer=ifd-proxy, stage_order=1-2-3]`); records written before
+    variants were recorded fall back to the recipe's name."""
+    return record["recipe"].get("variant") or record["recipe"]["name"]
+
+
 def comparison_table(records: list[dict[str, Any]]) -> Table:
     """Rows = recipes, columns = metrics (value ± stderr, delta vs one-off) and cost."""
     columns = sorted({name for record in records for name in _metric_cells(record)})
@@ -47,7 +53,7 @@ def comparison_table(records: list[dict[str, Any]]) -> Table:
     best = {c: max(_metric_cells(r).get(c, (float("-inf"), None))[0] for r in records) for c in columns}
     for record in records:
         cells = _metric_cells(record)
-        row = [record["recipe"]["name"]]
+        row = [recipe_label(record)]
         for column in columns:
             if column not in cells:
                 row.append("-")

@@ -9,7 +9,9 @@ pair), and which tokens survive the truncation of the longer response (`first`).
 
 from __future__ import annotations
 
+import heapq
 import random
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +49,45 @@ def random_pairs(confident: list[int], unconfident: list[int], seed: int) -> lis
     for extra in u[len(c) :]:
         pairs.append((rng.choice(confident), extra))
     return pairs
+
+
+def epoch_pairs(confident: list[int], unconfident: list[int], seed: int, epochs: int) -> list[list[tuple[int, int]]]:
+    """Pairs drawn afresh for each epoch (the paper pairs at random per batch), seeded by (seed, epoch)."""
+    return [random_pairs(confident, unconfident, seed * 1_000_003 + epoch) for epoch in range(epochs)]
+
+
+def pair_rows(pairs: Sequence[tuple[int, int]], lengths: Sequence[int], rows: int, capacity: int) -> list[list[int]] | None:
+    """Lay the pairs into exactly `rows` rows, longest pair first into the least-loaded row (ties: the lower
+    row number); a row lists its pairs' examples as c, u, c, u, ... so that examples 2k and 2k + 1 of a
+    batch stay a pair. None when a row holding more than one pair would exceed `capacity` tokens (a pair
+    longer than capacity gets a row of its own)."""
+    if rows < 1 or rows > len(pairs):
+        return None
+    sizes = [lengths[c] + lengths[u] for c, u in pairs]
+    order = sorted(range(len(pairs)), key=lambda k: (-sizes[k], k))
+    heap = [(0, row) for row in range(rows)]
+    layout: list[list[int]] = [[] for _ in range(rows)]
+    for k in order:
+        load, row = heapq.heappop(heap)
+        if layout[row] and load + sizes[k] > capacity:
+            return None
+        layout[row] += list(pairs[k])
+        heapq.heappush(heap, (load + sizes[k], row))
+    return layout
+
+
+def matched_layouts(
+    draws: Sequence[Sequence[tuple[int, int]]], lengths: Sequence[int], target_rows: int, capacity: int
+) -> list[list[list[int]]]:
+    """One row layout per draw of pairs, all with the same number of rows: `target_rows` (what one-off's
+    batching fills in the same optimizer steps) when every draw fits, else the fewest rows above it that
+    do (a pair per row always fits)."""
+    most = min(len(draw) for draw in draws)
+    for rows in range(min(target_rows, most), most + 1):
+        layouts = [pair_rows(draw, lengths, rows, capacity) for draw in draws]
+        if all(layout is not None for layout in layouts):
+            return layouts  # type: ignore[return-value]
+    raise AssertionError("unreachable: one pair per row always fits")
 
 
 def sample_lambdas(num_pairs: int, alpha: float, per: Literal["pair", "batch"], device: torch.device) -> torch.Tensor:
