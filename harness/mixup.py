@@ -9,7 +9,6 @@ pair), and which tokens survive the truncation of the longer response (`first`).
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.batching import pack_best_fit
 from harness.losses import causal_lm_parts, final_hidden_states
 
 States = Literal["post-norm", "pre-norm"]
@@ -56,38 +56,37 @@ def epoch_pairs(confident: list[int], unconfident: list[int], seed: int, epochs:
     return [random_pairs(confident, unconfident, seed * 1_000_003 + epoch) for epoch in range(epochs)]
 
 
-def pair_rows(pairs: Sequence[tuple[int, int]], lengths: Sequence[int], rows: int, capacity: int) -> list[list[int]] | None:
-    """Lay the pairs into exactly `rows` rows, longest pair first into the least-loaded row (ties: the lower
-    row number); a row lists its pairs' examples as c, u, c, u, ... so that examples 2k and 2k + 1 of a
-    batch stay a pair. None when a row holding more than one pair would exceed `capacity` tokens (a pair
-    longer than capacity gets a row of its own)."""
-    if rows < 1 or rows > len(pairs):
-        return None
+def pack_pairs(pairs: Sequence[tuple[int, int]], lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
+    """Rows of pair numbers: the pairs packed best-fit decreasing like one-off packs examples (a pair is
+    one unit of both its examples' tokens); a pair longer than `capacity` gets a row of its own."""
     sizes = [lengths[c] + lengths[u] for c, u in pairs]
-    order = sorted(range(len(pairs)), key=lambda k: (-sizes[k], k))
-    heap = [(0, row) for row in range(rows)]
-    layout: list[list[int]] = [[] for _ in range(rows)]
-    for k in order:
-        load, row = heapq.heappop(heap)
-        if layout[row] and load + sizes[k] > capacity:
-            return None
-        layout[row] += list(pairs[k])
-        heapq.heappush(heap, (load + sizes[k], row))
-    return layout
+    fits = [k for k, size in enumerate(sizes) if size <= capacity]
+    rows = [[fits[j] for j in row] for row in pack_best_fit([sizes[k] for k in fits], capacity, seed)]
+    return rows + [[k] for k, size in enumerate(sizes) if size > capacity]
+
+
+def split_rows(rows: list[list[int]], count: int) -> list[list[int]]:
+    """`rows` split into `count` rows (count <= units): the row with the most units gives its last to a new row."""
+    rows = [list(row) for row in rows]
+    while len(rows) < count:
+        fullest = max(range(len(rows)), key=lambda r: (len(rows[r]), -r))
+        rows.append([rows[fullest].pop()])
+    return rows
 
 
 def matched_layouts(
-    draws: Sequence[Sequence[tuple[int, int]]], lengths: Sequence[int], target_rows: int, capacity: int
+    draws: Sequence[Sequence[tuple[int, int]]], lengths: Sequence[int], target_rows: int, capacity: int, seed: int
 ) -> list[list[list[int]]]:
-    """One row layout per draw of pairs, all with the same number of rows: `target_rows` (what one-off's
-    batching fills in the same optimizer steps) when every draw fits, else the fewest rows above it that
-    do (a pair per row always fits)."""
-    most = min(len(draw) for draw in draws)
-    for rows in range(min(target_rows, most), most + 1):
-        layouts = [pair_rows(draw, lengths, rows, capacity) for draw in draws]
-        if all(layout is not None for layout in layouts):
-            return layouts  # type: ignore[return-value]
-    raise AssertionError("unreachable: one pair per row always fits")
+    """One row layout (example indices, a row's pairs as c, u, c, u, ...) per draw of pairs, all with the
+    same number of rows: `target_rows` (one-off's rows on the same data) unless some draw's packed pairs
+    need more, then that many. Rows are split (never merged) to reach it, so no row exceeds `capacity`
+    unless a single pair does."""
+    packed = [pack_pairs(draw, lengths, capacity, seed) for draw in draws]
+    count = min(max(target_rows, *(len(rows) for rows in packed)), len(draws[0]))
+    return [
+        [[i for k in row for i in draw[k]] for row in split_rows(rows, count)]
+        for draw, rows in zip(draws, packed, strict=True)
+    ]
 
 
 def sample_lambdas(num_pairs: int, alpha: float, per: Literal["pair", "batch"], device: torch.device) -> torch.Tensor:

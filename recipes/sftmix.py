@@ -18,8 +18,8 @@ Confidences are cached artifacts keyed by the reference model, data and training
 
 Batching (`batching`): `one-off` (default) takes the same examples per optimizer step as the one-off
 baseline on the same data and spec, so that SFTMix's difference from one-off is the mixup and not more,
-smaller updates: with packing, the pairs are laid into as many rows as one-off's steps hold (one-off's
-best-fit rows rounded up to whole steps); without packing, one pair per row at half the rows per step.
+smaller updates: with packing, the pairs are packed best-fit like one-off packs its examples, into as many
+rows as one-off's (rows split to reach it; more only when the pairs need more); without packing, one pair per row at half the rows per step.
 `pair-per-row`: one pair per row at the run's batch size (about twice one-off's steps when it packs).
 The record's details say which, with both runs' rows, steps and examples per epoch.
 """
@@ -182,8 +182,7 @@ def batch_layouts(
         layouts = [[[c, u] for c, u in draw] for draw in draws]
     elif settings.packing:
         lengths = [len(example.input_ids) for example in examples]
-        target = one_off_steps * settings.batch_size * settings.gradient_accumulation_steps * distributed.world_size()
-        layouts = matched_layouts(draws, lengths, target, settings.max_length)
+        layouts = matched_layouts(draws, lengths, one_off_rows, settings.max_length, ctx.spec.seed)
     else:  # one-off: one example a row; here a pair a row, so half the rows per step
         layouts = [[[c, u] for c, u in draw] for draw in draws]
         if settings.batch_size % 2 == 0:
