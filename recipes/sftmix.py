@@ -18,8 +18,9 @@ Confidences are cached artifacts keyed by the reference model, data and training
 
 Batching (`batching`): `one-off` (default) takes the same examples per optimizer step as the one-off
 baseline on the same data and spec, so that SFTMix's difference from one-off is the mixup and not more,
-smaller updates: with packing, the pairs are packed best-fit like one-off packs its examples, into as many
-rows as one-off's (rows split to reach it; more only when the pairs need more); without packing, one pair per row at half the rows per step.
+smaller updates: with packing, the pairs are packed best-fit like one-off packs its examples, into as
+many rows as one-off's (rows split to reach it; more only when the pairs need more); without packing,
+one pair per row at half the rows per step.
 `pair-per-row`: one pair per row at the run's batch size (about twice one-off's steps when it packs).
 The record's details say which, with both runs' rows, steps and examples per epoch.
 """

@@ -32,3 +32,14 @@ def test_comparison_table_marks_deltas_against_one_off():
     cells = [list(column.cells) for column in table.columns]
     assert cells[0] == ["one-off", "ifd"]
     assert "(+0.1000)" in cells[1][1] and "0.5000 ± 0.1000" in cells[1][0]
+
+
+def test_comparison_table_names_rows_by_the_recipe_variant():
+    def record(name, variant=None):
+        return {"recipe": {"name": name, **({"variant": variant} if variant else {})}, "model": {"name": "tiny"},
+                "data": {"source": "s"}, "suite": {"name": "smoke"},
+                "metrics": {"t": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}},
+                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+
+    table = comparison_table([record("one-off"), record("phased", "phased[scorer=ifd-proxy, stage_order=1-2-3]")])
+    assert list(table.columns[0].cells) == ["one-off", "phased[scorer=ifd-proxy, stage_order=1-2-3]"]
