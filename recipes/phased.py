@@ -53,7 +53,7 @@ VARIANT_PARAMS = ("scorer", "stage_order")
 UNSCORED_REASONS = {
     "ifd": "no IFD (over scoring_max_length or no answer tokens)",
     "file": "not in the scores file",
-    "judge": "no parseable judge score",
+    "judge": "no judge score (a reply without one, or a failed request)",
     "local-judge": "over the local judge's max_length",
 }
 
