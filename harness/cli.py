@@ -274,7 +274,9 @@ def launch_processes(nproc: int, argv: list[str], distributed: str = "ddp") -> i
 
 
 def print_record_summary(record: dict[str, Any]) -> None:
-    table = Table(title=f"{record['run_id']}  ({record['recipe']['name']} on {record['model']['name']})")
+    from harness.compare import recipe_label
+
+    table = Table(title=f"{record['run_id']}  ({recipe_label(record)} on {record['model']['name']})")
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")

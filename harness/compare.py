@@ -33,6 +33,12 @@ def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None
     return cells
 
 
+def recipe_label(record: dict[str, Any]) -> str:
+    """The run's recipe variant (e.g. `phased[scorer=ifd-proxy, stage_order=1-2-3]`); records written before
+    variants were recorded fall back to the recipe's name."""
+    return record["recipe"].get("variant") or record["recipe"]["name"]
+
+
 def comparison_table(records: list[dict[str, Any]]) -> Table:
     """Rows = recipes, columns = metrics (value ± stderr, delta vs one-off) and cost."""
     columns = sorted({name for record in records for name in _metric_cells(record)})
@@ -53,7 +59,7 @@ def comparison_table(records: list[dict[str, Any]]) -> Table:
         cells = _metric_cells(record)
         baseline = baselines.get(record.get("seed"))
         base_cells = _metric_cells(baseline) if baseline else {}
-        row = [record["recipe"]["name"] + (f" (seed {record['seed']})" if several_seeds else "")]
+        row = [recipe_label(record) + (f" (seed {record['seed']})" if several_seeds else "")]
         for column in columns:
             if column not in cells:
                 row.append("-")

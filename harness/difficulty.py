@@ -6,7 +6,8 @@
 - `local-judge`: the same prompt run in-process on a local HF model; the score is the expected value
   of the next-token distribution over the labels 1..5.
 - `file`: precomputed scores (the Phased IFT scored format), joined on text.
-- `ifd`: IFD from the scoring engine as an offline proxy, mapped to 1..5 by percentile rank.
+- `ifd`: IFD from the scoring engine as an offline proxy, mapped to 1..5 by rank so that the stage
+  thresholds cut at the paper's stage proportions (58.5 / 28.4 / 13.1%; a parameter).
 
 The paper (arXiv 2406.04371) scored with GPT-4-0613; its prompt is in a figure that was not
 recoverable, so DIFFICULTY_PROMPT below is ours, written to the paper's description.
@@ -122,16 +123,69 @@ def scores_from_file(records: Sequence[InstructionRecord], path: Path | None) ->
 # ----------------------------------------------------------------------------- ifd proxy
 
 
-def scores_from_ifd(ifd: IFDScores) -> DifficultyScores:
-    """Map IFD to 1..5 by percentile rank: the proxy keeps IFD's ordering (higher IFD = the instruction
-    helps less = harder), and the paper's thresholds then cut at fixed quantiles (12.5% / 50% / 37.5%)."""
+# The share of Alpaca-52k in each stage under GPT-4's scores: 30.3k / 14.7k / 6.8k examples (Phased IFT,
+# arXiv 2406.04371, section 3; ../shared/docs/recipes.md section 2), i.e. 58.5% / 28.4% / 13.1% of 51.8k.
+PAPER_STAGE_PROPORTIONS: tuple[float, float, float] = (0.585, 0.284, 0.131)
+
+
+def proxy_ranks(values: np.ndarray, above_one: str = "easiest") -> np.ndarray:
+    """Rank (0 = easiest) of every record with a finite IFD, in the order of `np.flatnonzero(finite)`.
+
+    Higher IFD = the instruction helps less = harder. IFD > 1 pairs are those Cherry LLM drops as
+    misaligned (the instruction does not help at all): with `above_one="easiest"` they rank below every
+    IFD <= 1 pair (the least informative, trained first and so overwritten most by later stages); with
+    `"by-rank"` they keep their IFD rank (and so land in the hardest stage)."""
+    valid = values[np.isfinite(values)]
+    keys = (valid <= 1.0, valid) if above_one == "easiest" else (valid,)
+    order = np.lexsort(tuple(reversed(keys)))  # lexsort sorts by the last key first
+    ranks = np.empty(len(valid), dtype=np.int64)
+    ranks[order] = np.arange(len(valid))
+    return ranks
+
+
+def stage_bounds(count: int, proportions: tuple[float, float, float]) -> tuple[int, int]:
+    """Rank boundaries (b1, b2): ranks [0, b1) -> stage 1, [b1, b2) -> stage 2, [b2, count) -> stage 3."""
+    total = sum(proportions)
+    first = round(count * proportions[0] / total)
+    return first, max(first, round(count * (proportions[0] + proportions[1]) / total))
+
+
+def scores_from_ifd(
+    ifd: IFDScores,
+    proportions: tuple[float, float, float] | None = PAPER_STAGE_PROPORTIONS,
+    thresholds: tuple[float, float] = (1.5, 3.5),
+    above_one: str = "easiest",
+) -> DifficultyScores:
+    """Map IFD ranks onto the 1..5 scale so that the stage thresholds cut at the given proportions.
+
+    Ranks [0, b1) get scores spread over [1, low), [b1, b2) over [low, high), the rest over [high, 5]
+    (see `stage_bounds`), so the stages hold round(N x p) records: by default the paper's 58.5 / 28.4 /
+    13.1%. `proportions=None` maps ranks uniformly onto 1..5 (the thresholds then cut at 12.5 / 50 /
+    37.5%). Records without a finite IFD stay NaN (unscored; the recipe decides their stage)."""
     values = ifd.ifd
     scores = np.full(len(values), np.nan)
-    valid = np.flatnonzero(~np.isnan(values))
-    if len(valid):
-        ranks = np.argsort(np.argsort(values[valid], kind="stable"), kind="stable")
-        scores[valid] = 1.0 + 4.0 * (ranks + 0.5) / len(valid)
-    return DifficultyScores(scores, "ifd", {"scoring": ifd.stats.as_record(), "ifd_skipped": len(ifd.skipped)})
+    valid = np.flatnonzero(np.isfinite(values))
+    count = len(valid)
+    if count:
+        ranks = proxy_ranks(values, above_one)
+        if proportions is None:
+            scores[valid] = 1.0 + 4.0 * (ranks + 0.5) / count
+        else:
+            low, high = thresholds
+            first, second = stage_bounds(count, proportions)
+            knots = [(0, first, 1.0, low), (first, second, low, high), (second, count, high, 5.0)]
+            mapped = np.empty(count)
+            for start, stop, bottom, top in knots:
+                inside = (ranks >= start) & (ranks < stop)
+                mapped[inside] = bottom + (top - bottom) * (ranks[inside] - start + 0.5) / max(stop - start, 1)
+            scores[valid] = mapped
+    above = int(np.sum(values[valid] > 1.0))
+    details = {
+        "scoring": ifd.stats.as_record(), "ifd_skipped": len(ifd.skipped), "ifd_above_one": above,
+        "ifd_above_one_rule": above_one,
+        "stage_proportions": None if proportions is None else list(proportions),
+    }
+    return DifficultyScores(scores, "ifd", details)
 
 
 # ----------------------------------------------------------------------------- local judge

@@ -73,6 +73,7 @@ class Run:
     run_id: str
     path: Path  # the record.json
     recipe: str
+    variant: str  # the recipe's name with its distinguishing parameters (records before it: the recipe name)
     model: str
     suite: str
     seed: int | None
@@ -132,7 +133,9 @@ def parse_record(path: Path) -> Run:
     if not isinstance(record, dict):
         raise RecordError(f"not a JSON object but {type(record).__name__}")
     run_id = _require(record, "run_id", str, "")
-    recipe = _require(_require(record, "recipe", dict, ""), "name", str, "recipe.")
+    recipe_entry = _require(record, "recipe", dict, "")
+    recipe = _require(recipe_entry, "name", str, "recipe.")
+    variant = recipe_entry.get("variant")
     model = _require(_require(record, "model", dict, ""), "name", str, "model.")
     suite_entry = _require(record, "suite", dict, "")
     suite = _require(suite_entry, "name", str, "suite.")
@@ -173,6 +176,7 @@ def parse_record(path: Path) -> Run:
         run_id=run_id,
         path=path,
         recipe=recipe,
+        variant=variant if isinstance(variant, str) and variant else recipe,
         model=model,
         suite=suite,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
@@ -371,15 +375,16 @@ class Group:
 
 
 def _sort_key(run: Run) -> tuple[Any, ...]:
-    return (run.recipe != BASELINE_RECIPE, run.recipe, run.seed if run.seed is not None else -1, run.run_id)
+    return (run.recipe != BASELINE_RECIPE, run.variant, run.seed if run.seed is not None else -1, run.run_id)
 
 
 def _labels(runs: list[Run]) -> dict[str, str]:
-    """Recipe names, disambiguated by seed (or the run id's hash) when a recipe has several runs."""
+    """Recipe variants (e.g. `phased[scorer=ifd-proxy, ...]`), disambiguated by seed (or the run id's hash)
+    when a variant has several runs."""
     labels: dict[str, str] = {}
     by_recipe: dict[str, list[Run]] = {}
     for run in runs:
-        by_recipe.setdefault(run.recipe, []).append(run)
+        by_recipe.setdefault(run.variant, []).append(run)
     for recipe, group in by_recipe.items():
         seeds = [r.seed for r in group]
         for run in group:
@@ -456,11 +461,6 @@ def stack_labels(stacks: Iterable[tuple[tuple[str, str], ...]]) -> dict[tuple[tu
             for stack, table in zip(stacks, tables, strict=True)}
 
 
-def variant_label(run: Run) -> str:
-    """The recipe variant a run belongs to (its seeds pool under this label in the verdicts)."""
-    return getattr(run, "variant", None) or run.recipe
-
-
 def build_groups(runs: list[Run], verdicts: Any = None) -> list[Group]:
     """One group per (model, suite, library stack), runs sorted one-off first, columns sorted by task and
     metric. Runs made on different library versions never share a table (nor a paired difference): a
@@ -508,7 +508,7 @@ def build_groups(runs: list[Run], verdicts: Any = None) -> list[Group]:
                          "separate table, never compared with these")
         from harness.report.summary import summarise
 
-        summary = summarise(members, suite, {run.run_id: variant_label(run) for run in members}, verdicts)
+        summary = summarise(members, suite, {run.run_id: run.variant for run in members}, verdicts)
         groups.append(Group(model, suite, members, _labels(members), columns, cells, notes, stack, stack_label, summary))
     return groups
 
@@ -846,7 +846,7 @@ def render_all(groups: list[Group], source: str) -> dict[str, bytes]:
         "leaderboard.csv": render_csv(groups).encode(),
         "leaderboard.json": render_json(groups).encode(),
     }
-    colors = plots.recipe_colors(sorted({run.recipe for group in groups for run in group.runs}))
+    colors = plots.recipe_colors(sorted({run.variant for group in groups for run in group.runs}))
     for group in groups:
         stems = plot_files(group)
         figures = {stems["quality vs training tokens"]: plots.quality_vs_tokens(group, colors),

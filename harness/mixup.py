@@ -10,12 +10,14 @@ pair), and which tokens survive the truncation of the longer response (`first`).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.batching import pack_best_fit
 from harness.losses import causal_lm_parts, final_hidden_states
 
 States = Literal["post-norm", "pre-norm"]
@@ -47,6 +49,44 @@ def random_pairs(confident: list[int], unconfident: list[int], seed: int) -> lis
     for extra in u[len(c) :]:
         pairs.append((rng.choice(confident), extra))
     return pairs
+
+
+def epoch_pairs(confident: list[int], unconfident: list[int], seed: int, epochs: int) -> list[list[tuple[int, int]]]:
+    """Pairs drawn afresh for each epoch (the paper pairs at random per batch), seeded by (seed, epoch)."""
+    return [random_pairs(confident, unconfident, seed * 1_000_003 + epoch) for epoch in range(epochs)]
+
+
+def pack_pairs(pairs: Sequence[tuple[int, int]], lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
+    """Rows of pair numbers: the pairs packed best-fit decreasing like one-off packs examples (a pair is
+    one unit of both its examples' tokens); a pair longer than `capacity` gets a row of its own."""
+    sizes = [lengths[c] + lengths[u] for c, u in pairs]
+    fits = [k for k, size in enumerate(sizes) if size <= capacity]
+    rows = [[fits[j] for j in row] for row in pack_best_fit([sizes[k] for k in fits], capacity, seed)]
+    return rows + [[k] for k, size in enumerate(sizes) if size > capacity]
+
+
+def split_rows(rows: list[list[int]], count: int) -> list[list[int]]:
+    """`rows` split into `count` rows (count <= units): the row with the most units gives its last to a new row."""
+    rows = [list(row) for row in rows]
+    while len(rows) < count:
+        fullest = max(range(len(rows)), key=lambda r: (len(rows[r]), -r))
+        rows.append([rows[fullest].pop()])
+    return rows
+
+
+def matched_layouts(
+    draws: Sequence[Sequence[tuple[int, int]]], lengths: Sequence[int], target_rows: int, capacity: int, seed: int
+) -> list[list[list[int]]]:
+    """One row layout (example indices, a row's pairs as c, u, c, u, ...) per draw of pairs, all with the
+    same number of rows: `target_rows` (one-off's rows on the same data) unless some draw's packed pairs
+    need more, then that many. Rows are split (never merged) to reach it, so no row exceeds `capacity`
+    unless a single pair does."""
+    packed = [pack_pairs(draw, lengths, capacity, seed) for draw in draws]
+    count = min(max(target_rows, *(len(rows) for rows in packed)), len(draws[0]))
+    return [
+        [[i for k in row for i in draw[k]] for row in split_rows(rows, count)]
+        for draw, rows in zip(draws, packed, strict=True)
+    ]
 
 
 def sample_lambdas(num_pairs: int, alpha: float, per: Literal["pair", "batch"], device: torch.device) -> torch.Tensor:

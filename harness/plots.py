@@ -91,13 +91,13 @@ def quality_vs_tokens(group: Group, colors: dict[str, tuple[str, str]]) -> Figur
             xs = []
             baseline = next((r for r in group.runs if r.recipe == "one-off" and (r.run_id, column) in group.cells), None)
             if baseline is not None:
-                ax.axhline(group.cells[(baseline.run_id, column)].value, color=colors[baseline.recipe][0],
+                ax.axhline(group.cells[(baseline.run_id, column)].value, color=colors[baseline.variant][0],
                            linewidth=0.8, linestyle="--", alpha=0.6)
             for run in group.runs:
                 cell = group.cells.get((run.run_id, column))
                 if cell is None or run.total_tokens is None:
                     continue
-                color, marker = colors[run.recipe]
+                color, marker = colors[run.variant]
                 error = _errors(cell.value, cell.low, cell.high)
                 ax.errorbar([run.total_tokens], [cell.value], yerr=None if error is None else [[error[0]], [error[1]]],
                             fmt=marker, color=color, markersize=6, capsize=3, elinewidth=1.2)
@@ -136,7 +136,7 @@ def benchmark_bars(group: Group, colors: dict[str, tuple[str, str]]) -> Figure:
                         layout="constrained")
         ax = figure.subplots()
         for index, run in enumerate(runs):
-            color, _ = colors[run.recipe]
+            color, _ = colors[run.variant]
             xs, heights, lower, upper = [], [], [], []
             for position, column in enumerate(group.columns):
                 cell = group.cells.get((run.run_id, column))

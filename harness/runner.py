@@ -52,6 +52,30 @@ class RecipeOutput:
     model: Any
     tokenizer: Any
     details: dict[str, Any] = field(default_factory=dict)
+    # values of the recipe's VARIANT_PARAMS that only the run resolves (e.g. Phased IFT's scorer `auto`)
+    variant_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _variant_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_variant_value(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def recipe_variant(recipe: ModuleType, params: BaseModel, resolved: dict[str, Any] | None = None) -> str:
+    """The recipe's name on the leaderboard: its name plus the parameters its module lists in
+    VARIANT_PARAMS (resolved values first), e.g. `phased[scorer=ifd-proxy, stage_order=1-2-3]`; recipes
+    without VARIANT_PARAMS are named by their name alone."""
+    names = getattr(recipe, "VARIANT_PARAMS", ())
+    if not names:
+        return recipe.NAME
+    resolved = resolved or {}
+    values = [f"{name}={_variant_value(resolved.get(name, getattr(params, name)))}" for name in names]
+    return f"{recipe.NAME}[{', '.join(values)}]"
 
 
 @dataclass
@@ -160,6 +184,7 @@ class RunContext:
         rows: list[list[int]] | None = None,
         callbacks: list[Any] | None = None,
         overhead: bool = False,
+        epoch_rows: list[list[list[int]]] | None = None,
     ) -> tuple[Any, TrainResult]:
         """Tokenize with the run's template and train with the shared core; checkpoints under checkpoints/<stage>.
 
@@ -168,13 +193,13 @@ class RunContext:
         model, Cherry's brief experience): the record counts it apart from the target training."""
         settings = self.spec.training.model_copy(update=overrides or {})
         examples, stats = tokenize_for_training(records, tokenizer, settings.template, settings.max_length)
-        if rows is not None and len(examples) != len(records):
+        if (rows is not None or epoch_rows is not None) and len(examples) != len(records):
             raise HarnessError(f"stage {stage}: {len(records) - len(examples)} examples exceed training.max_length; raise it")
         self.tokenize_stats[stage] = stats.as_record()
         stage_dir = self.run_dir / "checkpoints" / stage
         key = content_key(
             stage=stage, settings=settings.model_dump(mode="json"), records=[record.id for record in records], rows=rows,
-            seed=self.spec.seed, extra_loss=repr(extra_loss), base=self.base_model_key,
+            **({"epoch_rows": epoch_rows} if epoch_rows is not None else {}), seed=self.spec.seed, extra_loss=repr(extra_loss), base=self.base_model_key,
         )
         with self.stage(f"train:{stage}"):
             # the main process checks the marker; every process then loads the same final model
@@ -196,6 +221,7 @@ class RunContext:
                     extra_loss=extra_loss,
                     rows=rows,
                     callbacks=callbacks,
+                    epoch_rows=epoch_rows,
                 )
                 if distributed.is_main():
                     self._mark_finished(stage_dir, key, trained, result)
@@ -502,7 +528,9 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "spec": prepared.spec.model_dump(mode="json"),
         "model": prepared.model_info.as_record(),
         "data": prepared.data.summary(),
-        "recipe": {"name": prepared.spec.recipe, "params": prepared.params.model_dump(mode="json"), **output.details},
+        "recipe": {"name": prepared.spec.recipe,
+                   "variant": recipe_variant(prepared.recipe, prepared.params, output.variant_params),
+                   "params": prepared.params.model_dump(mode="json"), **output.details},
         "training": {stage: result.as_record() for stage, result in ctx.train_results.items()},
         "tokenization": ctx.tokenize_stats,
         "scoring": ctx.scoring.as_record(),

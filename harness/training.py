@@ -515,6 +515,31 @@ def apply_lora(model: Any, settings: TrainingSpec) -> Any:
     return get_peft_model(model, config)
 
 
+class EpochRowDataset(RowDataset):
+    """Rows laid out afresh every epoch (SFTMix redraws its pairs per epoch): epoch e uses
+    layouts[e % len(layouts)]. Every layout has the same number of rows, so the Trainer's step count holds."""
+
+    def __init__(self, examples: list[TokenizedExample], layouts: list[list[list[int]]]):
+        if len({len(layout) for layout in layouts}) != 1:
+            raise ValueError("every epoch's layout must have the same number of rows")
+        super().__init__(examples, 0, False, 0, rows=layouts[0])
+        self.layouts = [[list(row) for row in layout] for layout in layouts]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rows = self.layouts[epoch % len(self.layouts)]
+
+
+class SetDatasetEpoch(TrainerCallback):
+    """Tells an EpochRowDataset the epoch before its batches are drawn (accelerate forwards set_epoch to the
+    dataset only on some paths); after a resume the Trainer's state carries the epoch reached."""
+
+    def __init__(self, dataset: EpochRowDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch + 1e-6) if state.epoch else 0)
+
+
 def optimizer_steps_per_epoch(rows: int, settings: TrainingSpec) -> int:
     """Optimizer steps in one pass over `rows` packed rows: batch_size is per process, so a step takes
     batch_size x gradient_accumulation_steps x processes rows."""
@@ -534,8 +559,11 @@ def train_sft(
     extra_loss: ExtraLoss | None = None,
     rows: list[list[int]] | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    epoch_rows: list[list[list[int]]] | None = None,
 ) -> tuple[Any, TrainResult]:
     """Fine-tune `model` on tokenized examples; checkpoints go to output_dir and a rerun resumes there.
+
+    `rows` fixes the row layout; `epoch_rows` gives one layout per epoch (cycled), e.g. pairs redrawn.
 
     `settings.learning_rate` must be resolved (not None). Returns the trained model and its stats."""
     assert settings.learning_rate is not None, "resolve the learning rate from the model set first"
@@ -547,7 +575,11 @@ def train_sft(
     # Under FSDP the sharded weights stay fp32 and FSDP casts them for compute (fsdp_param_dtype).
     cast_parameters(model, torch.float32 if sharded else weight_dtype(precision))
     model = apply_lora(model, settings)
-    dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
+    if epoch_rows is not None:
+        dataset: RowDataset = EpochRowDataset(examples, epoch_rows)
+        callbacks = [SetDatasetEpoch(dataset), *(callbacks or [])]
+    else:
+        dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
     processes = distributed.world_size()
     steps_per_epoch = optimizer_steps_per_epoch(len(dataset), settings)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)

@@ -26,6 +26,8 @@ from harness.templates import TokenizedExample, render_prompt
 
 NAME = "ifd"
 DESCRIPTION = "IFD data selection (Cherry LLM): train on the top-IFD fraction, IFD <= 1 (Li et al. 2024)"
+# The parameters that name the variant on the leaderboard, e.g. ifd[rate=0.1, brief_experience=false]
+VARIANT_PARAMS = ("rate", "brief_experience")
 
 
 class Params(BaseModel):

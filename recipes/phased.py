@@ -12,18 +12,29 @@ stage 3 alone), and `random`: the same stage sizes filled with randomly assigned
 
 Scorers (harness.difficulty): `judge` (OpenAI-compatible endpoint), `local-judge` (in-process HF
 model), `file` (Phased-format scores joined on text), `ifd` (offline proxy). `auto` = `file` when the
-data carries scores, else `ifd`. Records the scorer cannot score are left out and counted.
+data carries scores, else `ifd`.
+
+The `ifd` proxy has no 1-5 scale of its own: its ranks are mapped so that the thresholds cut at
+`stage_proportions`, by default the paper's 58.5 / 28.4 / 13.1% (30.3k / 14.7k / 6.8k of Alpaca-52k under
+GPT-4's scores, arXiv 2406.04371; ../shared/docs/recipes.md section 2). IFD > 1 pairs (the instruction does
+not help; Cherry LLM drops them) rank as the easiest by default (`ifd_above_one`), not the hardest.
+
+No record is dropped: a record the scorer could not score (over `scoring_max_length`, no parseable judge
+score, not in the scores file) goes to `unscored_stage` (default 2, the middle: its difficulty is unknown),
+and the record's details count them per reason. `scoring_max_length` defaults to training.max_length.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.difficulty import (
+    PAPER_STAGE_PROPORTIONS,
     DifficultyScores,
     JudgeSettings,
     score_with_judge,
@@ -36,6 +47,15 @@ from harness.runner import RecipeOutput, RunContext
 
 NAME = "phased"
 DESCRIPTION = "Phased IFT: difficulty-scored stages, uptrained easy -> hard (Pang et al. 2024)"
+# The parameters that name the variant on the leaderboard, e.g. phased[scorer=ifd-proxy, stage_order=1-2-3]
+VARIANT_PARAMS = ("scorer", "stage_order")
+# Reasons a scorer leaves a record unscored, as counted in the record's details
+UNSCORED_REASONS = {
+    "ifd": "no IFD (over scoring_max_length or no answer tokens)",
+    "file": "not in the scores file",
+    "judge": "no judge score (a reply without one, or a failed request)",
+    "local-judge": "over the local judge's max_length",
+}
 
 
 class Params(BaseModel):
@@ -47,7 +67,20 @@ class Params(BaseModel):
     judge: JudgeSettings = JudgeSettings()
     local_judge_model: str | None = Field(None, description="model-set name or path; None: the run's base model")
     evaluate_each_stage: bool = False
-    scoring_max_length: int = Field(512, gt=8)
+    scoring_max_length: int | None = Field(None, gt=8, description="IFD proxy scoring length; None: training.max_length")
+    stage_proportions: tuple[float, float, float] | None = Field(
+        PAPER_STAGE_PROPORTIONS, description="ifd proxy: share of stages 1/2/3 (the paper's 58.5/28.4/13.1%); "
+        "None: ranks spread evenly over 1..5")
+    ifd_above_one: Literal["easiest", "by-rank"] = Field(
+        "easiest", description="ifd proxy: IFD > 1 pairs rank as the easiest, or by their IFD (the hardest)")
+    unscored_stage: Literal[1, 2, 3] = Field(2, description="the stage of records the scorer could not score")
+
+    @field_validator("stage_proportions")
+    @classmethod
+    def _proportions(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and (min(value) < 0 or abs(sum(value) - 1.0) > 1e-6):
+            raise ValueError("stage_proportions must be three non-negative shares summing to 1, e.g. [0.585, 0.284, 0.131]")
+        return value
 
     @field_validator("thresholds")
     @classmethod
@@ -71,12 +104,13 @@ def score_difficulty(ctx: RunContext, params: Params, model: Any, tokenizer: Any
     if scorer == "auto":
         scorer = "file" if params.scores_file or any("difficulty" in r.metadata for r in records) else "ifd"
     if scorer == "file":
-        from pathlib import Path
-
         return scores_from_file(records, Path(params.scores_file) if params.scores_file else None)
     if scorer == "ifd":
-        ifd = ctx.ifd(model, tokenizer, records, model_key=ctx.base_model_key, max_length=params.scoring_max_length)
-        return scores_from_ifd(ifd)
+        max_length = params.scoring_max_length or ctx.spec.training.max_length
+        ifd = ctx.ifd(model, tokenizer, records, model_key=ctx.base_model_key, max_length=max_length)
+        scores = scores_from_ifd(ifd, params.stage_proportions, params.thresholds, params.ifd_above_one)
+        scores.details["scoring_max_length"] = max_length
+        return scores
     if scorer == "local-judge":
         judge_model, judge_tokenizer = model, tokenizer
         if params.local_judge_model:
@@ -87,12 +121,15 @@ def score_difficulty(ctx: RunContext, params: Params, model: Any, tokenizer: Any
         return score_with_judge(records, params.judge, cache=ctx.cache, console=ctx.console)
 
 
-def assign_stages(scores: np.ndarray, thresholds: tuple[float, float]) -> dict[int, list[int]]:
-    """Record indices per stage: 1 = [1, low), 2 = [low, high), 3 = [high, 5]; NaN scores are left out."""
+def assign_stages(scores: np.ndarray, thresholds: tuple[float, float], unscored_stage: int | None = None) -> dict[int, list[int]]:
+    """Record indices per stage: 1 = [1, low), 2 = [low, high), 3 = [high, 5]; NaN scores go to
+    `unscored_stage` (None: left out, for callers that place them themselves)."""
     low, high = thresholds
     stages: dict[int, list[int]] = {1: [], 2: [], 3: []}
     for index, score in enumerate(scores):
         if np.isnan(score):
+            if unscored_stage is not None:
+                stages[unscored_stage].append(index)
             continue
         stages[1 if score < low else 2 if score < high else 3].append(index)
     return stages
@@ -113,7 +150,7 @@ def run(ctx: RunContext) -> RecipeOutput:
     params: Params = ctx.params  # type: ignore[assignment]
     model, tokenizer = ctx.base_model()
     difficulty = score_difficulty(ctx, params, model, tokenizer)
-    stages = assign_stages(difficulty.scores, params.thresholds)
+    stages = assign_stages(difficulty.scores, params.thresholds, params.unscored_stage)
     order = [1, 2, 3] if params.stage_order == "random" else list(params.stage_order)
     if params.stage_order == "random":
         stages = random_stages(stages, ctx.spec.seed)
@@ -121,12 +158,14 @@ def run(ctx: RunContext) -> RecipeOutput:
     visited, stage_evaluations = [], {}
     for stage in order:
         members = stages[stage]
+        scored = difficulty.scores[members][~np.isnan(difficulty.scores[members])]
         summary = {
             "stage": stage,
             "size": len(members),
-            "mean_difficulty": float(np.mean(difficulty.scores[members])) if members else None,
-            "min_difficulty": float(np.min(difficulty.scores[members])) if members else None,
-            "max_difficulty": float(np.max(difficulty.scores[members])) if members else None,
+            "unscored": int(len(members) - len(scored)),
+            "mean_difficulty": float(np.mean(scored)) if len(scored) else None,
+            "min_difficulty": float(np.min(scored)) if len(scored) else None,
+            "max_difficulty": float(np.max(scored)) if len(scored) else None,
         }
         if not members:
             summary["skipped"] = "empty stage"
@@ -141,6 +180,8 @@ def run(ctx: RunContext) -> RecipeOutput:
         "scorer": difficulty.scorer,
         "scorer_details": difficulty.details,
         "unscored": difficulty.unscored,
+        "unscored_reasons": {UNSCORED_REASONS[difficulty.scorer]: difficulty.unscored} if difficulty.unscored else {},
+        "unscored_stage": params.unscored_stage,
         "thresholds": list(params.thresholds),
         "stage_order": params.stage_order,
         "stages": visited,
@@ -148,4 +189,5 @@ def run(ctx: RunContext) -> RecipeOutput:
         "judge_cost_usd": float(difficulty.details.get("cost_usd", 0.0)),
         "extra_scoring_tokens": int(difficulty.details.get("forward_tokens", 0)) if difficulty.scorer == "local-judge" else 0,
     }
-    return RecipeOutput(model=model, tokenizer=tokenizer, details=details)
+    scorer_name = "ifd-proxy" if difficulty.scorer == "ifd" else difficulty.scorer
+    return RecipeOutput(model=model, tokenizer=tokenizer, details=details, variant_params={"scorer": scorer_name})

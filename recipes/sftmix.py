@@ -3,15 +3,26 @@ secondary sources; every unknown is a parameter below with a documented default.
 
 1. Training dynamics: train a reference model (the same base by default, or another model - a small
    reference can score for a larger target) with plain next-token loss, and at C evenly spaced
-   checkpoints (default one per epoch) measure each example's response perplexity.
+   checkpoints (at fractions 1/C, 2/C, ..., 1 of its optimizer steps, so even a one-epoch run has
+   dynamics) measure each example's response perplexity.
    Conf = -(1/C) * sum_c perplexity_c(response | instruction).
+   The paper's C is not stated in the sources we have (recipes.md: [unknown]); default C = 3.
 2. Split at the median into a confident half D_c and an unconfident half D_u.
 3. Train the target: every batch holds equal numbers of confident and unconfident examples, paired
    at random; the last layer's hidden states at response positions of each pair are mixed,
    Z = lambda Z_c + (1 - lambda) Z_u (aligned by truncating the longer response), lambda ~ Beta(0.5, 0.5),
    mixup loss = lambda CE(head(Z), Y_c) + (1 - lambda) CE(head(Z), Y_u), and
    total loss = NTP loss + mu * mixup loss, mu = 0.2.
+   Pairs are redrawn every epoch (seeded by the run's seed and the epoch: deterministic).
 Confidences are cached artifacts keyed by the reference model, data and training settings.
+
+Batching (`batching`): `one-off` (default) takes the same examples per optimizer step as the one-off
+baseline on the same data and spec, so that SFTMix's difference from one-off is the mixup and not more,
+smaller updates: with packing, the pairs are packed best-fit like one-off packs its examples, into as
+many rows as one-off's (rows split to reach it; more only when the pairs need more); without packing,
+one pair per row at half the rows per step.
+`pair-per-row`: one pair per row at the run's batch size (about twice one-off's steps when it packs).
+The record's details say which, with both runs' rows, steps and examples per epoch.
 """
 
 from __future__ import annotations
@@ -29,7 +40,16 @@ from transformers import TrainerCallback
 
 from harness import distributed
 from harness.artifacts import content_key
-from harness.mixup import confidence, mixup_loss, random_pairs, sample_lambdas, split_at_median
+from harness.batching import RowDataset
+from harness.errors import HarnessError
+from harness.mixup import (
+    confidence,
+    epoch_pairs,
+    matched_layouts,
+    mixup_loss,
+    sample_lambdas,
+    split_at_median,
+)
 from harness.models import load_model_and_tokenizer, resolve_model
 from harness.records import atomic_write_json
 from harness.runner import RecipeOutput, RunContext
@@ -39,6 +59,8 @@ from harness.training import optimizer_steps_per_epoch, weight_dtype
 
 NAME = "sftmix"
 DESCRIPTION = "SFTMix: confidence-split pairs with hidden-state mixup regularisation (Xiao et al. 2024)"
+# The parameters that name the variant on the leaderboard, e.g. sftmix[batching=one-off]
+VARIANT_PARAMS = ("batching",)
 
 
 class Params(BaseModel):
@@ -46,7 +68,10 @@ class Params(BaseModel):
     reference_model: str | None = Field(None, description="model-set name, path or hub id; None: the run's base model")
     reference_model_path: str | None = None
     reference_epochs: float | None = Field(None, gt=0, description="None: the run's training.epochs")
-    checkpoints_per_epoch: int = Field(1, gt=0, description="C = ceil(reference_epochs * this)")
+    checkpoints: int = Field(3, gt=0, description="C: reference checkpoints at fractions 1/C ... 1 of its steps")
+    checkpoints_per_epoch: int | None = Field(None, gt=0, description="if set: C = ceil(reference_epochs * this)")
+    batching: Literal["one-off", "pair-per-row"] = Field(
+        "one-off", description="one-off: the one-off baseline's examples per optimizer step; pair-per-row: one pair a row")
     mu: float = Field(0.2, ge=0)
     alpha: float = Field(0.5, gt=0, description="lambda ~ Beta(alpha, alpha)")
     lambda_per: Literal["pair", "batch"] = "pair"
@@ -110,7 +135,7 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
     reference = params.reference_model
     key = content_key(
         kind="sftmix-dynamics", reference=reference or ctx.base_model_key, reference_path=params.reference_model_path,
-        epochs=epochs, per_epoch=params.checkpoints_per_epoch, training=ctx.training_key(settings),
+        epochs=epochs, checkpoints=params.checkpoints, per_epoch=params.checkpoints_per_epoch, training=ctx.training_key(settings),
         records=[r.id for r in ctx.data.records], seed=ctx.spec.seed,
     )
     # the main process decides (separate caches on several nodes must not split the job: all or none train)
@@ -122,22 +147,67 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
     else:
         model, tokenizer = load_model_and_tokenizer(resolve_model(reference, params.reference_model_path), dtype=weight_dtype(settings.precision))
     examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
-    from harness.batching import RowDataset
-
     rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
     steps_per_epoch = optimizer_steps_per_epoch(rows, settings)
     total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
-    checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
+    checkpoints = params.checkpoints
+    if params.checkpoints_per_epoch is not None:
+        checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
+    # evenly spaced fractions of the reference run (a run shorter than C steps has fewer, distinct ones)
     steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})
     saved = ctx.run_dir / "checkpoints" / "reference_perplexities.json"
     recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id, saved)
     _, result = ctx.train(model, tokenizer, ctx.data.records, stage="reference", overrides={"epochs": epochs},
                           callbacks=[recorder], overhead=True)
     perplexities = np.array([recorder.perplexities[step] for step in sorted(recorder.perplexities)])
-    details = {"checkpoint_steps": sorted(recorder.perplexities), "reference": reference or "base model",
+    details = {"checkpoint_steps": sorted(recorder.perplexities), "reference_steps": total,
+               "checkpoint_fractions": [round(step / total, 4) for step in sorted(recorder.perplexities)],
+               "reference": reference or "base model",
                "scoring_forward_tokens": recorder.forward_tokens, "reference_train_tokens": result.real_tokens}
     ctx.cache.save("sftmix", key, {"perplexities": perplexities.tolist(), "details": details})
     return perplexities, details | {"cached": False}
+
+
+def batch_layouts(
+    ctx: RunContext, params: Params, tokenizer: Any, draws: list[list[tuple[int, int]]]
+) -> tuple[list[list[list[int]]], dict[str, Any], dict[str, Any]]:
+    """(one row layout per epoch, training overrides, what the record says about the batching)."""
+    settings = ctx.spec.training
+    examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
+    if len(examples) != len(ctx.data.records):
+        raise HarnessError(f"sftmix: {len(ctx.data.records) - len(examples)} examples exceed training.max_length; raise it")
+    one_off_rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
+    one_off_steps = optimizer_steps_per_epoch(one_off_rows, settings)
+    overrides: dict[str, Any] = {}
+    if params.batching == "pair-per-row":
+        layouts = [[[c, u] for c, u in draw] for draw in draws]
+    elif settings.packing:
+        lengths = [len(example.input_ids) for example in examples]
+        layouts = matched_layouts(draws, lengths, one_off_rows, settings.max_length, ctx.spec.seed)
+    else:  # one-off: one example a row; here a pair a row, so half the rows per step
+        layouts = [[[c, u] for c, u in draw] for draw in draws]
+        if settings.batch_size % 2 == 0:
+            overrides = {"batch_size": settings.batch_size // 2}
+        elif settings.gradient_accumulation_steps % 2 == 0:
+            overrides = {"gradient_accumulation_steps": settings.gradient_accumulation_steps // 2}
+        else:
+            raise HarnessError(
+                f"sftmix: with training.packing off, one-off takes training.batch_size={settings.batch_size} examples a "
+                "step and a row holds one (confident, unconfident) pair, so batch_size or gradient_accumulation_steps "
+                "must be even to take the same examples per step; make one even, or set params.batching=pair-per-row"
+            )
+    rows = len(layouts[0])
+    steps = optimizer_steps_per_epoch(rows, settings.model_copy(update=overrides))
+    summary = {
+        "mode": params.batching, "rows_per_epoch": rows, "steps_per_epoch": steps,
+        "examples_per_epoch": sum(len(row) for row in layouts[0]),
+        "one_off_rows_per_epoch": one_off_rows, "one_off_steps_per_epoch": one_off_steps,
+        "one_off_examples_per_epoch": len(examples), "overrides": overrides,
+    }
+    if params.batching == "one-off" and steps != one_off_steps:
+        ctx.console.print(f"[yellow]sftmix: {steps} optimizer steps per epoch against one-off's {one_off_steps} "
+                          "(too few pairs, or pairs too long to share rows)[/]")
+    return layouts, overrides, summary
 
 
 def run(ctx: RunContext) -> RecipeOutput:
@@ -145,7 +215,8 @@ def run(ctx: RunContext) -> RecipeOutput:
     perplexities, dynamics = training_dynamics(ctx, params)
     conf = confidence(perplexities)
     confident, unconfident = split_at_median(conf)
-    pairs = random_pairs(confident, unconfident, ctx.spec.seed)
+    settings = ctx.spec.training
+    draws = epoch_pairs(confident, unconfident, ctx.spec.seed, max(1, math.ceil(settings.epochs)))
     records = ctx.data.records
     halves = {i: "confident" for i in confident} | {i: "unconfident" for i in unconfident}
     atomic_write_json(ctx.run_dir / "artifacts" / "sftmix_confidence.json", [
@@ -153,17 +224,19 @@ def run(ctx: RunContext) -> RecipeOutput:
     ])
     model, tokenizer = ctx.base_model()
     loss = SFTMixLoss(params.mu, params.alpha, params.lambda_per, params.states, params.truncation)
-    # Each training row is one (confident, unconfident) pair: examples 2k and 2k+1 of a batch pair up.
-    ordered = [records[i] for pair in pairs for i in pair]
-    rows = [[2 * k, 2 * k + 1] for k in range(len(pairs))]
-    trained, _ = ctx.train(model, tokenizer, ordered, stage="sft", extra_loss=loss, rows=rows)
+    # Each row holds whole (confident, unconfident) pairs: examples 2k and 2k+1 of a batch pair up.
+    layouts, overrides, batching = batch_layouts(ctx, params, tokenizer, draws)
+    trained, _ = ctx.train(model, tokenizer, records, stage="sft", extra_loss=loss, epoch_rows=layouts,
+                           overrides=overrides or None)
     details = {
         "checkpoints": len(perplexities),
         "dynamics": dynamics,
         "confident": len(confident),
         "unconfident": len(unconfident),
         "median_confidence": float(np.median(conf)),
-        "pairs": len(pairs),
+        "pairs": len(draws[0]),
+        "pair_draws": len(draws),
+        "batching": batching,
         # The method's cost whether or not this run found the dynamics cached:
         "extra_scoring_tokens": int(dynamics.get("scoring_forward_tokens", 0)),
         "cached_overhead_train_tokens": int(dynamics["reference_train_tokens"]) if dynamics.get("cached") else 0,

@@ -29,6 +29,8 @@ from harness.templates import TokenizedExample, render_prompt
 
 NAME = "unifit"
 DESCRIPTION = "UNIFIT (reconstruction): concept-tree coverage + IFD selection at 6% + per-sequence NEFTune"
+# The parameters that name the variant on the leaderboard, e.g. unifit[rate=0.06]
+VARIANT_PARAMS = ("rate",)
 
 
 class Params(BaseModel):

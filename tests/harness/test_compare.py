@@ -49,3 +49,13 @@ def test_comparison_table_best_of_lower_is_better_and_per_seed_baselines():
     assert perplexity[0].startswith("[bold]9.0000")  # the lowest perplexity is the best
     assert not perplexity[1].startswith("[bold]")
     assert "(+0.1000)" in acc[2] and "(+0.0500)" in acc[3]  # each seed against the one-off of its seed
+
+def test_comparison_table_names_rows_by_the_recipe_variant():
+    def record(name, variant=None):
+        return {"recipe": {"name": name, **({"variant": variant} if variant else {})}, "model": {"name": "tiny"},
+                "data": {"source": "s"}, "suite": {"name": "smoke"},
+                "metrics": {"t": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}},
+                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+
+    table = comparison_table([record("one-off"), record("phased", "phased[scorer=ifd-proxy, stage_order=1-2-3]")])
+    assert list(table.columns[0].cells) == ["one-off", "phased[scorer=ifd-proxy, stage_order=1-2-3]"]

@@ -24,7 +24,7 @@ SCRIPT = ROOT / "scripts" / "screenshot_leaderboard.py"
 
 def write_run(root: Path, run_id: str, recipe: str, scores: dict[str, dict[int, float]], *, model: str = "tiny",
               suite: str = "smoke", seed: int = 0, cost: dict | None = None, samples: bool = True,
-              versions: dict[str, str] | None = None) -> Path:
+              versions: dict[str, str] | None = None, variant: str | None = None) -> Path:
     """A run directory as the runner writes it: record.json (metrics from the scores) + eval/samples_*.jsonl."""
     run_dir = root / run_id
     (run_dir / "eval").mkdir(parents=True)
@@ -46,6 +46,8 @@ def write_run(root: Path, run_id: str, recipe: str, scores: dict[str, dict[int, 
     }
     if versions is not None:
         record["versions"] = versions
+    if variant is not None:
+        record["recipe"]["variant"] = variant
     (run_dir / "record.json").write_text(json.dumps(record, indent=2))
     return run_dir
 
@@ -202,6 +204,25 @@ def test_runs_on_different_library_versions_are_never_compared(tmp_path: Path):
     write_run(results, "one-off-tiny-dddd", "one-off", {"arc": binary_scores(60, 0.5, seed=4)}, versions=new)
     groups, _ = collect([results])
     assert groups[1].cells[("phased-tiny-cccc", column)].delta.baseline == "one-off-tiny-dddd"
+
+def test_recipe_variants_are_named_by_their_record_and_older_records_by_the_recipe(tmp_path: Path):
+    results = tmp_path / "results"
+    write_run(results, "one-off-a", "one-off", {"arc": binary_scores(60, 0.4, 10)}, variant="one-off")
+    write_run(results, "phased-b", "phased", {"arc": binary_scores(60, 0.5, 11)},
+              variant="phased[scorer=ifd-proxy, stage_order=1-2-3]")
+    write_run(results, "phased-c", "phased", {"arc": binary_scores(60, 0.5, 12)},
+              variant="phased[scorer=file, stage_order=1-2-3]")
+    write_run(results, "sftmix-d", "sftmix", {"arc": binary_scores(60, 0.5, 13)})  # written before variants
+    (group,), _ = collect([results])
+    labels = [group.labels[r.run_id] for r in group.runs]
+    assert labels == ["one-off", "phased[scorer=file, stage_order=1-2-3]",
+                      "phased[scorer=ifd-proxy, stage_order=1-2-3]", "sftmix"]
+    assert all(group.cells[(run, board.Column("arc", "acc"))].delta.baseline == "one-off-a"
+               for run in ("phased-b", "phased-c", "sftmix-d"))
+    markdown = board.render_markdown([group], "results")
+    assert "phased[scorer=ifd-proxy, stage_order=1-2-3]" in markdown and "phased[scorer=file" in markdown
+    rows = list(csv.DictReader(io.StringIO(board.render_csv([group]))))
+    assert {(row["recipe"], row["label"]) for row in rows} >= {("phased", "phased[scorer=file, stage_order=1-2-3]")}
 
 
 def test_corrupt_and_partial_records_are_skipped_with_a_warning_naming_the_file(two_runs, capsys):

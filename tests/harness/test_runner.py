@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.runner import check_resumable, prepare_run, run_lock
+from harness.runner import check_resumable, prepare_run, recipe_variant, run_lock
 from harness.spec import build_spec
 
 
@@ -57,3 +57,14 @@ def test_cached_training_artifacts_are_keyed_by_processes_and_sharding(monkeypat
     assert ddp == settings.model_dump(mode="json") | {"processes": 2}
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert RunContext.training_key(None, settings) == ddp | {"distributed": "fsdp"}  # type: ignore[arg-type]
+
+
+def test_the_recipe_variant_names_the_declared_parameters_with_resolved_values_first():
+    phased = prepared(["recipe=phased", "params.stage_order=[3, 2, 1]"])
+    assert recipe_variant(phased.recipe, phased.params) == "phased[scorer=auto, stage_order=3-2-1]"
+    assert recipe_variant(phased.recipe, phased.params, {"scorer": "ifd-proxy"}) == (
+        "phased[scorer=ifd-proxy, stage_order=3-2-1]")
+    ifd = prepared(["recipe=ifd", "params.rate=0.05"])
+    assert recipe_variant(ifd.recipe, ifd.params) == "ifd[rate=0.05, brief_experience=false]"
+    one_off = prepared(["recipe=one-off"])
+    assert recipe_variant(one_off.recipe, one_off.params) == "one-off"  # no VARIANT_PARAMS: the name alone
