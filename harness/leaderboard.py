@@ -584,8 +584,8 @@ def cost_cells(run: Run) -> list[str]:
 
 def plot_files(group: Group) -> dict[str, str]:
     """Plot name -> file stem under plots/ for a group."""
-    return {"quality vs training tokens": f"{group.slug}-quality-vs-tokens",
-            "per-benchmark scores": f"{group.slug}-benchmarks"}
+    return {"Δ vs the baseline per benchmark (forest)": f"{group.slug}-forest",
+            "headline Δ against compute (Pareto)": f"{group.slug}-pareto"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -849,8 +849,8 @@ def render_all(groups: list[Group], source: str) -> dict[str, bytes]:
     colors = plots.recipe_colors(sorted({run.variant for group in groups for run in group.runs}))
     for group in groups:
         stems = plot_files(group)
-        figures = {stems["quality vs training tokens"]: plots.quality_vs_tokens(group, colors),
-                   stems["per-benchmark scores"]: plots.benchmark_bars(group, colors)}
+        figures = {stems["Δ vs the baseline per benchmark (forest)"]: plots.forest(group, colors),
+                   stems["headline Δ against compute (Pareto)"]: plots.pareto(group, colors)}
         for stem, figure in figures.items():
             png, svg = plots.to_png_svg(figure)
             files[f"plots/{stem}.png"] = png

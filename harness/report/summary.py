@@ -52,6 +52,7 @@ class Comparison:
     item_variance: float | None = None
     adjusted_p: float | None = None
     verdict: str = "inconclusive"
+    per_seed: list[float] = field(default_factory=list)  # each recipe seed's difference from the pooled baseline
 
     @property
     def underpowered(self) -> bool:
@@ -161,8 +162,11 @@ def _compare(recipe: list[np.ndarray], baseline: list[np.ndarray], *, items_scor
     stderr = math.sqrt(result.variance)
     if method != "two-level bootstrap":
         stderr = (high - low) / (2 * 1.959964)
+    base_mean = float(np.mean([b.mean() for b in baseline]))
+    per_seed = np.mean([r.mean(axis=1) for r in recipe], axis=0) - base_mean
     return Comparison(result.delta, low, high, stderr, p_value, stats.minimum_detectable_effect(stderr),
-                      result.n, items_scored, method, result.seed_variance, result.item_variance)
+                      result.n, items_scored, method, result.seed_variance, result.item_variance,
+                      per_seed=[float(x) for x in per_seed])
 
 
 def _normal_compare(recipe: list[tuple[float, float]], baseline: list[tuple[float, float]]) -> Comparison:

@@ -132,7 +132,7 @@ def test_markdown_csv_and_json_carry_the_same_figures(two_runs):
     assert f"[{cell.delta.low:+.4f}, {cell.delta.high:+.4f}]" in ifd_row and "n=120" in ifd_row
     # cost: own tokens, overhead = scoring + reference training, wall time, device-hours, judge cost
     assert "| 2,000 | 35,000 | 1h 01m | 1.0300 | $1.50 |" in ifd_row
-    assert "![quality vs training tokens](plots/tiny--smoke-quality-vs-tokens.png)" in markdown
+    assert "![Δ vs the baseline per benchmark (forest)](plots/tiny--smoke-forest.png)" in markdown
     rows = list(csv.DictReader(io.StringIO(board.render_csv([group]))))
     assert len(rows) == 4
     row = next(r for r in rows if r["recipe"] == "ifd" and r["task"] == "arc")
@@ -145,7 +145,7 @@ def test_markdown_csv_and_json_carry_the_same_figures(two_runs):
     assert ifd["recipe"] == "ifd" and ifd["cost"]["overhead_tokens"] == 35_000
     assert ifd["metrics"][0]["delta_ci_low"] == pytest.approx(cell.delta.low, abs=1e-6)
     html = board.render_html([group], "results")
-    assert '<td class="num best"><span class="value">' in html and "plots/tiny--smoke-benchmarks.svg" in html
+    assert '<td class="num best"><span class="value">' in html and "plots/tiny--smoke-pareto.svg" in html
 
 
 def test_runs_without_per_example_results_fall_back_to_an_unpaired_normal_delta(tmp_path: Path):
@@ -290,7 +290,7 @@ def test_write_then_check_and_the_check_names_the_differing_file(two_runs, capsy
     assert code == 0, err
     out_dir = results.parent / "leaderboard"
     expected = {"README.md", "index.html", "leaderboard.csv", "leaderboard.json"} | {
-        f"plots/tiny--smoke-{kind}.{ext}" for kind in ("quality-vs-tokens", "benchmarks") for ext in ("png", "svg")}
+        f"plots/tiny--smoke-{kind}.{ext}" for kind in ("forest", "pareto") for ext in ("png", "svg")}
     assert {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()} == expected
     assert run_cli(["leaderboard", "--check"], capsys)[0] == 0
     # stdout printing of one format matches the written file
@@ -331,7 +331,7 @@ def test_out_writes_one_format_and_html_brings_its_plots(two_runs, tmp_path: Pat
     page = tmp_path / "site" / "index.html"
     code, _, err = run_cli(["leaderboard", "--runs", str(results), "--format", "html", "--out", str(page)], capsys)
     assert code == 0, err
-    assert page.is_file() and (page.parent / "plots" / "tiny--smoke-benchmarks.svg").is_file()
+    assert page.is_file() and (page.parent / "plots" / "tiny--smoke-forest.svg").is_file()
     target = tmp_path / "board.json"
     assert run_cli(["leaderboard", "--runs", str(results), "-f", "json", "-o", str(target)], capsys)[0] == 0
     assert json.loads(target.read_text())["groups"][0]["suite"] == "smoke"

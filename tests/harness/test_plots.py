@@ -1,63 +1,59 @@
-"""Leaderboard plots: what they draw (one point or bar per run and metric, CI error bars, shared colours)
-and byte-deterministic PNG/SVG without dates or version strings."""
+"""Leaderboard plots: what they draw (the forest plot's Δ, CI and a dot per seed on two separate scales;
+the Pareto plot's points and frontier) and byte-deterministic PNG/SVG without dates or version strings."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib.collections import LineCollection
-from matplotlib.patches import Rectangle
+from matplotlib.collections import LineCollection, PathCollection
 
 from harness import leaderboard as board
 from harness import plots
-from tests.harness.test_leaderboard import binary_scores, write_run
+from tests.harness.report.test_summary import binary
+from tests.harness.report.test_summary import write_run as write_seeded_run
 
 
 @pytest.fixture
 def group(tmp_path: Path) -> board.Group:
-    results = tmp_path / "results"
-    write_run(results, "one-off-a", "one-off", {"arc": binary_scores(60, 0.4, 1), "hs": binary_scores(40, 0.3, 2)})
-    write_run(results, "ifd-b", "ifd", {"arc": binary_scores(60, 0.6, 3), "hs": binary_scores(40, 0.3, 4)},
-              cost={"train_tokens": 2_000, "scoring_tokens": 500_000})
-    write_run(results, "phased-c", "phased", {"arc": binary_scores(60, 0.5, 5)})  # no hs
-    (only,) = board.build_groups(board.load_runs([results], print))
+    rng = np.random.default_rng(4)
+    difficulty = rng.uniform(0.2, 0.7, 80)
+    for seed in range(3):
+        write_seeded_run(tmp_path, f"one-off-{seed}", "one-off", seed, binary(rng, difficulty, 80))
+        write_seeded_run(tmp_path, f"ifd-{seed}", "ifd", seed, binary(rng, difficulty + 0.2, 80))
+    for path in tmp_path.glob("*/record.json"):  # compute: ifd spends twice one-off's FLOPs
+        text = path.read_text().replace('"metrics"', f'"cost": {{"flops": {2e12 if "ifd" in path.parent.name else 1e12}}}, "metrics"')
+        path.write_text(text)
+    (only,) = board.build_groups(board.load_runs([tmp_path], print))
     return only
 
 
-def test_quality_vs_tokens_has_a_panel_per_metric_and_a_point_per_run(group):
-    colors = plots.recipe_colors(["phased", "ifd", "one-off"])
-    assert colors["one-off"][0] == "#000000"
-    figure = plots.quality_vs_tokens(group, colors)
-    panels = [ax for ax in figure.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == ["arc acc", "hs acc"]
-    arc = panels[0]
-    points = sorted((float(container.lines[0].get_xdata()[0]), float(container.lines[0].get_ydata()[0]))
-                    for container in arc.containers)
-    assert points == [(20_000, pytest.approx(group.cells[("one-off-a", board.Column("arc", "acc"))].value)),
-                      (20_000, pytest.approx(group.cells[("phased-c", board.Column("arc", "acc"))].value)),
-                      (502_000, pytest.approx(group.cells[("ifd-b", board.Column("arc", "acc"))].value))]
-    assert arc.get_xscale() == "log"  # 25x range of tokens
-    # error bars span the cells' 95% CIs
-    cell = group.cells[("ifd-b", board.Column("arc", "acc"))]
-    spans = [segment for collection in arc.collections if isinstance(collection, LineCollection)
-             for segment in collection.get_segments()]
-    assert any(np.allclose(segment, [[502_000, cell.low], [502_000, cell.high]]) for segment in spans)
-    assert len(panels[1].containers) == 2  # phased has no hs: two runs there
+def test_forest_has_two_scales_a_ci_per_variant_and_a_dot_per_seed(group):
+    figure = plots.forest(group, plots.recipe_colors(["one-off", "ifd"]))
+    headline_ax, task_ax = figure.axes[:2]
+    assert "normalised" in headline_ax.get_xlabel() and "points" in task_ax.get_xlabel()
+    ifd = next(v for v in group.summary.variants if v.label == "ifd")
+    segments = [segment for collection in headline_ax.collections if isinstance(collection, LineCollection)
+                for segment in collection.get_segments()]
+    expected = [100 * ifd.headline.low, 100 * ifd.headline.high]
+    assert any(np.allclose(segment[:, 0], expected) for segment in segments)
+    dots = [collection for collection in task_ax.collections if isinstance(collection, PathCollection)]
+    assert len(dots[0].get_offsets()) == 3  # one per seed
+    assert sorted(dots[0].get_offsets()[:, 0]) == pytest.approx(sorted(100 * d for d in ifd.tasks["local_arc_easy"].per_seed))
 
 
-def test_benchmark_bars_have_one_bar_per_run_and_metric(group):
-    figure = plots.benchmark_bars(group, plots.recipe_colors(["one-off", "ifd", "phased"]))
+def test_pareto_places_variants_at_their_compute_ratio(group):
+    figure = plots.pareto(group, plots.recipe_colors(["one-off", "ifd"]))
     (ax,) = figure.axes
-    bars = [patch for patch in ax.patches if isinstance(patch, Rectangle)]
-    assert len(bars) == 5  # 3 runs on arc, 2 on hs
-    heights = sorted(round(bar.get_height(), 6) for bar in bars)
-    assert heights == sorted(round(cell.value, 6) for cell in group.cells.values())
+    assert ax.get_xscale() == "log"
+    points = sorted((float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0])) for c in ax.containers)
+    ifd = next(v for v in group.summary.variants if v.label == "ifd")
+    assert points == [(1.0, 0.0), (2.0, pytest.approx(100 * ifd.headline.delta))]
 
 
 def test_png_and_svg_are_deterministic_and_carry_no_dates_or_versions(group):
-    colors = plots.recipe_colors(["one-off", "ifd", "phased"])
-    first = plots.to_png_svg(plots.benchmark_bars(group, colors))
-    second = plots.to_png_svg(plots.benchmark_bars(group, colors))
+    colors = plots.recipe_colors(["one-off", "ifd"])
+    first = plots.to_png_svg(plots.forest(group, colors))
+    second = plots.to_png_svg(plots.forest(group, colors))
     assert first == second
     png, svg = first
     assert png.startswith(b"\x89PNG") and b"Software" not in png and b"Matplotlib" not in png
