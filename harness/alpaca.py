@@ -37,6 +37,7 @@ from pydantic import Field, field_validator
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
 from harness.generation import GenerationSettings, resumable_generate
+from harness.io import atomic_write_json
 from harness.judges import (
     CachedJudge,
     Judge,
@@ -47,7 +48,6 @@ from harness.judges import (
     make_judge,
     position_bias,
 )
-from harness.records import atomic_write_json
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 ALPACA_DIR = BENCHMARKS_DIR / "alpaca_eval"

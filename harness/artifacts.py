@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from harness.records import atomic_write_json
+from harness.io import atomic_write_json
 
 
 def content_key(**parts: Any) -> str:

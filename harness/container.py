@@ -239,7 +239,8 @@ def build_log_path(tag: str) -> Path:
 
 def build_image(client: Any, options: BuildOptions, tag: str | None, console: Console) -> Any:
     """Build the image from this checkout with a live progress display of the build log; returns it."""
-    from harness.records import atomic_write_text, git_commit
+    from harness.io import atomic_write_text
+    from harness.records import git_commit
 
     root = repo_root()
     context, digest = build_context(root)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from benchmarks.tasks.local_data import use_shipped_nltk_data
 from harness.errors import HarnessError, closest, unknown_name
-from harness.records import atomic_write_json, atomic_write_text
+from harness.io import atomic_write_json, atomic_write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 SUITES_DIR = BENCHMARKS_DIR / "suites"

@@ -17,7 +17,7 @@ from typing import Any
 
 from harness.data import InstructionRecord
 from harness.errors import HarnessError
-from harness.records import atomic_write_json
+from harness.io import atomic_write_json
 from harness.templates import PLAIN_TEMPLATES, render_prompt
 
 

@@ -18,10 +18,8 @@ import html
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 
 from harness import stats
 from harness.errors import HarnessError
+from harness.io import atomic_write_bytes
 
 BASELINE_RECIPE = "one-off"
 LEADERBOARD_SCHEMA_VERSION = 2  # 2: groups[].stack and groups[].summary (the verdicts)
@@ -880,28 +879,6 @@ def write_directory(files: dict[str, bytes], directory: Path) -> list[str]:
         (directory / name).unlink()
         changed.append(name)
     return changed
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Like harness.records.atomic_write_text, for bytes (PNG files): temporary file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; these files are published
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def first_difference(files: dict[str, bytes], directory: Path) -> str | None:

@@ -42,8 +42,8 @@ from pydantic import Field
 from harness.errors import HarnessError, unknown_name
 from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
 from harness.generation import GenerationSettings, resumable_generate
+from harness.io import atomic_write_json, atomic_write_text
 from harness.judges import CachedJudge, Judge, Review, check_judge, judge_options, make_judge
-from harness.records import atomic_write_json, atomic_write_text
 
 PAIRWISE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "pairwise"
 PAIRWISE_SETS = {"vicuna": 80, "koala": 180, "lima": 300, "sinstruct": 252, "wizardlm": 218}

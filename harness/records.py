@@ -1,38 +1,17 @@
-"""Run records and atomic writes: a reader never sees a half-written file."""
+"""What a run record says about where it ran: library versions, git commit, host, peak memory."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 RECORD_SCHEMA_VERSION = 1
 TRACKED_PACKAGES = ["torch", "transformers", "datasets", "accelerate", "peft", "lm_eval", "alpaca_eval", "tokenizers"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def library_versions() -> dict[str, str]:

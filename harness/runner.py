@@ -31,11 +31,10 @@ from harness.artifacts import ArtifactCache, content_key, file_digest
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext, Suite, check_sections, load_suite, plan_suite, run_suite
+from harness.io import atomic_write_json, atomic_write_text
 from harness.models import ResolvedModel, load_model_and_tokenizer, resolve_model
 from harness.records import (
     RECORD_SCHEMA_VERSION,
-    atomic_write_json,
-    atomic_write_text,
     git_commit,
     host_info,
     library_versions,

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: import this checkout's harness
 
 from harness.errors import HarnessError  # noqa: E402
-from harness.records import atomic_write_json  # noqa: E402
+from harness.io import atomic_write_json  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 DEFAULT_MODEL_PATH = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -42,6 +42,7 @@ from harness import distributed
 from harness.artifacts import content_key
 from harness.batching import RowDataset
 from harness.errors import HarnessError
+from harness.io import atomic_write_json
 from harness.mixup import (
     confidence,
     epoch_pairs,
@@ -51,7 +52,6 @@ from harness.mixup import (
     split_at_median,
 )
 from harness.models import load_model_and_tokenizer, resolve_model
-from harness.records import atomic_write_json
 from harness.runner import RecipeOutput, RunContext
 from harness.scoring import mean_response_losses
 from harness.templates import tokenize_for_training

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.alpaca import VERSIONS, compute_metrics, estimate_difficulty, load_difficulty  # noqa: E402
-from harness.records import atomic_write_json  # noqa: E402
+from harness.io import atomic_write_json  # noqa: E402
 
 # Official values: shared/README.md, from alpaca_eval 0.6.6's leaderboards/data_AlpacaEval*/ CSVs.
 OFFICIAL = {
