@@ -396,7 +396,7 @@ def sweep(points: list[GridPoint], output: Path, options: SweepOptions, console:
     done = {point.run_id for point in points if is_done(output, manifest.get(point.run_id, point.run_id))}
     todo = [point for point in points if point.run_id not in done]
     if not todo:
-        console.print(f"sweep {sid}: every run is done ({len(points)} runs in {output}); no task started", markup=False)
+        console.print(f"sweep {sid}: every run is done ({len(points)} runs in {output}); no task started", markup=False, soft_wrap=True)
     else:
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -407,7 +407,7 @@ def sweep(points: list[GridPoint], output: Path, options: SweepOptions, console:
             (state_dir / f"{point.run_id}.json").unlink(missing_ok=True)
         console.print(
             f"sweep {sid}: {len(todo)} runs to do" + (f", {len(done)} already done" if done else "")
-            + f" ({options.engine} engine; files in {state_dir})", markup=False,
+            + f" ({options.engine} engine; files in {state_dir})", markup=False, soft_wrap=True,
         )  # fmt: skip
         env = {name: value for name, value in os.environ.items() if FORWARDED_ENV.match(name)}
         output_text = str(output.resolve())
@@ -441,10 +441,10 @@ def sweep(points: list[GridPoint], output: Path, options: SweepOptions, console:
         retried = sum(1 for result in progress.results.values() if (result.get("attempt") or 1) > 1)
         console.print(
             f"sweep {sid}: {len(progress.results) - len(failed)} done, {len(failed)} failed, {len(done)} skipped "
-            f"(already done), {retried} retried, in {_clock(time.time() - progress.started)}", markup=False,
+            f"(already done), {retried} retried, in {_clock(time.time() - progress.started)}", markup=False, soft_wrap=True,
         )  # fmt: skip
         for run_id, result in failed.items():
-            console.print(f"failed: {run_id}: {result['error']} (log: {state_dir / run_id}.log)", markup=False)
+            console.print(f"failed: {run_id}: {result['error']} (log: {state_dir / run_id}.log)", markup=False, soft_wrap=True)
     show_leaderboard([output / manifest.get(point.run_id, point.run_id) for point in points], console, stdout)
     return 1 if todo and any(not is_done(output, manifest.get(p.run_id, p.run_id)) for p in todo) else 0
 
