@@ -43,12 +43,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def processes_of(temp_dir: Path) -> list[psutil.Process]:
-    """Every process of the Ray node(s) started with this temp dir: its daemons and their children (the
-    raylet's workers, and the `harness run` each task started)."""
+def processes_of(*marks: str) -> list[psutil.Process]:
+    """Every process of the Ray node(s) whose command line holds one of the marks (a node's temp dir), and
+    their children (the raylet's workers, and the `harness run` each task started)."""
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
-        if str(temp_dir) in " ".join(process.info["cmdline"] or []):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(mark in cmdline for mark in marks):
             found[process.pid] = process
             try:
                 found |= {child.pid: child for child in process.children(recursive=True)}
@@ -73,6 +74,7 @@ class Cluster:
         self.ray = Path(sys.executable).with_name("ray")
         self.root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay short
         self.head_dir, self.worker_dir = self.root / "head", self.root / "worker"
+        self.replacement_dir = self.root / "replacement"
         self.address = f"127.0.0.1:{free_port()}"
         # the head notices a lost node after ~3 s instead of the default ~30 s
         self.env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
@@ -80,7 +82,7 @@ class Cluster:
 
     def start(self, *args: str) -> str | None:
         """`ray start ARGS`; None, or the reason it failed."""
-        common = ["--num-cpus=1", "--num-gpus=0", "--object-store-memory=80000000", "--disable-usage-stats",
+        common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=80000000", "--disable-usage-stats",
                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]  # fmt: skip
         try:
             started = subprocess.run([str(self.ray), "start", *args, *common], capture_output=True, text=True,
@@ -94,14 +96,16 @@ class Cluster:
         return self.start("--head", f"--port={self.address.split(':')[1]}", "--include-dashboard=false",
                           f"--ray-client-server-port={free_port()}", f"--temp-dir={self.head_dir}")  # fmt: skip
 
-    def start_worker(self) -> str | None:
-        return self.start(f"--address={self.address}", f"--temp-dir={self.worker_dir}")
+    def start_worker(self, temp_dir: Path | None = None) -> str | None:
+        return self.start(f"--address={self.address}", f"--temp-dir={temp_dir or self.worker_dir}")
 
     def kill_worker(self) -> None:
-        kill_all(processes_of(self.worker_dir))
+        kill_all(processes_of(str(self.worker_dir)))
 
     def stop(self) -> None:
-        kill_all(processes_of(self.worker_dir) + processes_of(self.head_dir))
+        """Only this cluster's processes (not `ray stop`, which stops every Ray on the machine); the head's
+        client server names the head's address instead of its temp dir."""
+        kill_all(processes_of(str(self.worker_dir), str(self.replacement_dir), str(self.head_dir), f"ray.util.client.server --address={self.address} "))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -134,7 +138,7 @@ def sweep_process(output: Path, address: str) -> subprocess.Popen:
 
 def run_training_on(worker_dir: Path) -> tuple[str, Path] | None:
     """The run id and config of the `harness run` a task started on the worker node, if one runs there."""
-    for process in processes_of(worker_dir):
+    for process in processes_of(str(worker_dir)):
         try:
             cmdline = process.cmdline()
         except psutil.NoSuchProcess:
@@ -159,10 +163,14 @@ def test_sweep_on_two_ray_nodes_matches_harness_run_and_survives_a_killed_node(r
                 killed_run = found[0]
         time.sleep(0.05)
     assert killed_run is not None, "no run trained on the worker node"
+    killed_at = time.monotonic()
+    assert ray_cluster.start_worker(ray_cluster.replacement_dir) is None  # a new node replaces it (a spot instance)
     out, _ = sweep.communicate(timeout=600)
     assert sweep.returncode == 0, out[-4000:]
+    progress = [line for line in out.splitlines() if line.startswith(("sweep ", "one-off-", "ifd-"))]
     with capsys.disabled():
-        print(f"\nkilled the worker node while {killed_run} trained there\n" + out[-2500:])
+        print(f"\nkilled the worker node while {killed_run} trained there; the sweep finished "
+              f"{time.monotonic() - killed_at:.0f} s later\n" + "\n".join(progress))
 
     # Four records, each with the metrics `harness run` gives for the same point on this machine.
     swept = records(output)
