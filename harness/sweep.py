@@ -181,8 +181,8 @@ def run_point(point: GridPoint, output: str, state_dir: str, run_args: list[str]
     atomic_write_json(state_path, {"state": "running", "node": node, "attempt": attempt, "started": started})
     argv = [sys.executable, "-m", "harness.cli", "run", "--config", str(Path(state_dir) / f"{point.run_id}.yaml"),
             "--output", output, *run_args]  # fmt: skip
-    if "--docker" in run_args:  # the GPUs Ray gave this task
-        gpus = _ray_gpu_ids()
+    gpus = _ray_gpu_ids()
+    if "--docker" in run_args and gpus is not None:  # in a Ray task: the GPUs Ray gave it
         argv += ["--gpus", ",".join(gpus) if gpus else "none"]
     child_env = {**os.environ, **env, SWEEP_ID_ENV: Path(state_dir).name}
     with open(Path(state_dir) / f"{point.run_id}.log", "a", encoding="utf-8") as log:
@@ -235,9 +235,10 @@ def _node_name() -> str:
     return socket.gethostname()
 
 
-def _ray_gpu_ids() -> list[str]:
+def _ray_gpu_ids() -> list[str] | None:
+    """The GPUs Ray assigned to this task; None outside a Ray task."""
     ray = sys.modules.get("ray")
-    return [str(gpu) for gpu in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
+    return [str(gpu) for gpu in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -275,6 +276,8 @@ class Progress:
                 "done": f"done on {state.get('node')}", "failed": f"failed: {state.get('error')}"}.get(name, name)  # fmt: skip
         if attempt > 1 and name in ("running", "done"):
             text += f" (retried: attempt {attempt})"
+        if name in ("done", "failed") and state.get("seconds") is not None:
+            text += f" in {_clock(state['seconds'])}"
         return text
 
     def elapsed(self, point: GridPoint) -> float | None:
@@ -283,23 +286,33 @@ class Progress:
             return float(state["seconds"])
         return time.time() - float(state["started"]) if "started" in state else None
 
-    def eta(self) -> float | None:
-        """Mean seconds of the finished runs x the runs left (run slots: the runs running now)."""
+    def mean_seconds(self) -> float | None:
         finished = [result["seconds"] for result in self.results.values() if result["status"] == "done"]
+        return sum(finished) / len(finished) if finished else None
+
+    def eta(self, point: GridPoint | None = None) -> float | None:
+        """A run's: the finished runs' mean time minus its elapsed time. The sweep's: that mean x the runs
+        left / the runs running now. None (shown ?) until a run has finished."""
+        mean = self.mean_seconds()
+        if point is not None:
+            if point.run_id in self.results:
+                return 0.0
+            elapsed = self.elapsed(point)
+            return None if mean is None else max(mean - (elapsed or 0.0), 0.0)
         left = [point for point in self.points if point.run_id not in self.results]
-        if not finished or not left:
-            return None if left else 0.0
+        if not left:
+            return 0.0
         running = sum(1 for point in left if self.state(point).get("state") == "running")
-        return sum(finished) / len(finished) * len(left) / max(running, 1)
+        return None if mean is None else mean * len(left) / max(running, 1)
 
     def table(self) -> Table:
         table = Table(title=f"sweep {self.state_dir.name}: {len(self.results)}/{len(self.points)} finished, "
                       f"{_clock(time.time() - self.started)} elapsed, ETA {_clock(self.eta())}")  # fmt: skip
-        for column in ("run", "recipe", "model", "seed", "grid", "state", "elapsed"):
+        for column in ("run", "recipe", "model", "seed", "grid", "state", "elapsed", "ETA"):
             table.add_column(column)
         for point in self.points:
             table.add_row(point.run_id, point.recipe, point.model, str(point.seed), point.variant, self.line(point),
-                          _clock(self.elapsed(point)))  # fmt: skip
+                          _clock(self.elapsed(point)), _clock(self.eta(point)))  # fmt: skip
         return table
 
     def say_changes(self) -> None:
