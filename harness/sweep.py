@@ -76,13 +76,14 @@ def parse_seeds(text: str | None) -> list[int | None]:
 def read_grid(path: Path) -> list[list[str]]:
     """A YAML list of variants; each a mapping of spec keys to values ({training.learning_rate: 1e-4}) or a
     list of `--set` strings; every variant becomes its own points."""
-    from harness.spec import read_yaml_config
-
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        read_yaml_config(path)  # its one-line error for a missing or unreadable file
-        raise
+    except OSError as error:
+        raise HarnessError(f"--grid {path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise HarnessError(f"--grid {path}: not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        raise HarnessError(f"--grid {path}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
     if isinstance(loaded, dict) and "variants" in loaded:
         loaded = loaded["variants"]
     if not isinstance(loaded, list) or not loaded:
