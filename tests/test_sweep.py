@@ -76,6 +76,7 @@ class Cluster:
         self.head_dir, self.worker_dir = self.root / "head", self.root / "worker"
         self.replacement_dir = self.root / "replacement"
         self.address = f"127.0.0.1:{free_port()}"
+        self.client_port = free_port()  # the head's Ray client server, known by this port
         # the head notices a lost node after ~3 s instead of the default ~30 s
         self.env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                     "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
@@ -94,7 +95,7 @@ class Cluster:
 
     def start_head(self) -> str | None:
         return self.start("--head", f"--port={self.address.split(':')[1]}", "--include-dashboard=false",
-                          f"--ray-client-server-port={free_port()}", f"--temp-dir={self.head_dir}")  # fmt: skip
+                          f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.head_dir}")  # fmt: skip
 
     def start_worker(self, temp_dir: Path | None = None) -> str | None:
         return self.start(f"--address={self.address}", f"--temp-dir={temp_dir or self.worker_dir}")
@@ -104,8 +105,9 @@ class Cluster:
 
     def stop(self) -> None:
         """Only this cluster's processes (not `ray stop`, which stops every Ray on the machine); the head's
-        client server names the head's address instead of its temp dir."""
-        kill_all(processes_of(str(self.worker_dir), str(self.replacement_dir), str(self.head_dir), f"ray.util.client.server --address={self.address} "))
+        client server names its port instead of the temp dir."""
+        client_server = f"--port={self.client_port} --mode=proxy"
+        kill_all(processes_of(str(self.worker_dir), str(self.replacement_dir), str(self.head_dir), client_server))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
