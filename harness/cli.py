@@ -547,6 +547,81 @@ def docker_build(
     stdout_console().print(f"{(image.tags or [image.id])[0]} {image.id}")
 
 
+@cli.command()
+@click.option("--recipe", "-r", "recipes", multiple=True, help="a recipe, or all (repeatable; default: the spec's)")
+@click.option("--model", "-m", "models", multiple=True, help="a model (repeatable; default: the spec's)")
+@click.option("--seeds", default=None, help="seeds: 0,1,2, or a count (3 = 0,1,2); default: the spec's seed")
+@click.option("--grid", "grid_file", type=click.Path(path_type=Path), default=None,
+              help="YAML list of variants, each a mapping of spec keys (like --set), e.g. - training.learning_rate: 1e-4")
+@click.option("--data", "-d", default=None, help="shipped data name, file path, or hub dataset id")
+@click.option("--suite", "-s", default=None, help="evaluation suite (see `harness suites`)")
+@click.option("--config", "-c", "config_file", type=click.Path(path_type=Path), default=None, help="YAML run spec")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec key for every run")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="run directories; on a cluster a folder every node sees (NFS, a mounted bucket)")
+@click.option("--limit", type=int, default=None, help="evaluation items per task (overrides the suite)")
+@click.option("--online", is_flag=True, default=None, help="evaluate with lm-eval's own hub-backed tasks")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one run after another here; ray: one Ray task per run")
+@click.option("--address", default=None, help="with --engine ray: the cluster's address (default: start Ray here)")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="with --engine ray: GPUs per task (more than 1: --nproc processes in the task)")
+@click.option("--cpus-per-run", type=click.FloatRange(min=0), default=1, show_default=True, help="with --engine ray: CPUs per task")
+@click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="with --engine ray: retries of a task whose worker or node died (each resumes the run)")
+@click.option("--docker", "in_docker", is_flag=True, help="each run inside the harness image on its worker")
+@click.option("--image", default=None, help="with --docker: image tag (default: the image of this checkout)")
+@click.option("--distributed", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="runs with several GPUs: DDP or FSDP")
+def sweep(
+    recipes: tuple[str, ...],
+    models: tuple[str, ...],
+    seeds: str | None,
+    grid_file: Path | None,
+    data: str | None,
+    suite: str | None,
+    config_file: Path | None,
+    overrides: tuple[str, ...],
+    output: Path,
+    limit: int | None,
+    online: bool | None,
+    engine: str,
+    address: str | None,
+    gpus_per_run: float,
+    cpus_per_run: float,
+    max_retries: int,
+    in_docker: bool,
+    image: str | None,
+    distributed: str,
+) -> None:
+    """Run a grid (recipes x models x seeds x --grid variants), each point as `harness run` would, here or on
+    a Ray cluster; finished runs are skipped, then the sweep's leaderboard."""
+    from harness.sweep import SweepOptions, expand_grid, import_ray, parse_seeds, read_grid
+    from harness.sweep import sweep as run_sweep
+
+    if engine != "ray" and (address or gpus_per_run):
+        raise HarnessError("--address and --gpus-per-run need --engine ray")
+    if image and not in_docker:
+        raise HarnessError("--image needs --docker")
+    if engine == "ray":
+        import_ray()  # not installed: its one line before anything else
+    seed_list = parse_seeds(seeds)
+    variants = read_grid(grid_file) if grid_file is not None else []
+    flags = {"data.name": data, "eval.suite": suite, "eval.limit": limit, "eval.online": online}
+    _quiet_libraries()
+    points = expand_grid(recipes=recipes, models=models, seeds=seed_list, variants=variants, config_file=config_file,
+                         overrides=overrides, flags=flags)  # fmt: skip
+    run_args = ["--docker", *(["--image", image] if image else [])] if in_docker else []
+    if gpus_per_run > 1 and not in_docker:
+        run_args += ["--nproc", str(int(gpus_per_run))]
+    if distributed != "ddp":
+        run_args += ["--distributed", distributed]
+    options = SweepOptions(engine, address, gpus_per_run, cpus_per_run, max_retries, run_args)
+    status = run_sweep(points, output, options, console, stdout_console())
+    if status:
+        sys.exit(status)
+
+
 def one_line(message: object) -> str:
     """An error message on one line: names and values quoted from the input may hold line breaks."""
     return " ".join(str(message).splitlines()) or "unknown error"

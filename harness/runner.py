@@ -43,7 +43,16 @@ from harness.records import (
 from harness.scoring import IFDScores, ScoringStats, compute_ifd
 from harness.spec import RunSpec, spec_to_yaml, validate_params
 from harness.templates import tokenize_for_training
-from harness.training import ExtraLoss, TrainResult, resolve_precision, train_sft, weight_dtype
+from harness.training import (
+    ExtraLoss,
+    Tracking,
+    TrainResult,
+    check_trackers,
+    log_final_metrics,
+    resolve_precision,
+    train_sft,
+    weight_dtype,
+)
 
 
 @dataclass
@@ -111,6 +120,7 @@ def resolve_spec(spec: RunSpec) -> tuple[RunSpec, ModuleType, BaseModel, Resolve
             "precision": resolve_precision(spec.training.precision),
         }
     )
+    check_trackers(training)
     resolved = spec.model_copy(update={"params": params.model_dump(mode="json"), "training": training})
     return resolved, recipe, params, model_info
 
@@ -146,6 +156,7 @@ class RunContext:
         precision = self.spec.training.precision
         self.base_model_key = f"{self.model_info.entry.name}|{self.model_info.weights}|{precision}"
         self.eval_judge_cost_usd = 0.0  # judged suite sections of intermediate evaluations (evaluate())
+        self.tracking = Tracking.for_run(self.spec, run_dir)  # training.report_to
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -221,6 +232,7 @@ class RunContext:
                     rows=rows,
                     callbacks=callbacks,
                     epoch_rows=epoch_rows,
+                    tracking=self.tracking,
                 )
                 if distributed.is_main():
                     self._mark_finished(stage_dir, key, trained, result)
@@ -504,6 +516,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             context=ctx.section_context(prepared.run_id),
             resume=True,  # the run directory belongs to this spec, so to this model
         )
+    log_final_metrics(ctx.tracking, evaluation["tasks"])
     wall = time.perf_counter() - wall_started
     eval_judge_cost = round(ctx.eval_judge_cost_usd + (evaluation.get("judge_cost_usd") or 0.0), 6)
     target = {stage: result for stage, result in ctx.train_results.items() if stage not in ctx.overhead_stages}

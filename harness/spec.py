@@ -71,6 +71,10 @@ class TrainingSpec(StrictModel):
     save_steps: int = Field(200, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     logging_steps: int = Field(10, gt=0)
     lora: LoraSpec | None = None
+    # An observer, not an input: excluded from the spec's dump, so it changes neither the run id nor a cache key.
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] | list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        "none", exclude=True, description="experiment trackers (Trainer's integrations; keys from the environment)"
+    )
 
 
 class DataSpec(StrictModel):

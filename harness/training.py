@@ -426,6 +426,89 @@ class RichProgressCallback(TrainerCallback):
             self.progress = None
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a run reports to experiment trackers (training.report_to, through Trainer's own integrations)
+    and its tags: run id, recipe, model, seed and sweep (HARNESS_SWEEP_ID), so a sweep is one group.
+    TensorBoard writes under <run dir>/tensorboard/<stage>; wandb and mlflow take their keys and server
+    from the environment (WANDB_API_KEY, MLFLOW_TRACKING_URI), never from the spec."""
+
+    trackers: tuple[str, ...]
+    run_dir: Path
+    tags: dict[str, str]
+
+    @classmethod
+    def for_run(cls, spec: Any, run_dir: Path) -> Tracking:
+        import os
+
+        chosen = spec.training.report_to
+        names = () if chosen == "none" else (chosen,) if isinstance(chosen, str) else tuple(dict.fromkeys(chosen))
+        tags = {"run_id": run_dir.name, "recipe": spec.recipe, "model": spec.model, "seed": str(spec.seed),
+                "sweep": os.environ.get("HARNESS_SWEEP_ID", "none")}  # fmt: skip
+        return cls(names, run_dir, tags)
+
+    def apply_environment(self) -> None:
+        """wandb and mlflow read the group and tags from the environment (the run is a process of its own)."""
+        import os
+
+        os.environ.setdefault("WANDB_RUN_GROUP", self.tags["sweep"] if self.tags["sweep"] != "none" else self.tags["run_id"])
+        os.environ.setdefault("WANDB_TAGS", ",".join(f"{key}:{value}" for key, value in self.tags.items()))
+        os.environ.setdefault("MLFLOW_TAGS", json.dumps(self.tags))
+
+    def writer(self, name: str) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard" / name))
+        writer.add_text("tags", json.dumps(self.tags))
+        return writer
+
+
+def check_trackers(settings: TrainingSpec) -> None:
+    """A tracker named in training.report_to must be installed: one line before anything runs."""
+    import importlib.util
+
+    chosen = settings.report_to
+    for name in () if chosen == "none" else (chosen,) if isinstance(chosen, str) else chosen:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise HarnessError(
+                f"training.report_to {name}: the {TRACKER_PACKAGES[name]} package is not installed; "
+                f"pip install {TRACKER_PACKAGES[name]}, or set training.report_to=none"
+            )
+
+
+def log_final_metrics(tracking: Tracking, tasks: dict[str, Any]) -> None:
+    """The run's evaluation metrics, at the end, to each tracker under the run's tags."""
+    if not tracking.trackers or not distributed.is_main():
+        return
+    metrics = {
+        f"eval/{task}/{metric}": float(value["value"])
+        for task, entry in tasks.items()
+        for metric, value in entry.items()
+        if isinstance(value, dict) and isinstance(value.get("value"), (int, float))
+    }
+    if "tensorboard" in tracking.trackers:
+        writer = tracking.writer("eval")
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, 0)
+        writer.add_hparams(dict(tracking.tags), metrics, run_name="hparams")
+        writer.close()
+    if "wandb" in tracking.trackers:
+        import wandb
+
+        tracking.apply_environment()
+        run = wandb.init(name=tracking.tags["run_id"], job_type="eval", config=tracking.tags)
+        run.log(metrics)
+        run.finish()
+    if "mlflow" in tracking.trackers:
+        import mlflow
+
+        with mlflow.start_run(run_name=f"{tracking.tags['run_id']}/eval", tags=tracking.tags):
+            mlflow.log_metrics(metrics)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -560,8 +643,10 @@ def train_sft(
     rows: list[list[int]] | None = None,
     callbacks: list[TrainerCallback] | None = None,
     epoch_rows: list[list[list[int]]] | None = None,
+    tracking: Tracking | None = None,
 ) -> tuple[Any, TrainResult]:
     """Fine-tune `model` on tokenized examples; checkpoints go to output_dir and a rerun resumes there.
+    With `tracking`, the loss curve also goes to its trackers under the run's tags.
 
     `rows` fixes the row layout; `epoch_rows` gives one layout per epoch (cycled), e.g. pairs redrawn.
 
@@ -592,6 +677,14 @@ def train_sft(
             soft_wrap=True,
         )
     use_cpu = not torch.cuda.is_available()
+    trackers = list(tracking.trackers) if tracking is not None else []
+    tracker_callbacks: list[TrainerCallback] = []
+    if tracking is not None and trackers:
+        tracking.apply_environment()
+        if "tensorboard" in trackers and distributed.is_main():  # our own log dir: <run dir>/tensorboard/<stage>
+            from transformers.integrations import TensorBoardCallback
+
+            tracker_callbacks.append(TensorBoardCallback(tracking.writer(output_dir.name)))
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -614,7 +707,8 @@ def train_sft(
         save_total_limit=1,
         seed=seed,
         data_seed=seed,
-        report_to=[],
+        report_to=[name for name in trackers if name != "tensorboard"],
+        run_name=f"{tracking.tags['run_id']}/{output_dir.name}" if tracking is not None else None,
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -630,7 +724,7 @@ def train_sft(
         neftune_alpha=settings.neftune_alpha,
         master_weights=precision == "bf16" and not sharded,
         fsdp_param_dtype={"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision),
-        callbacks=[RichProgressCallback(console, description), StopOnSigterm(), *(callbacks or [])],
+        callbacks=[RichProgressCallback(console, description), StopOnSigterm(), *tracker_callbacks, *(callbacks or [])],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
