@@ -84,6 +84,8 @@ class Run:
     metrics: dict[tuple[str, str], tuple[float, float | None, int | None]]  # (task, metric) -> value, stderr, n
     cost: dict[str, float | None]
     samples: dict[str, ItemScores] = field(default_factory=dict)
+    eval_precision: str = "fp32"  # dtype of the evaluated weights (record suite.precision)
+    eval_model_class: str = "hflm"  # evaluation model class (record suite.model_class)
 
     @property
     def train_tokens(self) -> float | None:
@@ -167,6 +169,7 @@ def parse_record(path: Path) -> Run:
     data = record.get("data") if isinstance(record.get("data"), dict) else {}
     seed = record.get("seed")
     commit = record.get("git_commit")
+    precision, model_class = _evaluation_protocol(record, suite_entry)
     return Run(
         run_id=run_id,
         path=path,
@@ -181,7 +184,20 @@ def parse_record(path: Path) -> Run:
         chat_template=chat_template if isinstance(chat_template, bool) else None,
         metrics=metrics,
         cost=cost,
+        eval_precision=precision,
+        eval_model_class=model_class,
     )
+
+
+def _evaluation_protocol(record: dict[str, Any], suite_entry: dict[str, Any]) -> tuple[str, str]:
+    """(precision, model class) of the run's lm-eval tasks. Records written before these were recorded
+    were evaluated by HFLM on the trained weights as they were: bf16 when trained in pure bf16."""
+    precision, model_class = suite_entry.get("precision"), suite_entry.get("model_class")
+    if not isinstance(precision, str):
+        spec = record.get("spec") if isinstance(record.get("spec"), dict) else {}
+        training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
+        precision = "bf16" if training.get("precision") == "bf16" else "fp32"
+    return precision, model_class if isinstance(model_class, str) else "hflm"
 
 
 def parse_samples(path: Path) -> ItemScores:
@@ -347,14 +363,15 @@ class Group:
     columns: list[Column]
     cells: dict[tuple[str, Column], Cell]
     notes: list[str]
+    precision: str | None = None  # the evaluation precision, named when the model and suite have several
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model}--{self.suite}")
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model}--{self.suite}" + (f"--{self.precision}" if self.precision else ""))
 
     @property
     def title(self) -> str:
-        return f"{self.model} · suite {self.suite}"
+        return f"{self.model} · suite {self.suite}" + (f" · evaluated in {self.precision}" if self.precision else "")
 
     def data_summary(self) -> str:
         sources = sorted({(r.data, r.data_records) for r in self.runs}, key=lambda x: (x[0], x[1] or 0))
@@ -438,12 +455,17 @@ def _delta(run: Run, base: Run, column: Column, cell: Cell, base_cell: Cell) -> 
 
 
 def build_groups(runs: list[Run]) -> list[Group]:
-    """One group per (model, suite), runs sorted one-off first, columns sorted by task and metric."""
-    grouped: dict[tuple[str, str], list[Run]] = {}
+    """One group per (model, suite, evaluation precision), runs sorted one-off first, columns sorted by
+    task and metric. Numbers evaluated in different precisions are never compared: separate tables,
+    titled with their precision."""
+    grouped: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
-        grouped.setdefault((run.model, run.suite), []).append(run)
+        grouped.setdefault((run.model, run.suite, run.eval_precision), []).append(run)
+    precisions: dict[tuple[str, str], set[str]] = {}
+    for model, suite, precision in grouped:
+        precisions.setdefault((model, suite), set()).add(precision)
     groups = []
-    for (model, suite), members in sorted(grouped.items()):
+    for (model, suite, precision), members in sorted(grouped.items()):
         members = sorted(members, key=_sort_key)
         columns = sorted({Column(task, metric) for run in members for task, metric in run.metrics},
                          key=lambda c: (c.task, c.metric))
@@ -472,7 +494,10 @@ def build_groups(runs: list[Run]) -> list[Group]:
             notes.append("runs were trained on different data (see the runs table)")
         if len({r.chat_template for r in members}) > 1:
             notes.append("runs were evaluated with and without the chat template: not the same protocol")
-        groups.append(Group(model, suite, members, _labels(members), columns, cells, notes))
+        if len({r.eval_model_class for r in members}) > 1:
+            notes.append("log-likelihoods from lm-eval's HFLM and from the scoring engine (equal within 1e-4 in fp32)")
+        named = precision if len(precisions[(model, suite)]) > 1 else None
+        groups.append(Group(model, suite, members, _labels(members), columns, cells, notes, named))
     return groups
 
 
@@ -758,7 +783,8 @@ def render_json(groups: list[Group]) -> str:
     rows = list(_rows(groups))
     for group in groups:
         payload["groups"].append({
-            "model": group.model, "suite": group.suite, "data": group.data_summary(), "notes": group.notes,
+            "model": group.model, "suite": group.suite, **({"precision": group.precision} if group.precision else {}),
+            "data": group.data_summary(), "notes": group.notes,
             "columns": [{"task": c.task, "metric": c.metric, "higher_is_better": c.higher_is_better}
                         for c in group.columns],
             "runs": [{"run_id": run.run_id, "recipe": run.recipe, "label": group.labels[run.run_id], "seed": run.seed,
