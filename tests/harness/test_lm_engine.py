@@ -174,3 +174,32 @@ def test_smollm2_engine_equals_hflm_on_every_loglikelihood_task():
     engine = evaluate(EngineLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8), limit=4)
     largest, compared = compare(hflm, engine)
     assert compared >= 9 * 4 * 2
+
+
+def test_the_leaderboard_never_pairs_runs_evaluated_in_different_precisions(tmp_path: Path):
+    from harness.leaderboard import build_groups, load_runs
+
+    def record(run_id: str, recipe: str, suite: dict, training_precision: str = "fp32") -> None:
+        folder = tmp_path / run_id
+        folder.mkdir()
+        body = {"run_id": run_id, "recipe": {"name": recipe}, "model": {"name": "m"}, "suite": {"name": "small", **suite},
+                "spec": {"training": {"precision": training_precision}},
+                "metrics": {"local_arc_easy": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}}}
+        (folder / "record.json").write_text(json.dumps(body))
+
+    record("a", "one-off", {"precision": "fp32", "model_class": "engine"})
+    record("b", "ifd", {"precision": "bf16", "model_class": "engine"})
+    record("c", "ifd", {"precision": "fp32", "model_class": "hflm"})
+    record("d", "phased", {}, training_precision="bf16")  # before precisions were recorded: HFLM on bf16 weights
+    warnings: list[str] = []
+    groups = build_groups(load_runs([tmp_path], warnings.append))
+    assert warnings == []
+    by_precision = {group.precision: sorted(run.run_id for run in group.runs) for group in groups}
+    assert by_precision == {"fp32": ["a", "c"], "bf16": ["b", "d"]}
+    assert {group.title for group in groups} == {"m · suite small · evaluated in fp32", "m · suite small · evaluated in bf16"}
+    fp32 = next(group for group in groups if group.precision == "fp32")
+    assert any("HFLM" in note for note in fp32.notes)  # engine and HFLM numbers side by side are flagged
+    bf16 = next(group for group in groups if group.precision == "bf16")
+    assert all(cell.delta is None for cell in bf16.cells.values())  # no one-off run evaluated in bf16: nothing paired
+    (single,) = build_groups([run for run in load_runs([tmp_path], warnings.append) if run.run_id in ("a", "c")])
+    assert single.precision is None and single.title == "m · suite small"  # one precision: titles as before
