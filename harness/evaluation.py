@@ -8,6 +8,11 @@ users with hub access. Suites may also name evaluations that are not lm-eval tas
 A section returns metric cells in the lm-eval tasks' shape ({"value", "stderr", "ci_low", "ci_high"}),
 so records, comparison tables and the leaderboard show them, and may return per-example rows
 (`samples`) that are written to samples_<section>.jsonl for the leaderboard's paired tests.
+
+lm-eval tasks are evaluated by EngineLM (harness/lm_engine.py: HFLM whose log-likelihood requests run
+through the scoring engine, equal to HFLM's within float rounding; generation stays HFLM's) or, with
+eval.model_class=hflm, by HFLM itself; eval.precision (fp32 default, or bf16) is the dtype of the
+evaluated weights. Both are recorded per task (`model_class`, `precision`) and for the run.
 """
 
 from __future__ import annotations
