@@ -1,6 +1,11 @@
 """The engine model (harness/lm_engine.py) against lm-eval's HFLM on the same model: per-request
 log-likelihoods within 1e-4 in fp32, is_greedy and the tasks' metrics identical, on every shipped
-log-likelihood task; the plan really shares contexts; the run records who produced each number."""
+log-likelihood task; the plan really shares contexts; the run records who produced each number.
+
+Tolerance: 1e-4, or 1e-6 of the log-likelihood when that is larger (beyond -100: sums over a hundred or
+more tokens, e.g. PIQA's long solutions). That is fp32's own spread: HFLM against itself with eager
+instead of sdpa attention (same model and weights) differs by 9.2e-5 on a PIQA log-likelihood of -66
+(SmolLM2-135M), and the engine by up to 1.2e-4 on one of -179."""
 
 from __future__ import annotations
 
@@ -33,9 +38,13 @@ def evaluate(lm, limit: int) -> dict:
                            torch_random_seed=0, fewshot_random_seed=0, verbosity="ERROR")
 
 
-def compare(hflm: dict, engine: dict, tolerance: float = 1e-4) -> tuple[float, int]:
-    """Per request, log-likelihoods within `tolerance` and is_greedy identical; every metric identical.
-    Returns (largest difference, requests compared)."""
+def within(ll: float, reference: float) -> bool:
+    return abs(ll - reference) <= max(1e-4, 1e-6 * abs(reference))
+
+
+def compare(hflm: dict, engine: dict) -> tuple[float, int]:
+    """Per request, log-likelihoods within tolerance (`within`) and is_greedy identical; every metric
+    identical. Returns (largest difference, requests compared)."""
     largest, compared = 0.0, 0
     assert set(hflm["samples"]) == set(engine["samples"])
     for task, theirs in hflm["samples"].items():
@@ -44,7 +53,7 @@ def compare(hflm: dict, engine: dict, tolerance: float = 1e-4) -> tuple[float, i
         for ours, reference in zip(mine, theirs, strict=True):
             assert len(ours["resps"]) == len(reference["resps"])
             for (ll, greedy), (ll_ref, greedy_ref) in zip((r[0] for r in ours["resps"]), (r[0] for r in reference["resps"]), strict=True):
-                assert abs(ll - ll_ref) <= tolerance, (task, ours["doc_id"], ll, ll_ref)
+                assert within(ll, ll_ref), (task, ours["doc_id"], ll, ll_ref)
                 assert greedy == greedy_ref, (task, ours["doc_id"])
                 largest, compared = max(largest, abs(ll - ll_ref)), compared + 1
     for task, results in hflm["results"].items():
@@ -93,7 +102,7 @@ def test_tokenization_edges_truncation_and_rolling_windows_match_hflm(tiny):
     expected = hflm.loglikelihood(_instances("loglikelihood", pairs))
     got = engine.loglikelihood(_instances("loglikelihood", pairs))
     for (ll, greedy), (ll_ref, greedy_ref) in zip(got, expected, strict=True):
-        assert abs(ll - ll_ref) <= 1e-4 and greedy == greedy_ref
+        assert within(ll, ll_ref) and greedy == greedy_ref
     texts = [(long_context,), ("Short text.",)]
     rolling_ref = hflm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
     rolling = engine.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
