@@ -8,6 +8,11 @@ users with hub access. Suites may also name evaluations that are not lm-eval tas
 A section returns metric cells in the lm-eval tasks' shape ({"value", "stderr", "ci_low", "ci_high"}),
 so records, comparison tables and the leaderboard show them, and may return per-example rows
 (`samples`) that are written to samples_<section>.jsonl for the leaderboard's paired tests.
+
+lm-eval tasks are evaluated by EngineLM (harness/lm_engine.py: HFLM whose log-likelihood requests run
+through the scoring engine, equal to HFLM's within float rounding; generation stays HFLM's) or, with
+eval.model_class=hflm, by HFLM itself; eval.precision (fp32 default, or bf16) is the dtype of the
+evaluated weights. Both are recorded per task (`model_class`, `precision`) and for the run.
 """
 
 from __future__ import annotations
@@ -271,6 +276,7 @@ class PlannedTask:
     leaves: dict[str, int]
     is_group: bool
     max_gen_toks: int | None = None  # the largest generation budget of its leaves (generative tasks)
+    generative: bool = False  # some leaf generates text (generate_until)
 
 
 def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]:
@@ -304,7 +310,9 @@ def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]
             if task.config.output_type == "generate_until"
         ]
         max_gen_toks = max(budgets) if budgets and max(budgets) > 0 else None
-        planned.append(PlannedTask(entry, name, leaves, is_group=bool(loaded["groups"]), max_gen_toks=max_gen_toks))
+        generative = any(task.config.output_type == "generate_until" for task in loaded["tasks"].values())
+        planned.append(PlannedTask(entry, name, leaves, is_group=bool(loaded["groups"]), max_gen_toks=max_gen_toks,
+                                   generative=generative))
     return planned
 
 
@@ -402,13 +410,13 @@ REQUEST_CACHE_DIR = "request_cache"  # lm-eval's request cache (one SQLite file 
 
 
 def _task_settings(entry: SuiteTask, limit: int | None, indices: Any, use_chat: bool, online: bool, seed: int,
-                   batch_size: int) -> dict[str, Any]:
+                   batch_size: int, produced_by: dict[str, str]) -> dict[str, Any]:
     """Everything besides the model (fixed by the run directory) that determines a task's result."""
     from importlib.metadata import version
 
     return {
         "entry": entry.model_dump(mode="json"), "limit": limit, "samples": indices, "chat_template": use_chat,
-        "online": online, "seed": seed, "batch_size": batch_size, "lm_eval": version("lm_eval"),
+        "online": online, "seed": seed, "batch_size": batch_size, "lm_eval": version("lm_eval"), **produced_by,
     }
 
 
@@ -423,12 +431,18 @@ def _saved_task_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] |
     return saved.get("result")
 
 
-def _counting_lm_class() -> type:
-    """HFLM that counts the requests it computes (lm-eval reports each one to its cache hook, which
-    simple_evaluate(use_cache=...) points at the SQLite request cache)."""
+def _counting_lm_class(model_class: str = "engine") -> type:
+    """The evaluation model (EngineLM: log-likelihoods through the scoring engine, harness/lm_engine.py;
+    or lm-eval's HFLM), counting the requests it computes (lm-eval reports each one to its cache hook,
+    which simple_evaluate(use_cache=...) points at the SQLite request cache)."""
     from lm_eval.models.huggingface import HFLM
 
     from harness.interrupts import KILL_AT_ENV, kill_point_for_tests
+    from harness.lm_engine import MODEL_CLASSES, EngineLM
+
+    if model_class not in MODEL_CLASSES:
+        raise HarnessError(f"eval.model_class = {model_class!r}: use one of {', '.join(MODEL_CLASSES)}")
+    base = EngineLM if model_class == "engine" else HFLM
 
     class CountingHook:
         def __init__(self, inner: Any, owner: Any):
@@ -441,14 +455,22 @@ def _counting_lm_class() -> type:
                 self.inner.dbdict.commit()  # what a real kill finds on disk: the requests committed so far
                 kill_point_for_tests(f"eval/{self.owner.current_task}", self.owner.requests_computed)
 
-    class CountingHFLM(HFLM):
+    class CountingLM(base):  # type: ignore[valid-type, misc]
         requests_computed = 0
         current_task = ""
 
         def set_cache_hook(self, cache_hook: Any) -> None:
             super().set_cache_hook(CountingHook(cache_hook, self))
 
-    return CountingHFLM
+    return CountingLM
+
+
+def _task_model(plan: PlannedTask, lm: Any, precision: str) -> dict[str, str]:
+    """Which evaluation model class and precision produced a task's numbers (recorded per task):
+    log-likelihood tasks go through the engine when the run uses it, generation is always HFLM's."""
+    generative = plan.generative
+    engine = getattr(lm, "uses_engine", False) and not generative
+    return {"model_class": "engine" if engine else "hflm", "precision": precision}
 
 
 def run_lm_eval(
@@ -463,8 +485,15 @@ def run_lm_eval(
     seed: int = 0,
     online: bool | None = None,
     resume: bool = False,
+    model_class: str = "engine",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run every lm-eval task of the suite on an in-memory model.
+
+    `model_class`: "engine" (log-likelihood requests through the scoring engine, harness/lm_engine.py;
+    generation through HFLM) or "hflm" (lm-eval's HFLM for everything). `precision`: the dtype of the
+    evaluated weights, fp32 (default: comparable with published lm-eval numbers) or bf16; a copy is
+    made when the model's own differs, so what follows (other sections) sees the model unchanged.
 
     Returns {"tasks": {task: {metric: {"value", "stderr"}, "n", "num_fewshot", "limit", "sample", ...}},
     "work": counters, ...} and writes per-example results to output_dir/samples_<task>.jsonl (for paired
@@ -485,9 +514,13 @@ def run_lm_eval(
             f"suite {suite.name}: task {task} uses the chat template but the model's tokenizer has none; "
             "set eval.chat_template=false"
         )
+    from harness.lm_engine import model_in_precision
+
+    lm_class = _counting_lm_class(model_class)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval()
-    lm = _counting_lm_class()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    evaluated = model_in_precision(model, precision)
+    lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=device, batch_size=batch_size)
     manager = task_manager(use_online)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -502,7 +535,8 @@ def run_lm_eval(
         gen_kwargs, capped = _fit_generation_budget(plan, lm.max_length)
         # Resume: a task finished by an earlier attempt is reused; a task cut short replays the requests
         # its attempt computed from lm-eval's request cache (per task, per evaluated model folder).
-        settings = _task_settings(entry, task_limit, indices, use_chat, use_online, seed, batch_size)
+        produced_by = _task_model(plan, lm, precision)
+        settings = _task_settings(entry, task_limit, indices, use_chat, use_online, seed, batch_size, produced_by)
         result_path = output_dir / f"result_{entry.task}.json"
         saved = _saved_task_result(result_path, settings) if resume else None
         if saved is not None and (output_dir / f"samples_{entry.task}.jsonl").is_file():
@@ -543,6 +577,7 @@ def run_lm_eval(
                 else {"per_task": entry.sample, "seed": suite.sample_seed, "doc_ids": indices},
                 "chat_template": use_chat,
                 "gen_kwargs": gen_kwargs,
+                **produced_by,
                 "seconds": round(seconds, 2),
             }
         )
@@ -569,6 +604,8 @@ def run_lm_eval(
         "online": use_online,
         "chat_template": suite.chat_template if chat_template is None else chat_template,
         "limit": limit,
+        "model_class": model_class,
+        "precision": precision,
     }
 
 
@@ -659,10 +696,13 @@ def run_suite(
     judge: str | None = None,
     context: SectionContext | None = None,
     resume: bool = False,
+    model_class: str = "engine",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The whole suite: its lm-eval tasks, then its other sections. Returns {"tasks": metrics by task or
     section, "work", "online", "skipped": {section: why}, "judge_cost_usd": what the sections' judges
-    cost}. `resume`: see run_lm_eval (the sections keep their own generation and verdict caches)."""
+    cost}. `resume`, `model_class`, `precision`: see run_lm_eval (the sections keep their own generation and
+    verdict caches, and run on the model as given)."""
     evaluation = run_lm_eval(
         model,
         tokenizer,
@@ -674,6 +714,8 @@ def run_suite(
         seed=seed,
         online=online,
         resume=resume,
+        model_class=model_class,
+        precision=precision,
     )
     extra, skipped = run_extra_sections(
         model, tokenizer, suite, output_dir=output_dir, seed=seed, limit=limit, judge=judge, context=context

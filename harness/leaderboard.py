@@ -85,6 +85,8 @@ class Run:
     metrics: dict[tuple[str, str], tuple[float, float | None, int | None]]  # (task, metric) -> value, stderr, n
     cost: dict[str, float | None]
     samples: dict[str, ItemScores] = field(default_factory=dict)
+    eval_precision: str = "fp32"  # dtype of the evaluated weights (record suite.precision)
+    eval_model_class: str = "hflm"  # evaluation model class (record suite.model_class)
 
     @property
     def train_tokens(self) -> float | None:
@@ -171,6 +173,7 @@ def parse_record(path: Path) -> Run:
     seed = record.get("seed")
     commit = record.get("git_commit")
     versions = record.get("versions") if isinstance(record.get("versions"), dict) else {}
+    precision, model_class = _evaluation_protocol(record, suite_entry)
     return Run(
         run_id=run_id,
         path=path,
@@ -187,7 +190,20 @@ def parse_record(path: Path) -> Run:
         stack=tuple(sorted((str(name), str(version)) for name, version in versions.items() if name != "python")),
         metrics=metrics,
         cost=cost,
+        eval_precision=precision,
+        eval_model_class=model_class,
     )
+
+
+def _evaluation_protocol(record: dict[str, Any], suite_entry: dict[str, Any]) -> tuple[str, str]:
+    """(precision, model class) of the run's lm-eval tasks. Records written before these were recorded
+    were evaluated by HFLM on the trained weights as they were: bf16 when trained in pure bf16."""
+    precision, model_class = suite_entry.get("precision"), suite_entry.get("model_class")
+    if not isinstance(precision, str):
+        spec = record.get("spec") if isinstance(record.get("spec"), dict) else {}
+        training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
+        precision = "bf16" if training.get("precision") == "bf16" else "fp32"
+    return precision, model_class if isinstance(model_class, str) else "hflm"
 
 
 def parse_samples(path: Path) -> ItemScores:
@@ -353,19 +369,22 @@ class Group:
     columns: list[Column]
     cells: dict[tuple[str, Column], Cell]
     notes: list[str]
+    precision: str | None = None  # the evaluation precision, named when the model and suite have several
     stack: tuple[tuple[str, str], ...] = ()  # the library versions every run of the group ran on
     stack_label: str = ""  # what sets this group's stack apart, when the same model and suite ran on several
     summary: Any = None  # harness.report.summary.GroupSummary: the verdicts
 
     @property
     def slug(self) -> str:
+        precision = f"--{self.precision}" if self.precision else ""
         stack = f"--{self.stack_label}" if self.stack_label else ""
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model}--{self.suite}{stack}")
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model}--{self.suite}{precision}{stack}")
 
     @property
     def title(self) -> str:
+        precision = f" · evaluated in {self.precision}" if self.precision else ""
         stack = f" · {self.stack_label}" if self.stack_label else ""
-        return f"{self.model} · suite {self.suite}{stack}"
+        return f"{self.model} · suite {self.suite}{precision}{stack}"
 
     def data_summary(self) -> str:
         sources = sorted({(r.data, r.data_records) for r in self.runs}, key=lambda x: (x[0], x[1] or 0))
@@ -461,18 +480,20 @@ def stack_labels(stacks: Iterable[tuple[tuple[str, str], ...]]) -> dict[tuple[tu
 
 
 def build_groups(runs: list[Run], verdicts: Any = None) -> list[Group]:
-    """One group per (model, suite, library stack), runs sorted one-off first, columns sorted by task and
-    metric. Runs made on different library versions never share a table (nor a paired difference): a
-    record names what ran, and a comparison must not mix stacks silently."""
-    grouped: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = {}
+    """One group per (model, suite, evaluation precision, library stack), runs sorted one-off first,
+    columns sorted by task and metric. Numbers evaluated in different precisions or made on different
+    library versions are never compared (nor paired): separate tables, titled with what differs."""
+    grouped: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], list[Run]] = {}
     for run in runs:
-        grouped.setdefault((run.model, run.suite, run.stack), []).append(run)
-    labels_by_protocol = {
-        protocol: stack_labels(stack for (model, suite, stack) in grouped if (model, suite) == protocol)
-        for protocol in {(model, suite) for model, suite, _ in grouped}
-    }
+        grouped.setdefault((run.model, run.suite, run.eval_precision, run.stack), []).append(run)
+    precisions: dict[tuple[str, str], set[str]] = {}
+    stacks: dict[tuple[str, str, str], list[tuple[tuple[str, str], ...]]] = {}
+    for model, suite, precision, stack in grouped:
+        precisions.setdefault((model, suite), set()).add(precision)
+        stacks.setdefault((model, suite, precision), []).append(stack)
+    stack_names = {protocol: stack_labels(found) for protocol, found in stacks.items()}
     groups = []
-    for (model, suite, stack), members in sorted(grouped.items()):
+    for (model, suite, precision, stack), members in sorted(grouped.items()):
         members = sorted(members, key=_sort_key)
         columns = sorted({Column(task, metric) for run in members for task, metric in run.metrics},
                          key=lambda c: (c.task, c.metric))
@@ -501,14 +522,18 @@ def build_groups(runs: list[Run], verdicts: Any = None) -> list[Group]:
             notes.append("runs were trained on different data (see the runs table)")
         if len({r.chat_template for r in members}) > 1:
             notes.append("runs were evaluated with and without the chat template: not the same protocol")
-        stack_label = labels_by_protocol[(model, suite)][stack]
+        if len({r.eval_model_class for r in members}) > 1:
+            notes.append("log-likelihoods from lm-eval's HFLM and from the scoring engine (equal within 1e-4 in fp32)")
+        stack_label = stack_names[(model, suite, precision)][stack]
         if stack_label:
             notes.append(f"{model} on suite {suite} also ran on other library versions: those runs are in a "
                          "separate table, never compared with these")
         from harness.report.summary import summarise
 
         summary = summarise(members, suite, {run.run_id: run.variant for run in members}, verdicts)
-        groups.append(Group(model, suite, members, _labels(members), columns, cells, notes, stack, stack_label, summary))
+        named = precision if len(precisions[(model, suite)]) > 1 else None
+        groups.append(Group(model, suite, members, _labels(members), columns, cells, notes, named, stack, stack_label,
+                            summary))
     return groups
 
 
@@ -812,8 +837,9 @@ def render_json(groups: list[Group]) -> str:
     rows = list(_rows(groups))
     for group in groups:
         payload["groups"].append({
-            "model": group.model, "suite": group.suite, "stack": dict(group.stack), "data": group.data_summary(),
-            "notes": group.notes, "summary": summary_tables.render_json(group.summary),
+            "model": group.model, "suite": group.suite, **({"precision": group.precision} if group.precision else {}),
+            "stack": dict(group.stack), "data": group.data_summary(), "notes": group.notes,
+            "summary": summary_tables.render_json(group.summary),
             "columns": [{"task": c.task, "metric": c.metric, "higher_is_better": c.higher_is_better}
                         for c in group.columns],
             "runs": [{"run_id": run.run_id, "recipe": run.recipe, "label": group.labels[run.run_id], "seed": run.seed,

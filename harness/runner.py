@@ -316,6 +316,7 @@ class RunContext:
                     batch_size=self.spec.eval.batch_size, chat_template=self.spec.eval.chat_template,
                     seed=eval_seed(self.spec, self.suite), online=self.spec.eval.online, judge=self.spec.eval.judge,
                     context=self.section_context(f"{self.run_dir.name}:{name}"), resume=True,
+                    model_class=self.spec.eval.model_class, precision=self.spec.eval.precision,
                 )
                 self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
                 self.evaluation_work[name] = evaluation["work"]
@@ -515,6 +516,8 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             judge=prepared.spec.eval.judge,
             context=ctx.section_context(prepared.run_id),
             resume=True,  # the run directory belongs to this spec, so to this model
+            model_class=prepared.spec.eval.model_class,
+            precision=prepared.spec.eval.precision,
         )
     log_final_metrics(ctx.tracking, evaluation["tasks"])
     wall = time.perf_counter() - wall_started
@@ -553,6 +556,9 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             "online": evaluation["online"],
             "limit": evaluation["limit"],
             "skipped": evaluation["skipped"],
+            # lm-eval tasks: the evaluation model class and weight dtype (per task also in metrics.<task>)
+            "model_class": evaluation["model_class"],
+            "precision": evaluation["precision"],
         },
         "metrics": evaluation["tasks"],
         "cost": {

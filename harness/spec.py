@@ -90,6 +90,12 @@ class EvalSpec(StrictModel):
     chat_template: bool | None = Field(None, description="None: the suite's setting")
     online: bool | None = Field(None, description="lm-eval's hub-backed tasks instead of the shipped ones; None: the suite's setting")
     judge: str | None = Field(None, description="judge of the suite's alpaca_eval/pairwise sections (openai:<model>, local:<model>); None: the suite's")
+    model_class: Literal["engine", "hflm"] = Field(
+        "engine", description="log-likelihood tasks through the scoring engine (harness/lm_engine.py) or lm-eval's HFLM"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the evaluated weights for lm-eval tasks (fp32: comparable with published numbers)"
+    )
     seed: int | None = Field(
         None, ge=0, lt=2**32,
         description="seed of lm-eval's few-shot draws and sampling; None: the suite's sample_seed. Never the training "
