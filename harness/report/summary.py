@@ -144,8 +144,7 @@ def _grid(runs: list[Any], task: str, metric: str, keys: list[tuple[str, str]], 
     return np.array(rows)
 
 
-def _compare(recipe: list[np.ndarray], baseline: list[np.ndarray], *, items_scored: int, resamples: int,
-             higher_is_better: bool) -> Comparison:
+def _compare(recipe: list[np.ndarray], baseline: list[np.ndarray], *, items_scored: int, resamples: int) -> Comparison:
     """Two-level bootstrap of the difference and the sign-flip test on the per-item differences of the
     seed means (weighted as the headline weighs tasks). No item differing and no seed variance on 0/1
     scores: the exact binomial bound instead of a zero-width interval."""
@@ -218,31 +217,29 @@ def summarise(runs: list[Any], suite: str, labels: dict[str, str], options: Verd
         if base_runs is None:
             continue
         summary.conditional = min(len(members), len(base_runs)) < min_seeds
-        recipe_grids, base_grids, scored = [], [], 0
+        recipe_grids, base_grids, scored, complete = [], [], 0, True
         for spec in specs:
             scale = (1.0 - spec.chance) if spec.higher_is_better else -1.0
             paired = _items(members + base_runs, spec.task, spec.metric)
             if paired is None:
-                recipe_grids = None  # a task without per-item results: no headline test
-                break
+                complete = False  # a task without per-item results: no headline test
+                continue
             keys, most = paired
             scored = max(scored, most)
             recipe_grids.append(_grid(members, spec.task, spec.metric, keys, scale, spec.chance))
             base_grids.append(_grid(base_runs, spec.task, spec.metric, keys, scale, spec.chance))
             raw_r = _grid(members, spec.task, spec.metric, keys, 1.0, 0.0)
             raw_b = _grid(base_runs, spec.task, spec.metric, keys, 1.0, 0.0)
-            summary.tasks[spec.task] = _compare([raw_r], [raw_b], items_scored=most, resamples=resamples,
-                                                higher_is_better=spec.higher_is_better)
-        if recipe_grids:
-            summary.headline = _compare(recipe_grids, base_grids, items_scored=scored, resamples=resamples,
-                                        higher_is_better=True)
+            summary.tasks[spec.task] = _compare([raw_r], [raw_b], items_scored=most, resamples=resamples)
+        if recipe_grids and complete:
+            summary.headline = _compare(recipe_grids, base_grids, items_scored=scored, resamples=resamples)
         for section, (metric, _) in SIDE_METRICS.items():
             paired = _items(members + base_runs, section, metric)
             if paired is not None:
                 keys, most = paired
                 summary.tasks[section] = _compare([_grid(members, section, metric, keys, 1.0, 0.0)],
                                                   [_grid(base_runs, section, metric, keys, 1.0, 0.0)],
-                                                  items_scored=most, resamples=resamples, higher_is_better=False)
+                                                  items_scored=most, resamples=resamples)
         lc = [[run.metrics.get((LC_SECTION, LC_METRIC)) for run in side] for side in (members, base_runs)]
         if all(cell is not None and cell[1] is not None for side in lc for cell in side):
             summary.lc = _normal_compare([(v, se) for v, se, _ in lc[0]], [(v, se) for v, se, _ in lc[1]])
