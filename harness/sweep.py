@@ -33,7 +33,7 @@ from rich.live import Live
 from rich.table import Table
 
 from harness.errors import HarnessError, shown
-from harness.records import atomic_write_json, atomic_write_text
+from harness.io import atomic_write_json, atomic_write_text
 
 RAY_INSTALL_HINT = 'the Ray engine needs Ray: pip install "sft-recipe-harness[ray]" (or pip install ray)'
 SWEEP_ID_ENV = "HARNESS_SWEEP_ID"  # tells the run (its tracker tags) which sweep it belongs to
