@@ -60,7 +60,7 @@ def test_shared_prefix_plan_stops_before_the_first_labelled_token():
 def test_shared_prefixes_give_the_same_losses(tiny, sample_records):
     model, tokenizer = tiny
     for template in ("alpaca", "chat"):
-        _, conditioned, _, _ = ifd_pairs(sample_records[:24], tokenizer, template, 512)
+        _, conditioned, _, _, _ = ifd_pairs(sample_records[:24], tokenizer, template, 512)
         plain, _ = scoring.mean_response_losses(model, conditioned, pad_token_id=tokenizer.pad_token_id)
         shared, stats = scoring.mean_response_losses(model, conditioned, pad_token_id=tokenizer.pad_token_id,
                                                      prefix_groups=[0] * len(conditioned))
@@ -69,12 +69,36 @@ def test_shared_prefixes_give_the_same_losses(tiny, sample_records):
         np.testing.assert_allclose(shared, plain, atol=1e-5)
 
 
-def test_over_length_examples_are_skipped_not_truncated(tiny, sample_records):
-    model, tokenizer = tiny
-    long_record = InstructionRecord("Repeat.", " ".join(["word"] * 400))
-    kept, conditioned, direct, skipped = ifd_pairs([sample_records[0], long_record], tokenizer, "alpaca", 128)
-    assert kept == [0] and skipped == [1]
-    assert conditioned[0].labels[-len(direct[0].input_ids) + 3 :] == direct[0].labels[3:]  # same answer tokens
+def test_both_passes_score_the_same_answer_tokens_after_the_same_tag(tiny, sample_records):
+    """Cherry's conditioned and direct texts both end in the response tag: the tokens just before the answer
+    and the answer's token ids are identical in the two passes (also for a truncated answer)."""
+    _, tokenizer = tiny
+    records = [*sample_records[:40], InstructionRecord("Quote it.", '"To be or not to be."'),
+               InstructionRecord("Repeat.", " ".join(["word"] * 400))]
+    for template, tag in (("alpaca", "### Response:"), ("chat", "<|im_start|>assistant\n")):
+        kept, conditioned, direct, skipped, truncated = ifd_pairs(records, tokenizer, template, 256)
+        assert len(kept) == len(records) and not skipped and len(records) - 1 in truncated
+        tag_length = len(tokenizer(tag).input_ids)
+        for pair in zip(conditioned, direct, strict=True):
+            starts = [example.labels.index(next(label for label in example.labels if label != -100)) for example in pair]
+            assert starts[1] == tag_length
+            assert pair[0].input_ids[starts[0] - tag_length : starts[0]] == pair[1].input_ids[:tag_length]
+            assert pair[0].input_ids[starts[0] :] == pair[1].input_ids[starts[1] :]  # the same answer token ids
+            assert tokenizer.decode(pair[1].input_ids[:tag_length]) == tag
+
+
+def test_over_length_answers_are_truncated_like_cherry_or_skipped_on_request(tiny, sample_records):
+    _, tokenizer = tiny
+    long_answer = InstructionRecord("Repeat.", " ".join(["word"] * 400))
+    long_prompt = InstructionRecord(" ".join(["word"] * 200), "Fine.")
+    records = [sample_records[0], long_answer, long_prompt]
+    kept, conditioned, direct, skipped, truncated = ifd_pairs(records, tokenizer, "alpaca", 128)
+    assert kept == [0, 1] and skipped == [2] and truncated == [1]  # skipped only: no room left for the answer
+    assert len(conditioned[1].input_ids) == 128
+    assert conditioned[1].response_tokens == direct[1].response_tokens == 128 - len(tokenizer(
+        ALPACA_PROMPT_NO_INPUT.format(instruction="Repeat.")).input_ids)
+    kept, _, _, skipped, truncated = ifd_pairs(records, tokenizer, "alpaca", 128, overlength="skip")
+    assert kept == [0] and skipped == [1, 2] and truncated == []
 
 
 def test_cache_reuses_scores_and_resumes_partial_work(tiny, sample_records, tmp_path):
@@ -97,7 +121,7 @@ def test_killed_scoring_resumes_from_finished_chunks(tiny, sample_records, tmp_p
     model, tokenizer = tiny
     records = sample_records[:30]
     cache = ArtifactCache(tmp_path)
-    _, conditioned, direct, _ = ifd_pairs(records, tokenizer, "chat", 512)
+    _, conditioned, direct, _, _ = ifd_pairs(records, tokenizer, "chat", 512)
     examples = conditioned + direct
     full, _ = scoring.mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id, chunk_size=16)
 
@@ -179,7 +203,7 @@ def _examples(tokenizer) -> list[TokenizedExample]:
     from harness.data import load_instruction_data
 
     records = load_instruction_data("alpaca-sample").records[:20]
-    _, conditioned, direct, _ = ifd_pairs(records, tokenizer, "alpaca", 512)
+    _, conditioned, direct, _, _ = ifd_pairs(records, tokenizer, "alpaca", 512)
     return conditioned + direct
 
 
