@@ -79,10 +79,10 @@ def middle_confidence_samples(labels: np.ndarray, perplexities: np.ndarray, per_
 
 def experience_samples(
     model: Any, tokenizer: Any, records: list[InstructionRecord], template: str, params: Params, seed: int
-) -> list[int]:
-    """Cherry's pre-experience selection: the "pre" pass of data_analysis.py (each instruction prompt,
-    truncated at max_length: its perplexity and mean last hidden state), K-means on the embeddings, then
-    middle_confidence_samples."""
+) -> tuple[list[int], int]:
+    """(chosen record indices, tokens of the forward pass): Cherry's pre-experience selection, the "pre" pass
+    of data_analysis.py (each instruction prompt, truncated at max_length: its perplexity and mean last hidden
+    state), K-means on the embeddings, then middle_confidence_samples."""
     from sklearn.cluster import KMeans
 
     add_bos = template == "alpaca"
@@ -94,17 +94,18 @@ def experience_samples(
     embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id)
     clusters = min(params.experience_clusters, len(records))
     labels = KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit_predict(embeddings)
-    return middle_confidence_samples(labels, perplexities, params.experience_per_cluster)
+    tokens = sum(len(example.input_ids) for example in examples)
+    return middle_confidence_samples(labels, perplexities, params.experience_per_cluster), tokens
 
 
 def run(ctx: RunContext) -> RecipeOutput:
     params: Params = ctx.params  # type: ignore[assignment]
     records = ctx.data.records
     model, tokenizer = ctx.base_model()
-    scorer, scorer_key, experience = model, ctx.base_model_key, []
+    scorer, scorer_key, experience, experience_tokens = model, ctx.base_model_key, [], 0
     if params.brief_experience:
         with ctx.stage("experience_selection"):
-            experience = experience_samples(model, tokenizer, records, ctx.spec.training.template, params, ctx.spec.seed)
+            experience, experience_tokens = experience_samples(model, tokenizer, records, ctx.spec.training.template, params, ctx.spec.seed)
         scorer, _ = ctx.train(
             model, tokenizer, [records[i] for i in experience], stage="experience",
             overrides={"epochs": 1.0, "max_steps": -1}, overhead=True,
@@ -123,6 +124,7 @@ def run(ctx: RunContext) -> RecipeOutput:
     details = {
         "scorer": "experienced-model" if params.brief_experience else "base-model",
         "experience_samples": len(experience),
+        "extra_scoring_tokens": experience_tokens,  # the experience selection's forward pass: method overhead
         "scored": int(len(valid)),
         "skipped": len(scores.skipped),
         "truncated": len(scores.truncated),
