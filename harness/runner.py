@@ -40,7 +40,7 @@ from harness.records import (
     library_versions,
     peak_memory,
 )
-from harness.scoring import IFDScores, ScoringStats, compute_ifd
+from harness.scoring import IFDScores, Overlength, ScoringStats, compute_ifd
 from harness.spec import RunSpec, spec_to_yaml, validate_params
 from harness.templates import tokenize_for_training
 from harness.training import (
@@ -288,12 +288,16 @@ class RunContext:
         for checkpoint in stage_dir.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
 
-    def ifd(self, model: Any, tokenizer: Any, records: list[InstructionRecord], *, model_key: str, max_length: int) -> IFDScores:
-        """IFD of the records under `model`, through the shared artifact cache (computed once per key)."""
+    def ifd(
+        self, model: Any, tokenizer: Any, records: list[InstructionRecord], *, model_key: str, max_length: int,
+        overlength: Overlength = "truncate",
+    ) -> IFDScores:
+        """IFD of the records under `model`, through the shared artifact cache (computed once per key);
+        `overlength`: truncate over-length examples as Cherry LLM does, or skip them."""
         with self.stage("score:ifd"):
             scores = compute_ifd(
                 model, tokenizer, records, template=self.spec.training.template, max_length=max_length,
-                model_key=model_key, cache=self.cache, console=self.console,
+                overlength=overlength, model_key=model_key, cache=self.cache, console=self.console,
             )
         self.scoring.add(scores.stats)
         return scores

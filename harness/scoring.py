@@ -3,9 +3,14 @@ return each example's mean response-token loss, and IFD on top of it.
 
 IFD follows the Cherry LLM code (tianyi-lab/Cherry_LLM, cherry_seletion/data_analysis.py and
 data_by_IFD.py): s(A|Q) is the mean loss of the answer tokens after template(instruction, input);
-s(A) the mean loss of the same answer tokens after the response tag alone ("### Response:" for the
-Alpaca template); IFD = s(A|Q) / s(A). The answer carries no EOS. Examples whose prompt + answer
-exceed max_length are skipped and reported, never truncated.
+s(A) the mean loss of the answer tokens after the response tag alone, the text every prompt of the
+template ends with ("### Response:" for the Alpaca template); IFD = s(A|Q) / s(A). The answer carries no
+EOS. Each text is tokenized whole and the answer starts after len(tokenize(prefix)) tokens, as there.
+Over-length examples are truncated as Cherry does (`overlength="truncate"`, the default): the conditioned
+text is cut at max_length and the direct text at max_length - prompt tokens + tag tokens (Cherry's "+4" is
+the tag's length with BOS under LLaMA's tokenizer), so both passes keep the same answer tokens; a record is
+skipped only when its prompt leaves no token for the answer, or the answer is empty. `overlength="skip"`
+skips every record whose prompt + answer exceeds max_length instead.
 
 Speed: both passes of every example go through one packed stream (no padding work), the LM head is
 applied only at answer positions, the template's preamble that every conditioned prompt starts with
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +43,7 @@ from harness.artifacts import ArtifactCache, content_key
 from harness.batching import collate_rows, pack_best_fit
 from harness.cpu_kernels import onednn_inference
 from harness.data import InstructionRecord
+from harness.errors import HarnessError
 from harness.interrupts import kill_point_for_tests
 from harness.losses import (
     final_hidden_states,
@@ -45,9 +51,13 @@ from harness.losses import (
     response_token_losses,
     shared_prefix_states,
 )
-from harness.templates import TokenizedExample, render_prompt, response_tag
+from harness.templates import TokenizedExample, render_prompt, response_tag, tokenize_example
 
-SCORING_ENGINE_VERSION = "3"  # 2: shared-prefix keys/values; 3: oneDNN kernels on CPU (both: equal within float rounding)
+# 2: shared-prefix keys/values; 3: oneDNN kernels on CPU (both: equal within float rounding);
+# 4: Stanford Alpaca's prompt (no newline after "### Response:"), texts tokenized whole, truncation as Cherry's
+SCORING_ENGINE_VERSION = "4"
+OVERLENGTH_MODES = ("truncate", "skip")
+Overlength = Literal["truncate", "skip"]
 MIN_SHARED_PREFIX = 2  # tokens: a shorter common prefix saves nothing
 
 
@@ -207,12 +217,14 @@ def mean_response_losses(
 
 @dataclass
 class IFDScores:
-    """Per-record IFD; NaN where the record was skipped (over-length or empty answer)."""
+    """Per-record IFD; NaN where the record was skipped (no room for the answer, empty answer, or over-length
+    under overlength="skip"). `truncated`: records scored on the first tokens of their answer."""
 
     conditioned_loss: np.ndarray  # s(A|Q)
     direct_loss: np.ndarray  # s(A)
     skipped: list[int] = field(default_factory=list)
     stats: ScoringStats = field(default_factory=ScoringStats)
+    truncated: list[int] = field(default_factory=list)
 
     @property
     def ifd(self) -> np.ndarray:
@@ -224,6 +236,7 @@ class IFDScores:
             "conditioned_loss": [None if math.isnan(v) else v for v in self.conditioned_loss.tolist()],
             "direct_loss": [None if math.isnan(v) else v for v in self.direct_loss.tolist()],
             "skipped": self.skipped,
+            "truncated": self.truncated,
         }
 
     @classmethod
@@ -231,28 +244,56 @@ class IFDScores:
         def array(values: list[float | None]) -> np.ndarray:
             return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
-        return cls(array(payload["conditioned_loss"]), array(payload["direct_loss"]), list(payload["skipped"]))
+        return cls(array(payload["conditioned_loss"]), array(payload["direct_loss"]), list(payload["skipped"]),
+                   truncated=list(payload.get("truncated", [])))
+
+
+class IFDPairs(NamedTuple):
+    kept: list[int]  # record indices scored, in order
+    conditioned: list[TokenizedExample]  # template(instruction, input) + answer
+    direct: list[TokenizedExample]  # response tag + answer
+    skipped: list[int]
+    truncated: list[int]  # of the kept records, those whose answer was cut at max_length
+
+
+def _cut(example: TokenizedExample, length: int) -> TokenizedExample:
+    return TokenizedExample(example.input_ids[:length], example.labels[:length])
 
 
 def ifd_pairs(
-    records: Sequence[InstructionRecord], tokenizer: Any, template: str, max_length: int
-) -> tuple[list[int], list[TokenizedExample], list[TokenizedExample], list[int]]:
-    """(kept record indices, conditioned examples, direct examples, skipped indices).
+    records: Sequence[InstructionRecord], tokenizer: Any, template: str, max_length: int,
+    overlength: Overlength = "truncate",
+) -> IFDPairs:
+    """The two texts of every record, tokenized as Cherry's data_analysis.py does (see the module docstring).
 
-    The answer is tokenized once, so both passes score exactly the same answer tokens."""
+    Both texts end in the template's response tag, so the answer follows the same text in both passes and
+    is tokenized the same; truncation keeps the same number of answer tokens in both."""
+    if overlength not in OVERLENGTH_MODES:
+        raise HarnessError(f"IFD overlength '{overlength}': must be one of {', '.join(OVERLENGTH_MODES)}")
     add_bos = template == "alpaca"
-    tag_ids = tokenizer(response_tag(template, tokenizer), add_special_tokens=add_bos).input_ids
-    kept, conditioned, direct, skipped = [], [], [], []
+    tag = response_tag(template, tokenizer)
+    tag_length = len(tokenizer(tag, add_special_tokens=add_bos).input_ids)
+    pairs = IFDPairs([], [], [], [], [])
     for index, record in enumerate(records):
-        prompt_ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids
-        answer_ids = tokenizer(record.output, add_special_tokens=False).input_ids
-        if not answer_ids or len(prompt_ids) + len(answer_ids) > max_length:
-            skipped.append(index)
+        prompt = render_prompt(record, template, tokenizer)
+        prompt_length = len(tokenizer(prompt, add_special_tokens=add_bos).input_ids)
+        conditioned = tokenize_example(prompt, record.output, tokenizer, add_bos)
+        direct = tokenize_example(tag, record.output, tokenizer, add_bos)
+        too_long = len(conditioned.input_ids) > max_length
+        if too_long and overlength == "skip":
+            pairs.skipped.append(index)
             continue
-        kept.append(index)
-        conditioned.append(TokenizedExample(prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
-        direct.append(TokenizedExample(tag_ids + answer_ids, [-100] * len(tag_ids) + answer_ids))
-    return kept, conditioned, direct, skipped
+        room = max_length - prompt_length  # answer tokens the conditioned text can hold
+        conditioned, direct = _cut(conditioned, max_length), _cut(direct, tag_length + room)
+        if room <= 0 or not conditioned.response_tokens or not direct.response_tokens:
+            pairs.skipped.append(index)
+            continue
+        pairs.kept.append(index)
+        pairs.conditioned.append(conditioned)
+        pairs.direct.append(direct)
+        if too_long:
+            pairs.truncated.append(index)
+    return pairs
 
 
 def compute_ifd(
@@ -262,12 +303,13 @@ def compute_ifd(
     *,
     template: str,
     max_length: int = 512,
+    overlength: Overlength = "truncate",
     model_key: str,
     cache: ArtifactCache | None = None,
     console: Console | None = None,
     rows_per_batch: int = 4,
 ) -> IFDScores:
-    """IFD of every record under `model`; cached under (model_key, data, template, max_length, dtype)."""
+    """IFD of every record under `model`; cached under (model_key, data, template, max_length, overlength, dtype)."""
     dtype = str(next(model.parameters()).dtype)
     key = content_key(
         kind="ifd",
@@ -276,6 +318,7 @@ def compute_ifd(
         dtype=dtype,
         template=template,
         max_length=max_length,
+        overlength=overlength,
         records=[record.id for record in records],
     )
     if cache is not None:
@@ -287,7 +330,7 @@ def compute_ifd(
             kept = len(records) - len(result.skipped)
             result.stats = ScoringStats(sequences=2 * kept, cached=2 * kept, forward_tokens=stored.get("forward_tokens", 0))
             return result
-    kept, conditioned, direct, skipped = ifd_pairs(records, tokenizer, template, max_length)
+    kept, conditioned, direct, skipped, truncated = ifd_pairs(records, tokenizer, template, max_length, overlength)
     losses, stats = mean_response_losses(
         model,
         conditioned + direct,
@@ -305,7 +348,7 @@ def compute_ifd(
     direct_loss = np.full(len(records), np.nan)
     conditioned_loss[kept] = losses[: len(kept)]
     direct_loss[kept] = losses[len(kept) :]
-    result = IFDScores(conditioned_loss, direct_loss, skipped, stats)
+    result = IFDScores(conditioned_loss, direct_loss, skipped, stats, truncated)
     if cache is not None:
         cache.save("ifd", key, result.to_json() | {"forward_tokens": stats.forward_tokens})
     return result

@@ -8,17 +8,19 @@ from typing import Any
 from harness.data import InstructionRecord
 from harness.errors import HarnessError
 
-# The Stanford Alpaca prompt (tatsu-lab/stanford_alpaca, train.py), as used by Cherry LLM and NEFTune.
+# The Stanford Alpaca prompt, verbatim from tatsu-lab/stanford_alpaca train.py (PROMPT_DICT, commit 761dc5b)
+# and tianyi-lab/Cherry_LLM cherry_seletion/data_analysis.py (the same PROMPT_DICT): it ends "### Response:"
+# with NO newline, and the response follows directly (Stanford's target is f"{output}{eos_token}").
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
 )
-ALPACA_RESPONSE_TAG = "### Response:"  # Cherry LLM's direct text is "### Response:" + output
+ALPACA_RESPONSE_TAG = "### Response:"  # Cherry LLM's direct text is "### Response:" + output: the prompts' own ending
 
 
 # ----------------------------------------------------------------------------- Phased IFT's template
@@ -68,10 +70,11 @@ def render_prompt(record: InstructionRecord, template: str, tokenizer: Any) -> s
 
 
 def response_tag(template: str, tokenizer: Any) -> str:
-    """The text just before a response: Cherry LLM's 'direct' IFD pass conditions on this alone."""
+    """The text just before a response, the ending every prompt of the template shares: Cherry LLM's
+    'direct' IFD pass conditions on this alone, so the answer follows the same text in both passes."""
     if template == "alpaca":
         return ALPACA_RESPONSE_TAG
-    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True)
+    empty = render_prompt(InstructionRecord(instruction="", output=""), template, tokenizer)
     marker = "<|im_start|>assistant\n"
     return marker if marker in empty else empty
 
@@ -97,10 +100,14 @@ class TokenizeStats:
 
 
 def tokenize_example(prompt: str, response: str, tokenizer: Any, add_bos: bool) -> TokenizedExample:
-    """Tokenize prompt and response separately so the label boundary is exact."""
+    """Stanford Alpaca's tokenization (train.py `preprocess`), which Cherry LLM's scoring repeats: the
+    whole text prompt + response is tokenized at once and the first len(tokenize(prompt)) tokens are
+    the prompt (label -100). Tokens are then exactly what a tokenizer makes of the text the model reads
+    at generation time, even where a tokenizer would merge across the boundary."""
     prompt_ids = tokenizer(prompt, add_special_tokens=add_bos).input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    return TokenizedExample(prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids)
+    full_ids = tokenizer(prompt + response, add_special_tokens=add_bos).input_ids
+    boundary = min(len(prompt_ids), len(full_ids))
+    return TokenizedExample(full_ids, [-100] * boundary + full_ids[boundary:])
 
 
 def tokenize_for_training(

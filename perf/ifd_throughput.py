@@ -59,12 +59,12 @@ def reference_ifd(model, tokenizer, records: list[InstructionRecord], max_length
     for index, record in enumerate(records):
         template = ALPACA_PROMPT_WITH_INPUT if record.input.strip() else ALPACA_PROMPT_NO_INPUT
         prompt = template.format(instruction=record.instruction, input=record.input)
-        prompt_len = len(tokenizer.encode(prompt))
-        answer_len = len(tokenizer.encode(record.output, add_special_tokens=False))
-        if prompt_len + answer_len > max_length:
-            continue  # skipped, as the reference does
+        prompt_len = len(tokenizer.encode(prompt, truncation=True, max_length=max_length))
+        if max_length - prompt_len <= 0 or not record.output:
+            continue  # skipped, as data_by_IFD.py does; longer answers are truncated
+        # the reference's "+ 4" is the tag's length with BOS under LLaMA's tokenizer: the tag's length here
         direct = reference_part_loss(model, tokenizer, "### Response:" + record.output, record.output,
-                                     max_length - prompt_len + 4, device)
+                                     max_length - prompt_len + len(tokenizer.encode("### Response:")), device)
         conditioned = reference_part_loss(model, tokenizer, prompt + record.output, record.output, max_length, device)
         scores[index] = conditioned / direct
     return scores

@@ -1,11 +1,15 @@
-"""IFD-selected data, "Cherry LLM" (Li et al., arXiv 2308.12032; code tianyi-lab/Cherry_LLM), recipes.md section 3.
+"""IFD-selected data, "Cherry LLM" (Li et al., arXiv 2308.12032; code tianyi-lab/Cherry_LLM), docs/recipes.md "ifd".
 
-1. Optional "brief experience": embed every instruction prompt with the RAW base model (mean of the last
-   hidden state), K-means into 100 clusters, in each cluster keep the samples between the 25th and 75th
-   percentile of instruction perplexity and take 10 evenly spaced among them, then train the base model
-   1 epoch on those (<= 1,000) samples. Off by default: the authors' V2 (Llama-2) skips it and scores
-   with the base model, and the paper reports random choice works about as well.
-2. Score IFD = s(A|Q) / s(A) with the experienced model (or the base model) - harness.scoring.
+1. Optional "brief experience" (Cherry's cherry_seletion/data_by_cluster.py, run as in
+   scripts/pre_experience_selection.sh): embed every instruction prompt with the RAW base model (mean of the
+   last hidden state), K-means into 100 clusters; a cluster of fewer than 10 members is kept whole; in a larger
+   one keep the members between the 25th and 75th percentile of instruction perplexity (all of them if fewer
+   than 10) or else 10 of them, taken with a stride of len // 10 in dataset order. Train the base model 1 epoch
+   on those (<= 1,000) samples: the method's overhead, recorded apart from the target training. Off by
+   default: the authors' V2 (Llama-2) skips it and scores with the base model, and the paper reports random
+   choice works about as well.
+2. Score IFD = s(A|Q) / s(A) with the experienced model (or the base model) - harness.scoring, over-length
+   examples truncated at `scoring_max_length` as Cherry does (or skipped: `scoring_overlength=skip`).
 3. Drop IFD > 1 (the instruction does not help: a misaligned pair), sort the rest by IFD descending and
    keep the top `rate` of that filtered set (default 10%; the paper's G.2 calls 5-15% safe).
 4. Train the base model on the selection with the shared training settings.
@@ -13,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,7 +41,9 @@ class Params(BaseModel):
     brief_experience: bool = False
     experience_clusters: int = Field(100, gt=0)
     experience_per_cluster: int = Field(10, gt=0)
-    scoring_max_length: int = Field(512, gt=8, description="over-length examples are skipped, never truncated")
+    scoring_max_length: int = Field(512, gt=8, description="token limit of the scored texts (Cherry: 512)")
+    scoring_overlength: Literal["truncate", "skip"] = Field(
+        "truncate", description="over-length examples: truncated as Cherry LLM does, or skipped")
 
 
 def select_top_ifd(ifd: np.ndarray, rate: float, drop_above_one: bool = True) -> list[int]:
@@ -48,52 +54,71 @@ def select_top_ifd(ifd: np.ndarray, rate: float, drop_above_one: bool = True) ->
     return sorted(candidates[:keep])
 
 
+# Cherry's scripts/pre_experience_selection.sh passes --low_th 25 --up_th 75 to data_by_cluster.py
+EXPERIENCE_PERCENTILES = (25.0, 75.0)
+
+
+def middle_confidence_samples(labels: np.ndarray, perplexities: np.ndarray, per_cluster: int) -> list[int]:
+    """Cherry's sample_middle_confidence_data (cherry_seletion/data_by_cluster.py), cluster by cluster: a
+    cluster of fewer than `per_cluster` members is kept whole; otherwise its members (in dataset order) with
+    perplexity within the 25th-75th percentile band of the cluster are kept whole if fewer than
+    `per_cluster`, else `per_cluster` of them are taken with stride len // per_cluster from the first."""
+    chosen: list[int] = []
+    for cluster in np.unique(labels):
+        members = np.flatnonzero(labels == cluster)  # ascending: dataset order
+        if len(members) < per_cluster:
+            chosen.extend(int(i) for i in members)
+            continue
+        values = perplexities[members]
+        low, high = (np.percentile(values, q) for q in EXPERIENCE_PERCENTILES)
+        middle = members[(values >= low) & (values <= high)]
+        if len(middle) < per_cluster:
+            chosen.extend(int(i) for i in middle)
+        else:
+            chosen.extend(int(i) for i in middle[:: len(middle) // per_cluster][:per_cluster])
+    return sorted(chosen)
+
+
 def experience_samples(
     model: Any, tokenizer: Any, records: list[InstructionRecord], template: str, params: Params, seed: int
-) -> list[int]:
-    """Cherry's pre-experience selection: K-means on instruction embeddings, 25th-75th percentile of
-    instruction perplexity per cluster, `experience_per_cluster` evenly spaced by perplexity."""
+) -> tuple[list[int], int]:
+    """(chosen record indices, tokens of the forward pass): Cherry's pre-experience selection, the "pre" pass
+    of data_analysis.py (each instruction prompt, truncated at max_length: its perplexity and mean last hidden
+    state), K-means on the embeddings, then middle_confidence_samples."""
     from sklearn.cluster import KMeans
 
     add_bos = template == "alpaca"
     examples = []
     for record in records:
         ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids
+        ids = ids[: params.scoring_max_length]
         examples.append(TokenizedExample(ids, [-100] + ids[1:]))
     embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id)
     clusters = min(params.experience_clusters, len(records))
     labels = KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit_predict(embeddings)
-    chosen: list[int] = []
-    for cluster in range(clusters):
-        members = np.flatnonzero(labels == cluster)
-        values = perplexities[members]
-        low, high = np.percentile(values, 25), np.percentile(values, 75)
-        middle = sorted((i for i in members if low <= perplexities[i] <= high), key=lambda i: perplexities[i])
-        if not middle:
-            continue
-        count = min(params.experience_per_cluster, len(middle))
-        positions = np.unique(np.linspace(0, len(middle) - 1, count).round().astype(int))
-        chosen.extend(int(middle[p]) for p in positions)
-    return sorted(chosen)
+    tokens = sum(len(example.input_ids) for example in examples)
+    return middle_confidence_samples(labels, perplexities, params.experience_per_cluster), tokens
 
 
 def run(ctx: RunContext) -> RecipeOutput:
     params: Params = ctx.params  # type: ignore[assignment]
     records = ctx.data.records
     model, tokenizer = ctx.base_model()
-    scorer, scorer_key, experience = model, ctx.base_model_key, []
+    scorer, scorer_key, experience, experience_tokens = model, ctx.base_model_key, [], 0
     if params.brief_experience:
         with ctx.stage("experience_selection"):
-            experience = experience_samples(model, tokenizer, records, ctx.spec.training.template, params, ctx.spec.seed)
+            experience, experience_tokens = experience_samples(model, tokenizer, records, ctx.spec.training.template, params, ctx.spec.seed)
         scorer, _ = ctx.train(
-            model, tokenizer, [records[i] for i in experience], stage="experience", overrides={"epochs": 1.0, "max_steps": -1}
+            model, tokenizer, [records[i] for i in experience], stage="experience",
+            overrides={"epochs": 1.0, "max_steps": -1}, overhead=True,
         )
         scorer_key = content_key(
             base=ctx.base_model_key, experience=[records[i].id for i in experience],
             training=ctx.training_key(ctx.spec.training), seed=ctx.spec.seed,
         )
         model, tokenizer = ctx.base_model()  # the selection trains the RAW base model
-    scores = ctx.ifd(scorer, tokenizer, records, model_key=scorer_key, max_length=params.scoring_max_length)
+    scores = ctx.ifd(scorer, tokenizer, records, model_key=scorer_key, max_length=params.scoring_max_length,
+                     overlength=params.scoring_overlength)
     ifd = scores.ifd
     selected = select_top_ifd(ifd, params.rate, params.drop_above_one)
     trained, _ = ctx.train(model, tokenizer, [records[i] for i in selected], stage="sft")
@@ -101,8 +126,10 @@ def run(ctx: RunContext) -> RecipeOutput:
     details = {
         "scorer": "experienced-model" if params.brief_experience else "base-model",
         "experience_samples": len(experience),
+        "extra_scoring_tokens": experience_tokens,  # the experience selection's forward pass: method overhead
         "scored": int(len(valid)),
-        "skipped_over_length": len(scores.skipped),
+        "skipped": len(scores.skipped),
+        "truncated": len(scores.truncated),
         "above_one": int((valid > 1).sum()),
         "selected": len(selected),
         "selected_fraction_of_pool": round(len(selected) / len(records), 4),

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="this torch 
 
 def tiny_batch(tiny, sample_records):
     model, tokenizer = tiny
-    _, conditioned, direct, _ = ifd_pairs(sample_records[:12], tokenizer, "alpaca", 512)
+    _, conditioned, direct, _, _ = ifd_pairs(sample_records[:12], tokenizer, "alpaca", 512)
     examples = conditioned + direct
     batch = collate_rows([examples[:8], examples[8:16], examples[16:]], tokenizer.pad_token_id)
     return batch, len(examples)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from harness import scoring
@@ -43,6 +44,103 @@ def test_ifd_matches_an_independent_per_example_computation(tiny, sample_records
     assert result.stats.shared_prefix_tokens > 0  # the template preamble was run once, not per example
 
 
+# ---- Cherry LLM's scoring, reimplemented from tianyi-lab/Cherry_LLM (commit 01fac8d) cherry_seletion/data_analysis.py
+# (--mod cherry --prompt alpaca: get_perplexity_and_embedding_part_text) and data_by_IFD.py (get_loss_part_text and
+# the loop of main), batch 1, one record at a time, fp32, a per-token log_softmax/NLL loop as published.
+CHERRY_PROMPT_DICT = {  # verbatim from data_analysis.py (= Stanford Alpaca's train.py)
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+
+def cherry_part_text(tokenizer, model, text: str, target_span: str, max_length: int) -> tuple[int, np.ndarray]:
+    """(answer tokens, their losses): data_analysis.py's token losses cut as data_by_IFD.py's get_loss_part_text."""
+    log_softmax, nll_loss = torch.nn.LogSoftmax(dim=-1), torch.nn.NLLLoss(reduction="none")
+    input_ids = tokenizer.encode(text, return_tensors="pt", truncation=True, max_length=max_length)
+    start_token = len(tokenizer.encode(text[: text.rfind(target_span)]))
+    end_token = input_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    losses = []
+    for i in range(1, end_token):
+        log_prob_dist = log_softmax(logits[0, i - 1])
+        losses.append(nll_loss(log_prob_dist.unsqueeze(0), input_ids[0, i].unsqueeze(0)).item())
+    return end_token - start_token, np.array(losses[start_token - 1 : end_token - 1])
+
+
+def cherry_ifd(tokenizer, model, record: InstructionRecord, max_length: int) -> tuple[float, float] | None:
+    """(s(A|Q), s(A)) as Cherry computes them, or None where data_by_IFD.py skips the record (`continue`).
+
+    The published code truncates the direct text at max_length - instruct_len + 4: 4 is the length of
+    "### Response:" with BOS under its LLaMA tokenizer, written here as that length under this tokenizer."""
+    output = record.output
+    direct_answer_text = "### Response:" + output
+    key = "prompt_input" if record.input != "" else "prompt_no_input"
+    prompt = CHERRY_PROMPT_DICT[key].format_map({"instruction": record.instruction, "input": record.input})
+    whole_text = prompt + output
+    tag_tokens = len(tokenizer.encode("### Response:"))  # 4 under LLaMA's tokenizer
+    instruct_len = tokenizer.encode(prompt, return_tensors="pt", truncation=True, max_length=max_length).shape[1]
+    if not max_length - instruct_len > 0:
+        return None
+    len_1, loss_1 = cherry_part_text(tokenizer, model, direct_answer_text, output, max_length - instruct_len + tag_tokens)
+    len_2, loss_2 = cherry_part_text(tokenizer, model, whole_text, output, max_length)
+    if len_1 <= 0 or len_2 <= 0 or instruct_len + len_1 > max_length:
+        return None
+    return float(loss_2.mean()), float(loss_1.mean())
+
+
+def cherry_records(sample_records) -> list[InstructionRecord]:
+    """A handful: short and long answers (some cut at max_length 160), an input, a quoted answer (where a
+    tokenizer may merge ':"' across the prompt/answer boundary), a prompt that leaves no room, an empty answer."""
+    by_length = sorted(sample_records[:200], key=lambda r: len(r.output))
+    with_input = next(r for r in sample_records if r.input)
+    return [*by_length[:2], *by_length[-2:], with_input, InstructionRecord("Quote Hamlet.", '"To be, or not to be."'),
+            InstructionRecord(" ".join(["word"] * 200), "Fine."), InstructionRecord("Say nothing.", "")]
+
+
+def assert_matches_cherry(model, tokenizer, records: list[InstructionRecord], max_length: int, tmp_path) -> None:
+    result = compute_ifd(model, tokenizer, records, template="alpaca", max_length=max_length, model_key="cherry",
+                         cache=ArtifactCache(tmp_path))
+    expected = [cherry_ifd(tokenizer, model, record, max_length) for record in records]
+    # skipped by both: the 1-token answer whose prompt (with a long input) fills max_length, the 200-word
+    # instruction, the empty answer
+    assert result.skipped == [i for i, value in enumerate(expected) if value is None] == [0, 6, 7]
+    assert result.truncated and result.stats.shared_prefix_tokens > 0  # cut answers; the packed, shared-prefix engine
+    for index, value in enumerate(expected):
+        if value is None:
+            continue
+        conditioned, direct = value
+        assert abs(result.conditioned_loss[index] - conditioned) < 1e-4
+        assert abs(result.direct_loss[index] - direct) < 1e-4
+        assert abs(result.ifd[index] - conditioned / direct) < 1e-4
+
+
+def test_ifd_reproduces_cherry_llm_data_analysis_on_the_tiny_model(tiny, sample_records, tmp_path):
+    model, tokenizer = tiny
+    assert_matches_cherry(model, tokenizer, cherry_records(sample_records), 160, tmp_path)
+
+
+@pytest.mark.slow
+def test_ifd_reproduces_cherry_llm_data_analysis_on_smollm2(sample_records, tmp_path):
+    from harness.models import load_model_and_tokenizer, resolve_model
+    from tests.conftest import require_smollm2
+
+    model, tokenizer = load_model_and_tokenizer(resolve_model("smollm2-135m-instruct", str(require_smollm2())))
+    records = cherry_records(sample_records)
+    ids = [tokenizer.encode(CHERRY_PROMPT_DICT["prompt_no_input"].format(instruction="Quote Hamlet.") + text)
+           for text in ('"To be, or not to be."', "")]
+    assert len(ids[0]) - len(ids[1]) < len(tokenizer.encode('"To be, or not to be."'))  # ':"' merges here
+    assert_matches_cherry(model, tokenizer, records, 160, tmp_path)
+
+
 def test_shared_prefix_plan_stops_before_the_first_labelled_token():
     examples = [
         TokenizedExample(list(range(20)) + [50, 51], [-100] * 20 + [50, 51]),
@@ -60,7 +158,7 @@ def test_shared_prefix_plan_stops_before_the_first_labelled_token():
 def test_shared_prefixes_give_the_same_losses(tiny, sample_records):
     model, tokenizer = tiny
     for template in ("alpaca", "chat"):
-        _, conditioned, _, _ = ifd_pairs(sample_records[:24], tokenizer, template, 512)
+        _, conditioned, _, _, _ = ifd_pairs(sample_records[:24], tokenizer, template, 512)
         plain, _ = scoring.mean_response_losses(model, conditioned, pad_token_id=tokenizer.pad_token_id)
         shared, stats = scoring.mean_response_losses(model, conditioned, pad_token_id=tokenizer.pad_token_id,
                                                      prefix_groups=[0] * len(conditioned))
@@ -69,12 +167,36 @@ def test_shared_prefixes_give_the_same_losses(tiny, sample_records):
         np.testing.assert_allclose(shared, plain, atol=1e-5)
 
 
-def test_over_length_examples_are_skipped_not_truncated(tiny, sample_records):
-    model, tokenizer = tiny
-    long_record = InstructionRecord("Repeat.", " ".join(["word"] * 400))
-    kept, conditioned, direct, skipped = ifd_pairs([sample_records[0], long_record], tokenizer, "alpaca", 128)
-    assert kept == [0] and skipped == [1]
-    assert conditioned[0].labels[-len(direct[0].input_ids) + 3 :] == direct[0].labels[3:]  # same answer tokens
+def test_both_passes_score_the_same_answer_tokens_after_the_same_tag(tiny, sample_records):
+    """Cherry's conditioned and direct texts both end in the response tag: the tokens just before the answer
+    and the answer's token ids are identical in the two passes (also for a truncated answer)."""
+    _, tokenizer = tiny
+    records = [*sample_records[:40], InstructionRecord("Quote it.", '"To be or not to be."'),
+               InstructionRecord("Repeat.", " ".join(["word"] * 400))]
+    for template, tag in (("alpaca", "### Response:"), ("chat", "<|im_start|>assistant\n")):
+        kept, conditioned, direct, skipped, truncated = ifd_pairs(records, tokenizer, template, 256)
+        assert len(kept) == len(records) and not skipped and len(records) - 1 in truncated
+        tag_length = len(tokenizer(tag).input_ids)
+        for pair in zip(conditioned, direct, strict=True):
+            starts = [example.labels.index(next(label for label in example.labels if label != -100)) for example in pair]
+            assert starts[1] == tag_length
+            assert pair[0].input_ids[starts[0] - tag_length : starts[0]] == pair[1].input_ids[:tag_length]
+            assert pair[0].input_ids[starts[0] :] == pair[1].input_ids[starts[1] :]  # the same answer token ids
+            assert tokenizer.decode(pair[1].input_ids[:tag_length]) == tag
+
+
+def test_over_length_answers_are_truncated_like_cherry_or_skipped_on_request(tiny, sample_records):
+    _, tokenizer = tiny
+    long_answer = InstructionRecord("Repeat.", " ".join(["word"] * 400))
+    long_prompt = InstructionRecord(" ".join(["word"] * 200), "Fine.")
+    records = [sample_records[0], long_answer, long_prompt]
+    kept, conditioned, direct, skipped, truncated = ifd_pairs(records, tokenizer, "alpaca", 128)
+    assert kept == [0, 1] and skipped == [2] and truncated == [1]  # skipped only: no room left for the answer
+    assert len(conditioned[1].input_ids) == 128
+    assert conditioned[1].response_tokens == direct[1].response_tokens == 128 - len(tokenizer(
+        ALPACA_PROMPT_NO_INPUT.format(instruction="Repeat.")).input_ids)
+    kept, _, _, skipped, truncated = ifd_pairs(records, tokenizer, "alpaca", 128, overlength="skip")
+    assert kept == [0] and skipped == [1, 2] and truncated == []
 
 
 def test_cache_reuses_scores_and_resumes_partial_work(tiny, sample_records, tmp_path):
@@ -97,7 +219,7 @@ def test_killed_scoring_resumes_from_finished_chunks(tiny, sample_records, tmp_p
     model, tokenizer = tiny
     records = sample_records[:30]
     cache = ArtifactCache(tmp_path)
-    _, conditioned, direct, _ = ifd_pairs(records, tokenizer, "chat", 512)
+    _, conditioned, direct, _, _ = ifd_pairs(records, tokenizer, "chat", 512)
     examples = conditioned + direct
     full, _ = scoring.mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id, chunk_size=16)
 
@@ -179,7 +301,7 @@ def _examples(tokenizer) -> list[TokenizedExample]:
     from harness.data import load_instruction_data
 
     records = load_instruction_data("alpaca-sample").records[:20]
-    _, conditioned, direct, _ = ifd_pairs(records, tokenizer, "alpaca", 512)
+    _, conditioned, direct, _, _ = ifd_pairs(records, tokenizer, "alpaca", 512)
     return conditioned + direct
 
 

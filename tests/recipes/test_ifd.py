@@ -1,9 +1,8 @@
 import numpy as np
 
-from harness.artifacts import ArtifactCache
 from harness.models import load_model_and_tokenizer, resolve_model
 from harness.scoring import compute_ifd
-from recipes.ifd import Params, experience_samples, select_top_ifd
+from recipes.ifd import Params, experience_samples, middle_confidence_samples, select_top_ifd
 from tests.recipes.helpers import TrainCalls, run_recipe
 
 
@@ -40,10 +39,36 @@ def test_second_recipe_reuses_cached_scores(tmp_path, monkeypatch):
     assert ifd["cost"]["scoring_tokens"] == phased["cost"]["scoring_tokens"] > 0  # the method's cost, cached or not
 
 
-def test_brief_experience_picks_mid_perplexity_samples_per_cluster(tiny, sample_records):
+def test_brief_experience_selection_follows_cherrys_rule_on_a_synthetic_layout():
+    """Cherry's sample_middle_confidence_data (data_by_cluster.py), 3 per cluster, band 25th-75th percentile."""
+    labels = np.full(30, -1)
+    perplexities = np.zeros(30)
+    labels[[3, 7]] = 0  # fewer than 3 members: kept whole
+    one = [1, 2, 4, 5, 6, 8, 9, 11, 12, 13, 14, 15]
+    labels[one], perplexities[one] = 1, [12, 1, 5, 9, 4, 11, 7, 2, 6, 10, 8, 3]
+    # band [3.75, 9.25] holds perplexities 4..9 at indices 4, 5, 6, 9, 12, 14 (dataset order): stride 6 // 3 = 2
+    two = [0, 10, 20, 29]
+    labels[two], perplexities[two] = 2, [4, 1, 3, 2]  # band [1.75, 3.25]: 20 and 29 only, fewer than 3: both
+    three = [16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27, 28]
+    labels[three], perplexities[three] = 3, 5.0  # all in the band: stride 12 // 3 = 4 -> positions 0, 4, 8
+    assert (labels >= 0).all()
+    chosen = middle_confidence_samples(labels, perplexities, 3)
+    assert chosen == sorted([3, 7] + [4, 6, 12] + [20, 29] + [16, 21, 25])
+
+
+def test_brief_experience_picks_per_cluster_samples_and_counts_as_overhead(tiny, sample_records, tmp_path, monkeypatch):
     model, tokenizer = tiny
     params = Params(brief_experience=True, experience_clusters=4, experience_per_cluster=3)
-    chosen = experience_samples(model, tokenizer, sample_records[:80], "chat", params, seed=0)
-    assert 4 <= len(chosen) <= 12
-    assert len(set(chosen)) == len(chosen)
-    assert ArtifactCache  # the experienced scorer is cached under its own key (covered in run tests)
+    chosen, tokens = experience_samples(model, tokenizer, sample_records[:80], "chat", params, seed=0)
+    assert 4 <= len(chosen) <= 12 and len(set(chosen)) == len(chosen) and tokens > 0
+    calls = TrainCalls(monkeypatch)
+    record = run_recipe("ifd", tmp_path / "runs", ["data.limit=80", "params.brief_experience=true",
+                                                   "params.experience_clusters=4", "params.experience_per_cluster=3",
+                                                   "training.max_steps=1"])
+    assert [stage for stage, _ in calls.calls] == ["experience", "sft"]
+    assert [r.id for r in calls.calls[0][1]] == [sample_records[i].id for i in chosen]
+    training, cost = record["training"], record["cost"]
+    assert cost["overhead_train_tokens"] == training["experience"]["real_tokens"] > 0  # the method's cost
+    assert cost["train_tokens"] == training["sft"]["real_tokens"]  # not counted as the target's training
+    assert cost["scoring_tokens"] == record["scoring"]["forward_tokens"] + tokens
+    assert record["recipe"]["experience_samples"] == len(chosen)
