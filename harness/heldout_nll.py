@@ -48,7 +48,7 @@ def tokenized_items(tokenizer: Any, template: str, settings: HeldoutNLLSettings)
     for position in fixed_subset(settings.limit, seed=settings.subset_seed, total=len(rows)):
         record = InstructionRecord(instruction=rows[position]["instruction"], output=rows[position]["output"])
         prompt = render_prompt(record, template, tokenizer)
-        example = tokenize_example(prompt, record.output + tokenizer.eos_token, tokenizer, add_bos=template == "alpaca")
+        example = tokenize_example(prompt, record.output + tokenizer.eos_token, tokenizer, template)
         if len(example.input_ids) - example.response_tokens >= settings.max_length - 1:
             continue
         positions.append(position)

@@ -51,7 +51,7 @@ from harness.losses import (
     response_token_losses,
     shared_prefix_states,
 )
-from harness.templates import TokenizedExample, render_prompt, response_tag, tokenize_example
+from harness.templates import TokenizedExample, adds_bos, render_prompt, response_tag, tokenize_example
 
 # 2: shared-prefix keys/values; 3: oneDNN kernels on CPU (both: equal within float rounding);
 # 4: Stanford Alpaca's prompt (no newline after "### Response:"), texts tokenized whole, truncation as Cherry's
@@ -270,15 +270,15 @@ def ifd_pairs(
     is tokenized the same; truncation keeps the same number of answer tokens in both."""
     if overlength not in OVERLENGTH_MODES:
         raise HarnessError(f"IFD overlength '{overlength}': must be one of {', '.join(OVERLENGTH_MODES)}")
-    add_bos = template == "alpaca"
+    add_bos = adds_bos(template)
     tag = response_tag(template, tokenizer)
     tag_length = len(tokenizer(tag, add_special_tokens=add_bos).input_ids)
     pairs = IFDPairs([], [], [], [], [])
     for index, record in enumerate(records):
         prompt = render_prompt(record, template, tokenizer)
         prompt_length = len(tokenizer(prompt, add_special_tokens=add_bos).input_ids)
-        conditioned = tokenize_example(prompt, record.output, tokenizer, add_bos)
-        direct = tokenize_example(tag, record.output, tokenizer, add_bos)
+        conditioned = tokenize_example(prompt, record.output, tokenizer, template)
+        direct = tokenize_example(tag, record.output, tokenizer, template)
         too_long = len(conditioned.input_ids) > max_length
         if too_long and overlength == "skip":
             pairs.skipped.append(index)

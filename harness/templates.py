@@ -33,6 +33,11 @@ USER_ASSISTANT = "user-assistant"
 PLAIN_TEMPLATES = ("alpaca", USER_ASSISTANT)  # plain text: the tokenizer adds BOS, as for Alpaca
 
 
+def adds_bos(template: str) -> bool:
+    """Plain-text templates get the tokenizer's BOS; chat templates carry their own special tokens."""
+    return template in PLAIN_TEMPLATES
+
+
 def render_user_assistant(record: InstructionRecord, eos: str) -> str:
     """`User: {instruction}[\n{input}]</s>\nAssistant: ` after any earlier turns (BOS comes from the tokenizer)."""
     turns = [f"User: {user}{eos}\nAssistant: {assistant}{eos}" for user, assistant in record.history]
@@ -74,6 +79,8 @@ def response_tag(template: str, tokenizer: Any) -> str:
     'direct' IFD pass conditions on this alone, so the answer follows the same text in both passes."""
     if template == "alpaca":
         return ALPACA_RESPONSE_TAG
+    if template == USER_ASSISTANT:
+        return "Assistant: "
     empty = render_prompt(InstructionRecord(instruction="", output=""), template, tokenizer)
     marker = "<|im_start|>assistant\n"
     return marker if marker in empty else empty
@@ -99,12 +106,20 @@ class TokenizeStats:
         return dict(vars(self))
 
 
-def tokenize_example(prompt: str, response: str, tokenizer: Any, add_bos: bool) -> TokenizedExample:
-    """Stanford Alpaca's tokenization (train.py `preprocess`), which Cherry LLM's scoring repeats: the
-    whole text prompt + response is tokenized at once and the first len(tokenize(prompt)) tokens are
-    the prompt (label -100). Tokens are then exactly what a tokenizer makes of the text the model reads
-    at generation time, even where a tokenizer would merge across the boundary."""
+def tokenize_example(prompt: str, response: str, tokenizer: Any, template: str) -> TokenizedExample:
+    """Prompt + response as the template's own training code tokenizes them, labels -100 on the prompt.
+
+    Alpaca and chat: Stanford Alpaca's tokenization (train.py `preprocess`), which Cherry LLM's scoring
+    repeats: the whole text is tokenized at once and the first len(tokenize(prompt)) tokens are the
+    prompt, so the tokens are what a tokenizer makes of the text the model reads at generation time,
+    even where it merges across the boundary. User/Assistant: PhasedSFT's `tokenize_example`
+    (xllm/xllm_dataset.py) tokenizes the turns apart, so the response's ids follow the prompt's as they
+    are. Plain-text templates get the tokenizer's BOS (chat templates carry their own special tokens)."""
+    add_bos = adds_bos(template)
     prompt_ids = tokenizer(prompt, add_special_tokens=add_bos).input_ids
+    if template == USER_ASSISTANT:
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids
+        return TokenizedExample(prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids)
     full_ids = tokenizer(prompt + response, add_special_tokens=add_bos).input_ids
     boundary = min(len(prompt_ids), len(full_ids))
     return TokenizedExample(full_ids, [-100] * boundary + full_ids[boundary:])
@@ -116,10 +131,9 @@ def tokenize_for_training(
     """Prompt + response + EOS, labels -100 on the prompt; over-long responses are truncated (counted)."""
     stats = TokenizeStats()
     examples = []
-    add_bos = template in PLAIN_TEMPLATES
     for record in records:
         prompt = render_prompt(record, template, tokenizer)
-        example = tokenize_example(prompt, record.output + tokenizer.eos_token, tokenizer, add_bos)
+        example = tokenize_example(prompt, record.output + tokenizer.eos_token, tokenizer, template)
         prompt_length = len(example.input_ids) - example.response_tokens
         if prompt_length >= max_length - 1:
             stats.dropped_prompt_too_long += 1

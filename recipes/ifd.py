@@ -26,7 +26,7 @@ from harness.artifacts import content_key
 from harness.data import InstructionRecord
 from harness.runner import RecipeOutput, RunContext
 from harness.scoring import embeddings_and_perplexity
-from harness.templates import TokenizedExample, render_prompt
+from harness.templates import TokenizedExample, adds_bos, render_prompt
 
 NAME = "ifd"
 DESCRIPTION = "IFD data selection (Cherry LLM): train on the top-IFD fraction, IFD <= 1 (Li et al. 2024)"
@@ -87,7 +87,7 @@ def experience_samples(
     state), K-means on the embeddings, then middle_confidence_samples."""
     from sklearn.cluster import KMeans
 
-    add_bos = template == "alpaca"
+    add_bos = adds_bos(template)
     examples = []
     for record in records:
         ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids

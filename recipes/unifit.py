@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness.concept_tree import build_concept_tree, select_with_coverage
 from harness.runner import RecipeOutput, RunContext
 from harness.scoring import embeddings_and_perplexity
-from harness.templates import TokenizedExample, render_prompt
+from harness.templates import TokenizedExample, adds_bos, render_prompt
 
 NAME = "unifit"
 DESCRIPTION = "UNIFIT (reconstruction): concept-tree coverage + IFD selection at 6% + per-sequence NEFTune"
@@ -48,7 +48,7 @@ def run(ctx: RunContext) -> RecipeOutput:
     records = ctx.data.records
     model, tokenizer = ctx.base_model()
     template = ctx.spec.training.template
-    add_bos = template == "alpaca"
+    add_bos = adds_bos(template)
     with ctx.stage("concept_tree"):
         prompts = []
         for record in records:

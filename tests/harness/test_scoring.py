@@ -173,7 +173,7 @@ def test_both_passes_score_the_same_answer_tokens_after_the_same_tag(tiny, sampl
     _, tokenizer = tiny
     records = [*sample_records[:40], InstructionRecord("Quote it.", '"To be or not to be."'),
                InstructionRecord("Repeat.", " ".join(["word"] * 400))]
-    for template, tag in (("alpaca", "### Response:"), ("chat", "<|im_start|>assistant\n")):
+    for template, tag in (("alpaca", "### Response:"), ("chat", "<|im_start|>assistant\n"), ("user-assistant", "Assistant: ")):
         kept, conditioned, direct, skipped, truncated = ifd_pairs(records, tokenizer, template, 256)
         assert len(kept) == len(records) and not skipped and len(records) - 1 in truncated
         tag_length = len(tokenizer(tag).input_ids)

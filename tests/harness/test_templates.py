@@ -40,7 +40,7 @@ def test_examples_are_tokenized_whole_with_the_prompt_length_as_boundary(tiny, s
     for record in [*sample_records[:20], InstructionRecord("Quote Hamlet.", '"To be, or not to be."')]:
         prompt = render_prompt(record, "alpaca", tokenizer)
         target = record.output + tokenizer.eos_token
-        example = tokenize_example(prompt, target, tokenizer, add_bos=True)
+        example = tokenize_example(prompt, target, tokenizer, "alpaca")
         whole = tokenizer(prompt + target).input_ids
         boundary = len(tokenizer(prompt).input_ids)
         assert example.input_ids == whole
@@ -49,4 +49,4 @@ def test_examples_are_tokenized_whole_with_the_prompt_length_as_boundary(tiny, s
     examples, stats = tokenize_for_training(sample_records[:20], tokenizer, "alpaca", 1024)
     assert stats.examples == 20 and examples[0].input_ids == tokenize_example(
         render_prompt(sample_records[0], "alpaca", tokenizer), sample_records[0].output + tokenizer.eos_token,
-        tokenizer, add_bos=True).input_ids
+        tokenizer, "alpaca").input_ids
