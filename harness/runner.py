@@ -76,13 +76,14 @@ def _variant_value(value: Any) -> str:
 
 def recipe_variant(recipe: ModuleType, params: BaseModel, resolved: dict[str, Any] | None = None) -> str:
     """The recipe's name on the leaderboard: its name plus the parameters its module lists in
-    VARIANT_PARAMS (resolved values first), e.g. `phased[scorer=ifd-proxy, stage_order=1-2-3]`; recipes
-    without VARIANT_PARAMS are named by their name alone."""
+    VARIANT_PARAMS (resolved values first), e.g. `phased[scorer=ifd-proxy, stage_order=1-2-3]`, leaving out
+    those that are None (e.g. no control); recipes without VARIANT_PARAMS are named by their name alone."""
     names = getattr(recipe, "VARIANT_PARAMS", ())
     if not names:
         return recipe.NAME
     resolved = resolved or {}
-    values = [f"{name}={_variant_value(resolved.get(name, getattr(params, name)))}" for name in names]
+    chosen = {name: resolved.get(name, getattr(params, name)) for name in names}
+    values = [f"{name}={_variant_value(value)}" for name, value in chosen.items() if value is not None]  # unset: not named
     return f"{recipe.NAME}[{', '.join(values)}]"
 
 

@@ -399,3 +399,10 @@ def embeddings_and_perplexity(
             embeddings[flat] = batch_embeddings
             perplexities[flat] = batch_perplexities
     return embeddings, perplexities
+
+
+def ifd_range(ifd: np.ndarray, indices: list[int]) -> list[float] | None:
+    """[min, max] IFD of the chosen records that were scored (a random control may choose unscored ones)."""
+    values = ifd[indices] if indices else np.array([])
+    values = values[~np.isnan(values)]
+    return [float(values.min()), float(values.max())] if len(values) else None

@@ -23,15 +23,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.artifacts import content_key
+from harness.controls import Control, same_size_random_subset
 from harness.data import InstructionRecord
 from harness.runner import RecipeOutput, RunContext
-from harness.scoring import embeddings_and_perplexity
+from harness.scoring import embeddings_and_perplexity, ifd_range
 from harness.templates import TokenizedExample, adds_bos, render_prompt
 
 NAME = "ifd"
 DESCRIPTION = "IFD data selection (Cherry LLM): train on the top-IFD fraction, IFD <= 1 (Li et al. 2024)"
 # The parameters that name the variant on the leaderboard, e.g. ifd[rate=0.1, brief_experience=false]
-VARIANT_PARAMS = ("rate", "brief_experience")
+VARIANT_PARAMS = ("rate", "brief_experience", "control")
 
 
 class Params(BaseModel):
@@ -44,6 +45,7 @@ class Params(BaseModel):
     scoring_max_length: int = Field(512, gt=8, description="token limit of the scored texts (Cherry: 512)")
     scoring_overlength: Literal["truncate", "skip"] = Field(
         "truncate", description="over-length examples: truncated as Cherry LLM does, or skipped")
+    control: Control = Field(None, description="random: train on as many records as IFD selects, drawn at random")
 
 
 def select_top_ifd(ifd: np.ndarray, rate: float, drop_above_one: bool = True) -> list[int]:
@@ -121,10 +123,13 @@ def run(ctx: RunContext) -> RecipeOutput:
                      overlength=params.scoring_overlength)
     ifd = scores.ifd
     selected = select_top_ifd(ifd, params.rate, params.drop_above_one)
+    if params.control == "random":
+        selected = same_size_random_subset(len(records), len(selected), ctx.spec.seed)
     trained, _ = ctx.train(model, tokenizer, [records[i] for i in selected], stage="sft")
     valid = ifd[~np.isnan(ifd)]
     details = {
         "scorer": "experienced-model" if params.brief_experience else "base-model",
+        "control": params.control,
         "experience_samples": len(experience),
         "extra_scoring_tokens": experience_tokens,  # the experience selection's forward pass: method overhead
         "scored": int(len(valid)),
@@ -133,7 +138,7 @@ def run(ctx: RunContext) -> RecipeOutput:
         "above_one": int((valid > 1).sum()),
         "selected": len(selected),
         "selected_fraction_of_pool": round(len(selected) / len(records), 4),
-        "selected_ifd_range": [float(ifd[selected].min()), float(ifd[selected].max())] if selected else None,
+        "selected_ifd_range": ifd_range(ifd, selected),
         "selected_ids_sha256": content_key(ids=[records[i].id for i in selected]),
         "ifd_quantiles": {q: float(np.quantile(valid, q)) for q in (0.1, 0.5, 0.9)} if len(valid) else {},
     }

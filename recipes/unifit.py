@@ -23,14 +23,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.concept_tree import build_concept_tree, select_with_coverage
+from harness.controls import Control, same_size_random_subset
 from harness.runner import RecipeOutput, RunContext
-from harness.scoring import embeddings_and_perplexity
+from harness.scoring import embeddings_and_perplexity, ifd_range
 from harness.templates import TokenizedExample, adds_bos, render_prompt
 
 NAME = "unifit"
 DESCRIPTION = "UNIFIT (reconstruction): concept-tree coverage + IFD selection at 6% + per-sequence NEFTune"
 # The parameters that name the variant on the leaderboard, e.g. unifit[rate=0.06]
-VARIANT_PARAMS = ("rate",)
+VARIANT_PARAMS = ("rate", "control")
 
 
 class Params(BaseModel):
@@ -41,6 +42,7 @@ class Params(BaseModel):
     min_leaf_size: int = Field(10, gt=0, description="leaves at least this large must be represented")
     neftune_alpha: float = Field(5.0, gt=0)
     scoring_max_length: int = Field(512, gt=8)
+    control: Control = Field(None, description="random: train on as many records as UNIFIT selects, drawn at random")
 
 
 def run(ctx: RunContext) -> RecipeOutput:
@@ -63,11 +65,14 @@ def run(ctx: RunContext) -> RecipeOutput:
     selected = select_with_coverage(np.nan_to_num(ifd, nan=-1.0), tree, budget, params.min_leaf_size, eligible)
     sizes = tree.leaf_sizes()
     big_leaves = [leaf for leaf, size in sizes.items() if size >= params.min_leaf_size]
+    if params.control == "random":
+        selected = same_size_random_subset(len(records), len(selected), ctx.spec.seed)
     covered = {int(tree.leaf[i]) for i in selected}
     trained, _ = ctx.train(model, tokenizer, [records[i] for i in selected], stage="sft",
                            overrides={"neftune_alpha": params.neftune_alpha})
     details = {
         "reconstruction": True,
+        "control": params.control,
         "concept_tree": tree.as_record(),
         "selected": len(selected),
         "selected_fraction_of_pool": round(len(selected) / len(records), 4),
@@ -75,7 +80,7 @@ def run(ctx: RunContext) -> RecipeOutput:
         "leaves_covered": len(covered & set(big_leaves)),
         "under_covered_leaves": sorted(set(big_leaves) - covered),
         "ifd_above_one": int(np.sum(ifd[~np.isnan(ifd)] > 1)),
-        "selected_ifd_range": [float(ifd[selected].min()), float(ifd[selected].max())] if selected else None,
+        "selected_ifd_range": ifd_range(ifd, selected),
         "neftune_alpha": params.neftune_alpha,
         "extra_scoring_tokens": sum(len(p.input_ids) for p in prompts),
     }

@@ -49,7 +49,9 @@ def _seeds_text(variant: VariantSummary, summary: GroupSummary) -> str:
 
 def rows(summary: GroupSummary) -> list[list[str]]:
     """The summary table's cells: the baseline first, then the variants, then the references (base)."""
-    ordered = sorted(summary.variants, key=lambda v: (v.label != summary.baseline, v.label)) + summary.references
+    # the baseline, the recipes, their random controls, then the references (base)
+    ordered = sorted(summary.variants, key=lambda v: (v.label != summary.baseline, "control=" in v.label, v.label))
+    ordered += summary.references
     table = []
     for variant in ordered:
         headline = "–" if variant.headline_mean is None else f"{100 * variant.headline_mean:.1f}" + (

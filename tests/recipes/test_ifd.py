@@ -72,3 +72,22 @@ def test_brief_experience_picks_per_cluster_samples_and_counts_as_overhead(tiny,
     assert cost["train_tokens"] == training["sft"]["real_tokens"]  # not counted as the target's training
     assert cost["scoring_tokens"] == record["scoring"]["forward_tokens"] + tokens
     assert record["recipe"]["experience_samples"] == len(chosen)
+
+
+def test_random_control_trains_as_many_records_drawn_at_random(tmp_path, sample_records, monkeypatch):
+    """params.control=random: the same count as the IFD selection, drawn uniformly from the pool (seeded),
+    named in the variant; the plain recipe's name is unchanged."""
+    calls = TrainCalls(monkeypatch)
+    common = ["data.limit=200", "params.rate=0.2", "training.max_steps=1"]
+    selected = run_recipe("ifd", tmp_path / "runs", common)
+    control = run_recipe("ifd", tmp_path / "runs", [*common, "params.control=random"])
+    (_, chosen), (_, drawn) = calls.calls
+    assert len(drawn) == len(chosen) == control["recipe"]["selected"] == selected["recipe"]["selected"] > 0
+    assert {r.id for r in drawn} != {r.id for r in chosen}
+    from harness.controls import same_size_random_subset
+
+    expected = same_size_random_subset(200, len(chosen), seed=0)
+    assert [r.id for r in drawn] == [sample_records[:200][i].id for i in expected]
+    assert control["recipe"]["variant"] == "ifd[rate=0.2, brief_experience=false, control=random]"
+    assert selected["recipe"]["variant"] == "ifd[rate=0.2, brief_experience=false]"
+    assert control["recipe"]["control"] == "random" and selected["recipe"]["control"] is None

@@ -13,3 +13,17 @@ def test_unifit_selects_six_percent_covering_every_leaf_with_ifd_at_most_one(tmp
     ((stage, trained_on),) = calls.calls
     assert stage == "sft" and len(trained_on) == 30
     assert record["spec"]["recipe"] == "unifit" and details["neftune_alpha"] == 5.0
+
+
+def test_random_control_trains_as_many_records_drawn_at_random(tmp_path, sample_records, monkeypatch):
+    from harness.controls import same_size_random_subset
+
+    calls = TrainCalls(monkeypatch)
+    common = ["data.limit=200", "params.rate=0.1", "training.max_steps=1", "params.topics=3", "params.leaves_per_topic=2"]
+    selected = run_recipe("unifit", tmp_path / "runs", common)
+    control = run_recipe("unifit", tmp_path / "runs", [*common, "params.control=random"])
+    (_, chosen), (_, drawn) = calls.calls
+    assert len(drawn) == len(chosen) == control["recipe"]["selected"] == selected["recipe"]["selected"] > 0
+    expected = same_size_random_subset(200, len(chosen), seed=0)
+    assert [r.id for r in drawn] == [sample_records[:200][i].id for i in expected]
+    assert control["recipe"]["variant"].endswith("control=random]") and "control" not in selected["recipe"]["variant"]
