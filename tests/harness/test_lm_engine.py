@@ -179,10 +179,10 @@ def test_smollm2_engine_equals_hflm_on_every_loglikelihood_task():
     from tests.conftest import require_smollm2
 
     model, tokenizer = load_model_and_tokenizer(resolve_model("smollm2-135m-instruct", str(require_smollm2())), dtype=torch.float32)
-    hflm = evaluate(HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8), limit=4)
-    engine = evaluate(EngineLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8), limit=4)
+    hflm = evaluate(HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8), limit=2)
+    engine = evaluate(EngineLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8), limit=2)
     largest, compared = compare(hflm, engine)
-    assert compared >= 9 * 4 * 2
+    assert compared >= 9 * 2 * 2
 
 
 def test_the_leaderboard_never_pairs_runs_evaluated_in_different_precisions(tmp_path: Path):
