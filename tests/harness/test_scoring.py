@@ -7,6 +7,7 @@ from harness.artifacts import ArtifactCache
 from harness.data import InstructionRecord
 from harness.scoring import compute_ifd, embeddings_and_perplexity, ifd_pairs
 from harness.templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, TokenizedExample
+from tests.harness.test_templates import STANFORD_PROMPT_DICT
 
 
 def reference_answer_loss(model, prefix_ids: list[int], answer_ids: list[int]) -> float:
@@ -47,18 +48,7 @@ def test_ifd_matches_an_independent_per_example_computation(tiny, sample_records
 # ---- Cherry LLM's scoring, reimplemented from tianyi-lab/Cherry_LLM (commit 01fac8d) cherry_seletion/data_analysis.py
 # (--mod cherry --prompt alpaca: get_perplexity_and_embedding_part_text) and data_by_IFD.py (get_loss_part_text and
 # the loop of main), batch 1, one record at a time, fp32, a per-token log_softmax/NLL loop as published.
-CHERRY_PROMPT_DICT = {  # verbatim from data_analysis.py (= Stanford Alpaca's train.py)
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-    ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:"
-    ),
-}
+CHERRY_PROMPT_DICT = STANFORD_PROMPT_DICT  # data_analysis.py carries Stanford Alpaca's PROMPT_DICT verbatim
 
 
 def cherry_part_text(tokenizer, model, text: str, target_span: str, max_length: int) -> tuple[int, np.ndarray]:
