@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import yaml
+
 from harness import stats
-from harness.evaluation import Suite, plan_suite
+from harness.evaluation import TASKS_DIR, Suite, plan_suite
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,20 @@ class StudyPower:
     power: float
 
 
+def group_size(task: str) -> int:
+    """Subtasks of a local task group (a YAML with `group: <task>` in benchmarks/tasks/), 1 for a task:
+    lm-eval applies a limit, and the suite a sample, to each subtask of a group."""
+    for path in TASKS_DIR.rglob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        if f"group: {task}\n" in text:
+            config = yaml.safe_load(text)
+            return len(config.get("task") or []) or 1
+    return 1
+
+
 def items_per_task(suite: Suite, limit: int | None) -> dict[str, int]:
-    """Items each task is scored on: --limit, else the suite's sample or limit, else the whole task
-    (which needs its data loaded; only then is lm-eval asked)."""
+    """Items each task is scored on: --limit, else the suite's sample or limit (per subtask of a group),
+    else the whole task (which needs its data loaded; only then is lm-eval asked)."""
     counts: dict[str, int] = {}
     unknown = []
     for entry in suite.tasks:
@@ -50,7 +63,7 @@ def items_per_task(suite: Suite, limit: int | None) -> dict[str, int]:
         if planned is None:
             unknown.append(entry.task)
         else:
-            counts[entry.task] = planned
+            counts[entry.task] = planned * group_size(entry.task)
     if unknown:
         for plan in plan_suite(suite):
             if plan.entry.task in unknown:

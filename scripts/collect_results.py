@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-LEFT_BEHIND = ("model", "checkpoints", ".lock", "request_cache")  # request_cache: lm-eval SQLite, resume only
+LEFT_BEHIND = ("model", "checkpoints", ".lock", "request_cache", "tensorboard")  # request_cache: lm-eval SQLite, resume only
 MAX_FILE_BYTES = 20 * 1024 * 1024  # anything larger is not a result file: report it, don't commit it
 
 

@@ -19,19 +19,24 @@ def test_small_suite_at_40_items_and_3_seeds(capsys):
     suite = load_suite("small")
     for entry in suite.tasks:
         assert entry.task in out
-    # (1.96 + 0.84) * sqrt(0.15 / (3 * 40)) = 9.9 points per task
-    assert out.count(" 9.9 ") >= len(suite.tasks)
+    # (1.96 + 0.84) * sqrt(0.15 / (3 * 40)) = 9.9 points per task; MMLU (small) is a group of 4 subjects,
+    # each limited to 40: 160 items, 5.0 points
+    assert out.count(" 9.9 ") >= len(suite.tasks) - 1
+    assert "local_mmlu_small" in out and "160" in out and " 5.0 " in out
     assert "headline" in out
 
 
 def test_headline_normalises_each_task_by_its_chance_level():
     suite = load_suite("small")
     study = study_power(suite, limit=40, seeds=1, discordance=0.15)
-    per_task = math.sqrt(0.15 / 40)
-    assert [row.stderr for row in study.tasks] == pytest.approx([per_task] * len(suite.tasks))
-    assert study.tasks[0].mde == pytest.approx(stats.minimum_detectable_effect(per_task))
+    items = [160 if entry.task == "local_mmlu_small" else 40 for entry in suite.tasks]  # MMLU: 4 subjects x 40
+    assert [row.items for row in study.tasks] == items
+    per_task = [math.sqrt(0.15 / n) for n in items]
+    assert [row.stderr for row in study.tasks] == pytest.approx(per_task)
+    assert study.tasks[0].mde == pytest.approx(stats.minimum_detectable_effect(per_task[0]))
     assert study.tasks[0].mde == pytest.approx(0.17, abs=0.005)  # the "about 17 points at 40 items"
-    expected = math.sqrt(sum((per_task / (1 - entry.chance)) ** 2 for entry in suite.tasks)) / len(suite.tasks)
+    expected = math.sqrt(sum((se / (1 - entry.chance)) ** 2 for se, entry in zip(per_task, suite.tasks, strict=True)))
+    expected /= len(suite.tasks)
     assert study.headline_stderr == pytest.approx(expected)
     more_seeds = study_power(suite, limit=40, seeds=4, discordance=0.15)
     assert more_seeds.headline_mde == pytest.approx(study.headline_mde / 2)
