@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/study}
 HARNESS=${HARNESS:-.venv/bin/harness}
 GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
-# 400 Alpaca records, 4 packed rows per step: about 22 optimizer steps per epoch at a learning rate that moves a
+# 200 Alpaca records, 4 packed rows per step: about 11 optimizer steps per epoch at a learning rate that moves a
 # 135M model in that many steps; pure-bf16 training; bf16 evaluation through the scoring engine (about 3x faster
 # than fp32 on this CPU; every run is scored the same way, so the paired comparison is unaffected, and the
 # precision is recorded per task, which keeps these runs apart from fp32 ones on the leaderboard).
-COMMON=(--model smollm2-135m-instruct --set "model_path=$GGUF" --suite study --set data.limit=400
+COMMON=(--model smollm2-135m-instruct --set "model_path=$GGUF" --suite study --set data.limit=200
         --set training.precision=bf16 --set eval.precision=bf16 --set training.batch_size=4 --set training.learning_rate=5e-5
         --output "$OUT")
 for seed in 0 1 2; do
