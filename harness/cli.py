@@ -632,10 +632,29 @@ def main(argv: list[str] | None = None) -> None:
     from harness.interrupts import install_sigterm_handler
 
     install_sigterm_handler()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        try:
+            _main(argv)
+        finally:
+            leave_process_group()
+        return
+    # One process of several: everything the run writes is written and flushed synchronously before
+    # _main returns, so skip interpreter shutdown. Left to it, the C++ threads of gloo and FSDP can abort
+    # the process ("terminate called without an active exception", exit 134), and the launcher's SIGTERM
+    # to the other processes then lands in finalizers.
+    status: int | str | None = 0
     try:
         _main(argv)
+    except SystemExit as stop:
+        status = stop.code
     finally:
         leave_process_group()
+    if isinstance(status, str):
+        say(status)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)
 
 
 def _main(argv: list[str] | None) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
-from harness import __version__, distributed
+from harness import __version__, accelerator, distributed
 from harness.artifacts import ArtifactCache, content_key, file_digest
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
@@ -385,6 +385,7 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
 
     In a job of several processes (accelerate launch, torchrun) every process trains; only the main one
     locks and writes the run directory, evaluates and writes the record, which all of them return."""
+    accelerator.check_gpus_visible()  # a GPU box whose torch misses its GPUs stops here, not after days on the host
     distributed.init()
     run_dir = output_root / prepared.run_id
     existing, problem = None, None

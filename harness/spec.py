@@ -71,6 +71,10 @@ class TrainingSpec(StrictModel):
     save_steps: int = Field(200, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     logging_steps: int = Field(10, gt=0)
     lora: LoraSpec | None = None
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass: activation memory of one layer "
+        "plus every layer's input, for about a third more compute (harness/memory.py estimates both)",
+    )
     # An observer, not an input: excluded from the spec's dump, so it changes neither the run id nor a cache key.
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] | list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         "none", exclude=True, description="experiment trackers (Trainer's integrations; keys from the environment)"
@@ -118,6 +122,11 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+# Options added after runs were recorded: at their default they are left out of the run id, so a spec that
+# does not use them keeps the id (and the finished run) it had before they existed.
+ADDED_AT_DEFAULT_KEEPS_ID = [("training", "gradient_checkpointing")]
+
+
 class RunSpec(StrictModel):
     model: Name = Field("tiny", description="a model-set name, a local directory or .gguf file, or a hub id")
     model_path: Name | None = Field(None, description="local weights (directory or .gguf) for a model-set entry")
@@ -130,7 +139,11 @@ class RunSpec(StrictModel):
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the spec: equal specs give equal run ids."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        dumped = self.model_dump(mode="json")
+        for section, key in ADDED_AT_DEFAULT_KEEPS_ID:  # options added later keep the ids of runs that leave them off
+            if dumped[section][key] == type(self).model_fields[section].default.model_fields[key].default:
+                del dumped[section][key]
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def run_id(self, salt: str = "") -> str:

@@ -714,6 +714,9 @@ def train_sft(
         dataloader_num_workers=0,
         ddp_timeout=distributed.timeout_seconds(),
         ddp_find_unused_parameters=False,  # the loss uses every trainable parameter: no extra graph traversal
+        # non-reentrant checkpointing: works with the packed-row attention's keyword arguments and frozen inputs (LoRA)
+        gradient_checkpointing=settings.gradient_checkpointing and distributed.backend() != "fsdp",  # FSDP: its own
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = ResponseOnlyTrainer(
         model=model,
