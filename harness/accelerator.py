@@ -115,3 +115,8 @@ def to_process_device(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     if device.type == "cpu" and dtype is None:
         return model
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def process_inference_dtype() -> torch.dtype:
+    """The dtype of models this process loads only to score, judge or generate (see `inference_dtype`)."""
+    return inference_dtype(process_device())

@@ -386,6 +386,18 @@ def _sample_row(task_name: str, sample: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def check_chat_template(suite: Suite, tokenizer: Any, chat_template: bool | None) -> None:
+    """A suite task that prompts through the chat template needs a tokenizer that has one. The runner checks
+    this before training too, so a model without one fails in seconds, not after the training it came for."""
+    chat = {entry.task: _uses_chat_template(entry, suite, chat_template) for entry in suite.tasks}
+    if any(chat.values()) and not getattr(tokenizer, "chat_template", None):
+        task = next(name for name, used in chat.items() if used)
+        raise HarnessError(
+            f"suite {suite.name}: task {task} uses the chat template but the model's tokenizer has none; "
+            "set eval.chat_template=false"
+        )
+
+
 def _uses_chat_template(entry: SuiteTask, suite: Suite, override: bool | None) -> bool:
     """The run's setting (eval.chat_template) wins, then the task's, then the suite's."""
     if override is not None:
@@ -507,13 +519,8 @@ def run_lm_eval(
     _quiet_lm_eval()
     use_online = suite.online if online is None else online
     planned = plan_suite(suite, online=use_online)
+    check_chat_template(suite, tokenizer, chat_template)
     chat = {plan.entry.task: _uses_chat_template(plan.entry, suite, chat_template) for plan in planned}
-    if any(chat.values()) and not getattr(tokenizer, "chat_template", None):
-        task = next(name for name, used in chat.items() if used)
-        raise HarnessError(
-            f"suite {suite.name}: task {task} uses the chat template but the model's tokenizer has none; "
-            "set eval.chat_template=false"
-        )
     from harness.lm_engine import model_in_precision
 
     lm_class = _counting_lm_class(model_class)

@@ -163,9 +163,10 @@ def make_judge(name: str, options: JudgeOptions | None = None, *, model: Any = N
     if not target:
         raise HarnessError(f"judge '{name}': name the local model, e.g. local:smollm2-135m-instruct")
     if model is None:
+        from harness.accelerator import process_inference_dtype
         from harness.models import load_model_and_tokenizer, resolve_model
 
-        model, tokenizer = load_model_and_tokenizer(resolve_model(target, options.model_path))
+        model, tokenizer = load_model_and_tokenizer(resolve_model(target, options.model_path), dtype=process_inference_dtype())
     return LocalJudge(f"local:{target}", model, tokenizer, options)
 
 

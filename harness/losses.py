@@ -21,6 +21,7 @@ that starts with it attends to them instead of recomputing them (`SharedPrefixes
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,20 +58,29 @@ class SharedPrefixes:
         return len(self.token_ids[prefix])
 
 
-_CAUSAL_BIASES: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+_CAUSAL_BIASES: OrderedDict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = OrderedDict()
+# The masks kept for reuse across layers and batches, in bytes: a packed row of 4096 tokens has one mask of
+# 4096^2 x 4 bytes = 64 MiB in fp32, so a cache counted in entries could hold gigabytes on a long-context run.
+CAUSAL_BIAS_CACHE_BYTES = 256 * 2**20
 
 
 def _causal_bias(length: int, seen: int, like: torch.Tensor) -> torch.Tensor:
     """[length, seen + length] additive mask: all `seen` (shared-prefix) keys visible, then causal.
-    Kept across layers and batches (a few hundred distinct lengths at most)."""
+    Kept across layers and batches, least recently used dropped first beyond CAUSAL_BIAS_CACHE_BYTES."""
     key = (length, seen, like.dtype, like.device)
     bias = _CAUSAL_BIASES.get(key)
-    if bias is None:
-        if len(_CAUSAL_BIASES) > 4096:
-            _CAUSAL_BIASES.clear()
-        bias = torch.full((length, length + seen), float("-inf"), dtype=like.dtype, device=like.device).triu_(1 + seen)
-        _CAUSAL_BIASES[key] = bias
+    if bias is not None:
+        _CAUSAL_BIASES.move_to_end(key)
+        return bias
+    bias = torch.full((length, length + seen), float("-inf"), dtype=like.dtype, device=like.device).triu_(1 + seen)
+    _CAUSAL_BIASES[key] = bias
+    while len(_CAUSAL_BIASES) > 1 and causal_bias_cache_bytes() > CAUSAL_BIAS_CACHE_BYTES:
+        _CAUSAL_BIASES.popitem(last=False)
     return bias
+
+
+def causal_bias_cache_bytes() -> int:
+    return sum(bias.numel() * bias.element_size() for bias in _CAUSAL_BIASES.values())
 
 
 def varlen_attention(

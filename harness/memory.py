@@ -193,3 +193,46 @@ def available_memory(device: str) -> tuple[int, str]:
 
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
     return int(match.group(1)) * 1024, "this machine (available memory)"
+
+
+def model_shape(weights: str) -> ModelShape | None:
+    """The shape of the model a run will load, read without loading it: the built-in tiny model's spec, a
+    local directory's config.json, or a hub id's config (cached or online). None where it cannot be read
+    without the weights (a .gguf file): the pre-flight check is then skipped."""
+    if weights == "builtin:tiny":
+        from harness.models import TINY_SPEC
+
+        return ModelShape.from_config(TINY_SPEC)
+    path = Path(weights).expanduser()
+    if path.suffix == ".gguf":
+        return None
+    if path.is_dir():
+        return shape_from_directory(path) if (path / "config.json").is_file() else None
+    try:
+        from transformers import AutoConfig
+
+        return ModelShape.from_config(AutoConfig.from_pretrained(weights).to_dict())
+    except Exception:  # noqa: BLE001 - offline without a cached config: the load itself will say why
+        return None
+
+
+def check_training_fits(weights: str, settings: Any, *, processes: int, fsdp: bool, device: str) -> MemoryEstimate | None:
+    """Refuse, in one line and before any weight is loaded, a training configuration whose estimate exceeds
+    the memory of the device it would run on. `settings` is the run's resolved TrainingSpec. Returns the
+    estimate (None where the model's shape cannot be read before loading)."""
+    shape = model_shape(weights)
+    if shape is None:
+        return None
+    estimate = estimate_training(
+        shape, precision=settings.precision, rows_per_step=settings.batch_size, row_tokens=settings.max_length,
+        lora_rank=settings.lora.r if settings.lora else None, gradient_checkpointing=settings.gradient_checkpointing,
+        processes=processes, fsdp=fsdp, device=device,
+    )
+    available, where = available_memory(device)
+    if device == "cpu" and processes > 1:  # the processes share the host's memory
+        available, where = available // processes, f"{where} shared by {processes} processes"
+    problem = fit_problem(estimate, available, where, lora=settings.lora is not None, fsdp=fsdp,
+                          gradient_checkpointing=settings.gradient_checkpointing)
+    if problem is not None:
+        raise HarnessError(f"model {weights}: {problem}")
+    return estimate

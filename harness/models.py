@@ -112,19 +112,33 @@ def _local_has_chat_template(path: Path) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 
+def load_tokenizer(resolved: ResolvedModel) -> Any:
+    """The model's tokenizer alone (seconds, no weights): what checks before training need."""
+    from transformers import AutoTokenizer
+
+    directory = _weights_directory(resolved.weights)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HarnessError(f"model '{resolved.entry.name}': could not load the tokenizer from '{directory}' ({reason})") from None
+
+
+def _weights_directory(weights: str) -> Any:
+    if weights == "builtin:tiny":
+        return build_tiny_model()
+    if weights.endswith(".gguf"):
+        return convert_gguf(Path(weights))
+    return weights
+
+
 def load_model_and_tokenizer(resolved: ResolvedModel, dtype: Any = None) -> tuple[Any, Any]:
     """Load (model, tokenizer) for training/evaluation. dtype: a torch dtype (default float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
-    weights = resolved.weights
-    if weights == "builtin:tiny":
-        directory = build_tiny_model()
-    elif weights.endswith(".gguf"):
-        directory = convert_gguf(Path(weights))
-    else:
-        directory = weights
+    directory = _weights_directory(resolved.weights)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -134,6 +148,10 @@ def load_model_and_tokenizer(resolved: ResolvedModel, dtype: Any = None) -> tupl
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
+    from harness import accelerator, distributed
+
+    if distributed.backend() != "fsdp":  # FSDP shards from the host copy; every other pass runs where the process's GPU is
+        model = accelerator.to_process_device(model)  # the CPU: unchanged
     return model, tokenizer
 
 

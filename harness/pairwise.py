@@ -498,6 +498,7 @@ def reference_outputs(
     """Write the reference's answers to output_dir/outputs_<set>.jsonl; a model's answers are generated
     once per (weights, sets, limit, settings, question wording) into the artifact cache and copied from there after."""
     from harness import __version__
+    from harness.accelerator import process_inference_dtype
     from harness.artifacts import ArtifactCache, content_key
     from harness.models import MODEL_SET_VERSION, load_model_and_tokenizer, resolve_model
 
@@ -531,7 +532,7 @@ def reference_outputs(
 
         import torch
 
-        model, tokenizer = load_model_and_tokenizer(resolved)
+        model, tokenizer = load_model_and_tokenizer(resolved, dtype=process_inference_dtype())
         if torch.cuda.is_available():
             model.to("cuda")
         items = [item for name in sets for item in load_pairwise_set(name, limit, protocol)]

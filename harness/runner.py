@@ -26,13 +26,21 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
-from harness import __version__, accelerator, distributed
+from harness import __version__, accelerator, distributed, memory
 from harness.artifacts import ArtifactCache, content_key, file_digest
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
-from harness.evaluation import SectionContext, Suite, check_sections, load_suite, plan_suite, run_suite
+from harness.evaluation import (
+    SectionContext,
+    Suite,
+    check_chat_template,
+    check_sections,
+    load_suite,
+    plan_suite,
+    run_suite,
+)
 from harness.io import atomic_write_json, atomic_write_text
-from harness.models import ResolvedModel, load_model_and_tokenizer, resolve_model
+from harness.models import ResolvedModel, load_model_and_tokenizer, load_tokenizer, resolve_model
 from harness.records import (
     RECORD_SCHEMA_VERSION,
     git_commit,
@@ -400,6 +408,15 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
     if existing is not None:
         console.print(f"[green]run {prepared.run_id} is already complete[/]: {run_dir / 'record.json'}")
         return existing
+    if prepared.spec.recipe != "base":  # a configuration that cannot fit stops here, not after loading the weights
+        memory.check_training_fits(
+            prepared.model_info.weights, prepared.spec.training, processes=distributed.world_size(),
+            fsdp=distributed.backend() == "fsdp", device=accelerator.process_device().type,
+        )
+    # a suite prompting through a chat template the model lacks fails now, not after training
+    with distributed.main_first():  # the first load may build or convert the weights: once, by the main process
+        tokenizer = load_tokenizer(prepared.model_info)
+    check_chat_template(prepared.suite, tokenizer, prepared.spec.eval.chat_template)
     if not distributed.is_main():
         _raise_main_error(None)  # the main process's checks below passed, or every process stops here
         return _execute(prepared, run_dir, console, save_model)

@@ -715,8 +715,8 @@ def train_sft(
         ddp_timeout=distributed.timeout_seconds(),
         ddp_find_unused_parameters=False,  # the loss uses every trainable parameter: no extra graph traversal
         # non-reentrant checkpointing: works with the packed-row attention's keyword arguments and frozen inputs (LoRA)
-        gradient_checkpointing=settings.gradient_checkpointing and distributed.backend() != "fsdp",  # FSDP: its own
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=settings.gradient_checkpointing and distributed.backend() != "fsdp",  # FSDP: its own
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = ResponseOnlyTrainer(
         model=model,

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from harness.accelerator import process_inference_dtype
 from harness.difficulty import (
     PAPER_STAGE_PROPORTIONS,
     DifficultyScores,
@@ -114,7 +115,7 @@ def score_difficulty(ctx: RunContext, params: Params, model: Any, tokenizer: Any
     if scorer == "local-judge":
         judge_model, judge_tokenizer = model, tokenizer
         if params.local_judge_model:
-            judge_model, judge_tokenizer = load_model_and_tokenizer(resolve_model(params.local_judge_model))
+            judge_model, judge_tokenizer = load_model_and_tokenizer(resolve_model(params.local_judge_model), dtype=process_inference_dtype())
         with ctx.stage("score:local-judge"):
             return score_with_local_judge(judge_model, judge_tokenizer, records, console=ctx.console)
     with ctx.stage("score:judge"):

@@ -145,7 +145,7 @@ def compare_with_one_process(single_dir: Path, double_dir: Path, precision: str,
     assert double["metrics"].keys() == single["metrics"].keys()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.extended)])
 def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path, precision: str, single_process_run):
     two = tmp_path / "two"
     launched = harness_run([*COMMON, "--set", f"training.precision={precision}", "--set", "training.batch_size=4",
@@ -160,7 +160,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     # training stage and fails the run otherwise (test_replicas_that_differ_are_named shows it can)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.extended)])
 def test_sharded_training_trains_like_one_process_with_the_same_global_batch(precision: str, single_process_run, fsdp_run):
     double_dir, launched = fsdp_run(precision)
     assert launched.stdout.count("one-off on tiny") == 1

@@ -159,3 +159,19 @@ def test_kept_per_example_attention_is_recomputed_in_backward(tiny, sample_recor
     assert checkpointed.config._attn_implementation != losses_module.VARLEN_ATTENTION  # restored on exit
     for (name, ours), (_, reference) in zip(checkpointed.named_parameters(), plain.named_parameters(), strict=True):
         torch.testing.assert_close(ours.grad, reference.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_causal_mask_cache_is_bounded_in_bytes(monkeypatch):
+    from harness import losses
+
+    monkeypatch.setattr(losses, "CAUSAL_BIAS_CACHE_BYTES", 64 * 1024)  # a 64 KiB budget: 100 x 100 fp32 masks are 40 KB
+    losses._CAUSAL_BIASES.clear()
+    like = torch.zeros(1)
+    first = losses._causal_bias(100, 0, like)
+    assert losses._causal_bias(100, 0, like) is first  # reused across layers and batches
+    for length in range(50, 120):
+        mask = losses._causal_bias(length, 3, like)
+        assert mask.shape == (length, length + 3) and losses.causal_bias_cache_bytes() <= 64 * 1024
+        assert torch.equal(torch.isinf(mask), torch.ones(length, length + 3).triu(1 + 3).bool())
+    assert len(losses._CAUSAL_BIASES) >= 1
+    losses._CAUSAL_BIASES.clear()

@@ -68,3 +68,22 @@ def test_the_recipe_variant_names_the_declared_parameters_with_resolved_values_f
     assert recipe_variant(ifd.recipe, ifd.params) == "ifd[rate=0.05, brief_experience=false]"
     one_off = prepared(["recipe=one-off"])
     assert recipe_variant(one_off.recipe, one_off.params) == "one-off"  # no VARIANT_PARAMS: the name alone
+
+
+def test_a_model_without_a_chat_template_fails_before_training_when_the_suite_needs_one(tmp_path, capsys):
+    """The tiny model with its chat template removed, a suite evaluated through the chat template: the run
+    stops in one line before any training step and leaves no run directory."""
+    import shutil
+
+    from harness.models import build_tiny_model
+    from tests.cli_helpers import run_cli
+
+    plain = tmp_path / "tiny-without-chat-template"
+    shutil.copytree(build_tiny_model(), plain)
+    (plain / "chat_template.jinja").unlink()
+    output = tmp_path / "runs"
+    code, _, err = run_cli(["run", "--recipe", "one-off", "--model", str(plain), "--set", "eval.chat_template=true",
+                            "--set", "training.template=alpaca", "--output", str(output)], capsys)
+    assert code == 2 and "uses the chat template but the model's tokenizer has none" in err
+    assert err.strip().splitlines()[-1].startswith("error: suite smoke: task") and "Traceback" not in err
+    assert "train sft" not in err and (not output.exists() or not any(output.iterdir()))
