@@ -55,6 +55,7 @@ from harness.training import (
     ExtraLoss,
     Tracking,
     TrainResult,
+    base_weight_dtype,
     check_trackers,
     log_final_metrics,
     resolve_precision,
@@ -163,7 +164,10 @@ class RunContext:
         self.training_work: dict[str, dict[str, Any]] = {}  # per stage: steps this attempt ran, reused or resumed
         self.evaluation_work: dict[str, dict[str, int]] = {}  # per intermediate evaluation: tasks/requests computed
         precision = self.spec.training.precision
+        self.base_dtype = base_weight_dtype(self.spec.training, accelerator.process_device().type)
         self.base_model_key = f"{self.model_info.entry.name}|{self.model_info.weights}|{precision}"
+        if self.base_dtype != weight_dtype(precision):  # LoRA's bf16 base on a GPU scores differently
+            self.base_model_key += "|bf16-base"
         self.eval_judge_cost_usd = 0.0  # judged suite sections of intermediate evaluations (evaluate())
         self.tracking = Tracking.for_run(self.spec, run_dir)  # training.report_to
 
@@ -189,7 +193,7 @@ class RunContext:
     def base_model(self) -> tuple[Any, Any]:
         """A fresh copy of the base model and its tokenizer, in the run's weight dtype."""
         with self.stage("load_model"), distributed.main_first():
-            return load_model_and_tokenizer(self.model_info, dtype=weight_dtype(self.spec.training.precision))
+            return load_model_and_tokenizer(self.model_info, dtype=self.base_dtype)
 
     def train(
         self,

@@ -94,6 +94,15 @@ def weight_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def base_weight_dtype(settings: TrainingSpec, device_type: str) -> torch.dtype:
+    """The dtype the base model loads in. LoRA on a GPU keeps the frozen base in bf16 (half the memory of
+    fp32; peft keeps the adapters themselves in fp32); everywhere else the precision's weight dtype, so CPU
+    runs are unchanged."""
+    if settings.lora is not None and device_type == "cuda" and settings.precision in ("bf16", "bf16-mixed"):
+        return torch.bfloat16
+    return weight_dtype(settings.precision)
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     """Fused AdamW over fp32 master copies of low-precision (bf16) parameters.
 

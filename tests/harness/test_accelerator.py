@@ -50,3 +50,14 @@ def test_harness_run_stops_before_any_work_where_torch_misses_the_gpus(tmp_path,
     code, _, err = run_cli(["run", "--recipe", "one-off", "--suite", "smoke", "--output", str(tmp_path / "runs")], capsys)
     assert code != 0 and "NVIDIA GPUs but torch sees none" in err and "Traceback" not in err
     assert not any((tmp_path / "runs").glob("*/record.json"))
+
+
+def test_lora_keeps_its_frozen_base_in_bf16_on_a_gpu_and_nothing_changes_on_the_cpu():
+    from harness.spec import TrainingSpec
+    from harness.training import base_weight_dtype
+
+    lora = TrainingSpec(precision="bf16-mixed", lora={"r": 16})
+    assert base_weight_dtype(lora, "cuda") == torch.bfloat16
+    assert base_weight_dtype(lora, "cpu") == torch.float32  # the CPU path as before
+    assert base_weight_dtype(TrainingSpec(precision="bf16-mixed"), "cuda") == torch.float32  # full FT: fp32 weights
+    assert base_weight_dtype(TrainingSpec(precision="bf16"), "cpu") == torch.bfloat16
