@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 
 from harness import __version__
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.record import RunRecord
 
 console = Console(stderr=True)
 
@@ -273,16 +276,16 @@ def launch_processes(nproc: int, argv: list[str], distributed: str = "ddp") -> i
     return 0
 
 
-def print_record_summary(record: dict[str, Any]) -> None:
+def print_record_summary(record: RunRecord) -> None:
     from harness.compare import recipe_label
 
-    table = Table(title=f"{record['run_id']}  ({recipe_label(record)} on {record['model']['name']})")
+    table = Table(title=f"{record.run_id}  ({recipe_label(record)} on {record.model.name})")
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("± stderr", justify="right")
     table.add_column("n", justify="right")
-    for task, entry in record["metrics"].items():
+    for task, entry in record.metrics.items():
         for metric, value in entry.items():
             if isinstance(value, dict) and "value" in value:
                 shown, stderr = value["value"], value.get("stderr")  # None: not computed (e.g. LC win rate on few items)
@@ -295,21 +298,21 @@ def print_record_summary(record: dict[str, Any]) -> None:
                 )
     out = stdout_console()
     out.print(table)
-    cost = record["cost"]
-    stages = list(record["training"].values())
-    if stages and stages[-1].get("final_loss") is not None:
-        loss = f"final train loss {stages[-1]['final_loss']:.4f}"
-    elif stages and stages[-1].get("mean_loss") is not None:  # fewer steps than logging_steps
-        loss = f"mean train loss {stages[-1]['mean_loss']:.4f}"
+    cost = record.cost
+    stages = list(record.training.values())
+    if stages and stages[-1].final_loss is not None:
+        loss = f"final train loss {stages[-1].final_loss:.4f}"
+    elif stages and stages[-1].mean_loss is not None:  # fewer steps than logging_steps
+        loss = f"mean train loss {stages[-1].mean_loss:.4f}"
     else:
         loss = "train loss n/a"
     overhead = ""
-    if cost.get("overhead_train_tokens") or cost.get("scoring_tokens"):
-        overhead = f" (+ method overhead: {cost['overhead_train_tokens']:,} reference training, {cost['scoring_tokens']:,} scoring tokens)"
-    judge_cost = f" | judge ${cost['judge_cost_usd']:.4f}" if cost.get("judge_cost_usd") else ""
+    if cost.overhead_train_tokens or cost.scoring_tokens:
+        overhead = f" (+ method overhead: {cost.overhead_train_tokens:,} reference training, {cost.scoring_tokens:,} scoring tokens)"
+    judge_cost = f" | judge ${cost.judge_cost_usd:.4f}" if cost.judge_cost_usd else ""
     out.print(
-        f"trained tokens {cost['train_tokens']:,}{overhead} | {loss} | wall {cost['wall_seconds']:.1f} s | "
-        f"peak RSS {record['memory']['peak_rss_gib']:.2f} GiB{judge_cost}"
+        f"trained tokens {cost.train_tokens:,}{overhead} | {loss} | wall {cost.wall_seconds:.1f} s | "
+        f"peak RSS {record.memory.peak_rss_gib:.2f} GiB{judge_cost}"
     )
 
 
@@ -515,6 +518,14 @@ def leaderboard(runs_dirs: tuple[Path, ...], fmt: str, out: Path | None, write_a
                               min_seeds=min_seeds)
     leaderboard_command(list(runs_dirs), fmt, out, write_all=write_all, check=check, directory=directory,
                         console=console, stdout=stdout_console(), verdicts=verdicts)
+
+
+@cli.command("record-schema")
+def record_schema() -> None:
+    """Print the JSON Schema of record.json (the run record; committed as docs/record.schema.json)."""
+    from harness.record import schema_text
+
+    click.echo(schema_text(), nl=False)
 
 
 @cli.group("docker")

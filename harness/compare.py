@@ -4,12 +4,11 @@ comparison table. In this mode `params` maps recipe names to their own parameter
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.table import Table
 
 from harness.errors import HarnessError, unknown_name
 from harness.leaderboard import LOWER_IS_BETTER
+from harness.record import RunRecord
 from harness.spec import RunSpec
 
 
@@ -24,28 +23,28 @@ def specs_for_all(spec: RunSpec) -> list[RunSpec]:
     return [spec.model_copy(update={"recipe": name, "params": dict(spec.params.get(name, {}))}) for name in ALL_RECIPES]
 
 
-def _metric_cells(record: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+def _metric_cells(record: RunRecord) -> dict[str, tuple[float, float | None]]:
     cells = {}
-    for task, entry in record["metrics"].items():
+    for task, entry in record.metrics.items():
         for metric, value in entry.items():
             if isinstance(value, dict) and value.get("value") is not None:
                 cells[f"{task} {metric}"] = (value["value"], value.get("stderr"))
     return cells
 
 
-def recipe_label(record: dict[str, Any]) -> str:
+def recipe_label(record: RunRecord) -> str:
     """The run's recipe variant (e.g. `phased[scorer=ifd-proxy, stage_order=1-2-3]`); records written before
     variants were recorded fall back to the recipe's name."""
-    return record["recipe"].get("variant") or record["recipe"]["name"]
+    return record.recipe.label
 
 
-def comparison_table(records: list[dict[str, Any]]) -> Table:
+def comparison_table(records: list[RunRecord]) -> Table:
     """Rows = recipes, columns = metrics (value ± stderr, delta vs one-off) and cost."""
     columns = sorted({name for record in records for name in _metric_cells(record)})
-    several_seeds = len({record.get("seed") for record in records}) > 1
-    baselines = {r.get("seed"): r for r in records if r["recipe"]["name"] == "one-off"}  # each seed: its own one-off
+    several_seeds = len({record.seed for record in records}) > 1
+    baselines = {r.seed: r for r in records if r.recipe.name == "one-off"}  # each seed: its own one-off
     first = records[0]
-    table = Table(title=f"recipes on {first['model']['name']} / {first['data']['source']} / suite {first['suite']['name']}")
+    table = Table(title=f"recipes on {first.model.name} / {first.data.source} / suite {first.suite.name}")
     table.add_column("recipe")
     for column in columns:
         table.add_column(column, justify="right")
@@ -57,9 +56,9 @@ def comparison_table(records: list[dict[str, Any]]) -> Table:
         best[column] = min(values) if column.rsplit(" ", 1)[-1] in LOWER_IS_BETTER else max(values)
     for record in records:
         cells = _metric_cells(record)
-        baseline = baselines.get(record.get("seed"))
+        baseline = baselines.get(record.seed)
         base_cells = _metric_cells(baseline) if baseline else {}
-        row = [recipe_label(record) + (f" (seed {record['seed']})" if several_seeds else "")]
+        row = [recipe_label(record) + (f" (seed {record.seed})" if several_seeds else "")]
         for column in columns:
             if column not in cells:
                 row.append("-")
@@ -69,8 +68,8 @@ def comparison_table(records: list[dict[str, Any]]) -> Table:
             if column in base_cells and record is not baseline:
                 text += f" ({value - base_cells[column][0]:+.4f})"
             row.append(f"[bold]{text}[/]" if value == best[column] else text)
-        cost = record["cost"]
-        row += [f"{cost['train_tokens']:,}", f"{cost.get('scoring_tokens', 0):,}", f"{cost['wall_seconds']:.0f}"]
+        cost = record.cost
+        row += [f"{cost.train_tokens:,}", f"{cost.scoring_tokens:,}", f"{cost.wall_seconds:.0f}"]
         table.add_row(*row)
     table.caption = "bold = best per column; (±x) = difference from one-off; paired tests: harness leaderboard"
     return table

@@ -38,5 +38,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(payload: Any) -> str:
+    """The one JSON format of the files the harness writes (records, the record schema, caches)."""
+    return json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json_text(payload))

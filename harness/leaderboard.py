@@ -30,6 +30,7 @@ import numpy as np
 from harness import stats
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes
+from harness.record import RecordInvalid, RunRecord
 
 BASELINE_RECIPE = "one-off"
 LEADERBOARD_SCHEMA_VERSION = 2  # 2: groups[].stack and groups[].summary (the verdicts)
@@ -110,42 +111,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _require(mapping: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise RecordError(f"missing key '{where}{key}'")
-    value = mapping[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise RecordError(f"key '{where}{key}' has type {type(value).__name__}")
-    return value
-
-
 COST_KEYS = ("train_tokens", "response_tokens", "scoring_tokens", "overhead_train_tokens", "wall_seconds",
              "device_hours", "judge_cost_usd", "flops", "training_device_hours", "recipe_judge_cost_usd")
 
 
 def parse_record(path: Path) -> Run:
-    """A Run from record.json; raises RecordError naming the first problem."""
+    """A Run from record.json (read through RunRecord); raises RecordError naming the first problem."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise RecordError(f"invalid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecordError(f"unreadable ({error})") from None
-    if not isinstance(record, dict):
-        raise RecordError(f"not a JSON object but {type(record).__name__}")
-    run_id = _require(record, "run_id", str, "")
-    recipe_entry = _require(record, "recipe", dict, "")
-    recipe = _require(recipe_entry, "name", str, "recipe.")
-    variant = recipe_entry.get("variant")
-    model = _require(_require(record, "model", dict, ""), "name", str, "model.")
-    suite_entry = _require(record, "suite", dict, "")
-    suite = _require(suite_entry, "name", str, "suite.")
-    chat_template = suite_entry.get("chat_template")
-    raw_metrics = _require(record, "metrics", dict, "")
+        record = RunRecord.load(path)
+    except RecordInvalid as error:
+        raise RecordError(error.problem) from None
     metrics: dict[tuple[str, str], tuple[float, float | None, int | None]] = {}
-    for task, entry in raw_metrics.items():
-        if not isinstance(entry, dict):
-            raise RecordError(f"key 'metrics.{task}' has type {type(entry).__name__}")
+    for task, entry in record.metrics.items():
         n = entry.get("n")
         for metric, cell in entry.items():
             if not isinstance(cell, dict):
@@ -160,34 +137,27 @@ def parse_record(path: Path) -> Run:
                 raise RecordError(f"key 'metrics.{task}.{metric}.stderr' = {stderr!r} is not a finite number")
             metrics[(task, metric)] = (float(value), None if stderr is None else float(stderr),
                                        n if isinstance(n, int) and not isinstance(n, bool) else None)
-    raw_cost = record.get("cost") or {}
-    if not isinstance(raw_cost, dict):
-        raise RecordError(f"key 'cost' has type {type(raw_cost).__name__}")
     cost: dict[str, float | None] = {}
     for key in COST_KEYS:
-        value = raw_cost.get(key)
+        value = getattr(record.cost, key)
         if value is not None and not _number(value):
             raise RecordError(f"key 'cost.{key}' = {value!r} is not a finite number")
         cost[key] = value  # ints stay ints (token counts print as 19702, not 19702.0)
-    data = record.get("data") if isinstance(record.get("data"), dict) else {}
-    seed = record.get("seed")
-    commit = record.get("git_commit")
-    versions = record.get("versions") if isinstance(record.get("versions"), dict) else {}
-    precision, model_class = _evaluation_protocol(record, suite_entry)
+    precision, model_class = _evaluation_protocol(record)
     return Run(
-        run_id=run_id,
+        run_id=record.run_id,
         path=path,
-        recipe=recipe,
-        variant=variant if isinstance(variant, str) and variant else recipe,
-        model=model,
-        suite=suite,
-        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        data=str(data.get("source", "unknown")),
-        data_records=data.get("records") if isinstance(data.get("records"), int) else None,
-        data_sha256=data.get("sha256") if isinstance(data.get("sha256"), str) else None,
-        commit=commit if isinstance(commit, str) else None,
-        chat_template=chat_template if isinstance(chat_template, bool) else None,
-        stack=tuple(sorted((str(name), str(version)) for name, version in versions.items() if name != "python")),
+        recipe=record.recipe.name,
+        variant=record.recipe.label,
+        model=record.model.name,
+        suite=record.suite.name,
+        seed=record.seed,
+        data=record.data.source,
+        data_records=record.data.records,
+        data_sha256=record.data.sha256,
+        commit=record.git_commit,
+        chat_template=record.suite.chat_template,
+        stack=tuple(sorted((name, version) for name, version in record.versions.items() if name != "python")),
         metrics=metrics,
         cost=cost,
         eval_precision=precision,
@@ -195,15 +165,14 @@ def parse_record(path: Path) -> Run:
     )
 
 
-def _evaluation_protocol(record: dict[str, Any], suite_entry: dict[str, Any]) -> tuple[str, str]:
+def _evaluation_protocol(record: RunRecord) -> tuple[str, str]:
     """(precision, model class) of the run's lm-eval tasks. Records written before these were recorded
     were evaluated by HFLM on the trained weights as they were: bf16 when trained in pure bf16."""
-    precision, model_class = suite_entry.get("precision"), suite_entry.get("model_class")
-    if not isinstance(precision, str):
-        spec = record.get("spec") if isinstance(record.get("spec"), dict) else {}
-        training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
+    precision, model_class = record.suite.precision, record.suite.model_class
+    if precision is None:
+        training = record.spec.get("training") if isinstance(record.spec.get("training"), dict) else {}
         precision = "bf16" if training.get("precision") == "bf16" else "fp32"
-    return precision, model_class if isinstance(model_class, str) else "hflm"
+    return precision, model_class if model_class is not None else "hflm"
 
 
 def parse_samples(path: Path) -> ItemScores:

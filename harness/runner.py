@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import shutil
 import time
@@ -41,6 +40,7 @@ from harness.evaluation import (
 )
 from harness.io import atomic_write_json, atomic_write_text
 from harness.models import ResolvedModel, load_model_and_tokenizer, load_tokenizer, resolve_model
+from harness.record import RecordInvalid, RunRecord, record_digest
 from harness.records import (
     RECORD_SCHEMA_VERSION,
     git_commit,
@@ -364,35 +364,33 @@ def eval_seed(spec: RunSpec, suite: Suite) -> int:
     return spec.eval.seed if spec.eval.seed is not None else suite.sample_seed
 
 
-def record_digest(record: dict[str, Any]) -> str:
-    """sha256 of the record's canonical JSON without its own `content_sha256` field."""
-    body = json.loads(json.dumps({key: value for key, value in record.items() if key != "content_sha256"}, default=str))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def find_record(run_dir: Path, run_id: str | None = None) -> dict[str, Any] | None:
-    """The run's finished record; None when there is none or it is damaged (its content hash does not
-    match), so the run is finished again from its saved stages. A record of another run is an error."""
+def find_record(run_dir: Path, run_id: str | None = None) -> RunRecord | None:
+    """The run's finished record; None when there is none or it is damaged (not JSON, or its content hash
+    does not match), so the run is finished again from its saved stages. A record of another run, or of
+    another record schema version, is an error."""
     path = run_dir / "record.json"
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(record, dict):
+    if not isinstance(data, dict):
         return None
-    if "content_sha256" in record and record["content_sha256"] != record_digest(record):
+    if "content_sha256" in data and data["content_sha256"] != record_digest(data):
         return None  # (records written before the hash was added have none and are trusted)
-    if run_id is not None and record.get("run_id") != run_id:
+    if run_id is not None and data.get("run_id") != run_id:
         raise HarnessError(
-            f"run directory {run_dir} holds the record of run {record.get('run_id')}, not {run_id}; "
+            f"run directory {run_dir} holds the record of run {data.get('run_id')}, not {run_id}; "
             "move it away or use another --output"
         )
-    return record
+    try:
+        return RunRecord.from_dict(data, source=path)
+    except RecordInvalid as error:  # e.g. written by another schema version: never overwritten silently
+        raise HarnessError(f"{error.source}: {error.problem}; move {run_dir} away to redo the run, or use another --output") from None
 
 
-def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, save_model: bool = True) -> dict[str, Any]:
+def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, save_model: bool = True) -> RunRecord:
     """Run (or resume) the prepared run and return its record; a finished run is not redone.
 
     In a job of several processes (accelerate launch, torchrun) every process trains; only the main one
@@ -512,7 +510,7 @@ def check_resumable(run_dir: Path, run_id: str | None = None) -> int:
     return meta["attempts"]
 
 
-def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool, attempts: int = 1) -> dict[str, Any]:
+def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model: bool, attempts: int = 1) -> RunRecord:
     started_at = dt.datetime.now(dt.timezone.utc)
     wall_started = time.perf_counter()
     if not distributed.is_main():
@@ -559,7 +557,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
     scoring_tokens = ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0)
     phases = phase_seconds(ctx.timings, ctx.overhead_stages)
     recipe_judge_cost = round(output.details.get("judge_cost_usd") or 0.0, 6)
-    record = {
+    payload = {
         "schema_version": RECORD_SCHEMA_VERSION,
         "run_id": prepared.run_id,
         "spec_hash": prepared.spec.content_hash(),
@@ -625,6 +623,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         "versions": library_versions(),
         "host": host_info(),
     }
-    record["content_sha256"] = record_digest(record)
-    atomic_write_json(run_dir / "record.json", record)
+    # validated here, so a record that readers would refuse is never written
+    record = RunRecord.from_dict(payload, source=run_dir / "record.json").with_digest()
+    record.write(run_dir / "record.json")
     return distributed.from_main(record)

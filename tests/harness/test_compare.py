@@ -2,7 +2,9 @@ import pytest
 
 from harness.compare import comparison_table, specs_for_all
 from harness.errors import HarnessError
+from harness.record import RunRecord
 from harness.spec import build_spec
+from tests.records import make_record
 
 
 def test_all_mode_maps_params_per_recipe():
@@ -24,9 +26,9 @@ def test_all_mode_rejects_unknown_recipe_params():
 
 def test_comparison_table_marks_deltas_against_one_off():
     def record(name, acc):
-        return {"recipe": {"name": name}, "model": {"name": "tiny"}, "data": {"source": "s"}, "suite": {"name": "smoke"},
-                "metrics": {"t": {"n": 10, "acc": {"value": acc, "stderr": 0.1}}},
-                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+        return RunRecord.from_dict(make_record(recipe={"name": name}, data={"source": "s"},
+                                               metrics={"t": {"n": 10, "acc": {"value": acc, "stderr": 0.1}}},
+                                               cost={"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}))
 
     table = comparison_table([record("one-off", 0.5), record("ifd", 0.6)])
     cells = [list(column.cells) for column in table.columns]
@@ -36,11 +38,10 @@ def test_comparison_table_marks_deltas_against_one_off():
 
 def test_comparison_table_best_of_lower_is_better_and_per_seed_baselines():
     def record(name, seed, acc, perplexity):
-        return {"recipe": {"name": name}, "seed": seed, "model": {"name": "tiny"}, "data": {"source": "s"},
-                "suite": {"name": "smoke"},
-                "metrics": {"t": {"n": 10, "acc": {"value": acc, "stderr": 0.1},
-                                  "perplexity": {"value": perplexity, "stderr": 0.5}}},
-                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+        return RunRecord.from_dict(make_record(recipe={"name": name}, seed=seed, data={"source": "s"},
+                                               metrics={"t": {"n": 10, "acc": {"value": acc, "stderr": 0.1},
+                                                              "perplexity": {"value": perplexity, "stderr": 0.5}}},
+                                               cost={"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}))
 
     table = comparison_table([record("one-off", 0, 0.5, 9.0), record("one-off", 1, 0.4, 12.0),
                               record("ifd", 0, 0.6, 11.0), record("ifd", 1, 0.45, 10.0)])
@@ -52,10 +53,10 @@ def test_comparison_table_best_of_lower_is_better_and_per_seed_baselines():
 
 def test_comparison_table_names_rows_by_the_recipe_variant():
     def record(name, variant=None):
-        return {"recipe": {"name": name, **({"variant": variant} if variant else {})}, "model": {"name": "tiny"},
-                "data": {"source": "s"}, "suite": {"name": "smoke"},
-                "metrics": {"t": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}},
-                "cost": {"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}}
+        return RunRecord.from_dict(make_record(recipe={"name": name, **({"variant": variant} if variant else {})},
+                                               data={"source": "s"},
+                                               metrics={"t": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}},
+                                               cost={"train_tokens": 5, "scoring_tokens": 0, "wall_seconds": 1.0}))
 
     table = comparison_table([record("one-off"), record("phased", "phased[scorer=ifd-proxy, stage_order=1-2-3]")])
     assert list(table.columns[0].cells) == ["one-off", "phased[scorer=ifd-proxy, stage_order=1-2-3]"]

@@ -17,6 +17,7 @@ import scipy.stats
 from harness import leaderboard as board
 from harness import stats
 from tests.cli_helpers import run_cli
+from tests.records import make_record
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "screenshot_leaderboard.py"
@@ -37,13 +38,8 @@ def write_run(root: Path, run_id: str, recipe: str, scores: dict[str, dict[int, 
             lines = [json.dumps({"doc_id": doc, "doc_hash": f"h{doc}", "acc": value, "note": "text"})
                      for doc, value in by_doc.items()]
             (run_dir / "eval" / f"samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
-    record = {
-        "run_id": run_id, "seed": seed, "git_commit": "abc123", "recipe": {"name": recipe, "params": {}},
-        "model": {"name": model}, "data": {"source": "shipped:alpaca-sample", "records": 200, "sha256": "d" * 64},
-        "suite": {"name": suite, "chat_template": False}, "metrics": metrics,
-        "cost": cost or {"train_tokens": 20_000, "response_tokens": 9_000, "scoring_tokens": 0, "wall_seconds": 75.0,
-                         "device_hours": 0.0208, "judge_cost_usd": 0.0},
-    }
+    record = make_record(run_id=run_id, seed=seed, recipe={"name": recipe}, model={"name": model},
+                         suite={"name": suite}, metrics=metrics, cost=cost or {})
     if versions is not None:
         record["versions"] = versions
     if variant is not None:
@@ -227,14 +223,17 @@ def test_recipe_variants_are_named_by_their_record_and_older_records_by_the_reci
 
 def test_corrupt_and_partial_records_are_skipped_with_a_warning_naming_the_file(two_runs, capsys):
     results, _, _ = two_runs
+    no_recipe = make_record(run_id="y")
+    del no_recipe["recipe"]
     bad = {
         "truncated": '{"run_id": "x", "recipe": {"na',
         "not-object": "[1, 2]",
-        "no-recipe": json.dumps({"run_id": "y", "model": {"name": "tiny"}, "suite": {"name": "smoke"}, "metrics": {}}),
-        "bad-value": json.dumps({"run_id": "z", "recipe": {"name": "ifd"}, "model": {"name": "tiny"},
-                                 "suite": {"name": "smoke"}, "metrics": {"arc": {"acc": {"value": "high"}}}}),
-        "bad-cost": json.dumps({"run_id": "w", "recipe": {"name": "ifd"}, "model": {"name": "tiny"},
-                                "suite": {"name": "smoke"}, "metrics": {}, "cost": {"train_tokens": "many"}}),
+        "no-recipe": json.dumps(no_recipe),
+        "bad-value": json.dumps(make_record(run_id="z", recipe={"name": "ifd"},
+                                            metrics={"arc": {"acc": {"value": "high"}}})),
+        "bad-cost": json.dumps(make_record(run_id="w", recipe={"name": "ifd"}, cost={"train_tokens": "many"})),
+        "old-version": json.dumps(make_record(run_id="v", schema_version=0)),
+        "unknown-key": json.dumps(make_record(run_id="u", surprise=1)),
     }
     for name, text in bad.items():
         (results / name).mkdir()
@@ -269,6 +268,7 @@ def test_corrupt_and_partial_records_are_skipped_with_a_warning_naming_the_file(
         assert f"{results / name / 'record.json'}: " in text
     assert f"{results / 'truncated' / 'record.json'}: invalid JSON (line 1" in text
     assert "missing key 'recipe'" in text and "'metrics.arc.acc.value' = 'high'" in text and "'cost.train_tokens'" in text
+    assert "record schema version 0" in text and "unknown key 'surprise'" in text
     assert f"{results / 'in-progress' / 'record.json'}: missing (incomplete run?)" in text
     assert f"{results / 'binary' / 'record.json'}: unreadable" in text
     assert f"{broken / 'eval' / 'samples_arc.jsonl'}: line 2: invalid JSON" in text

@@ -21,6 +21,7 @@ from lm_eval.models.huggingface import HFLM
 
 from harness.evaluation import Suite, run_suite, task_manager
 from harness.lm_engine import EngineLM, _plan, model_in_precision, score_continuations
+from tests.records import make_record
 
 # Every shipped log-likelihood task (MMLU: the small suite's four subjects).
 LOGLIKELIHOOD_TASKS = [
@@ -191,9 +192,9 @@ def test_the_leaderboard_never_pairs_runs_evaluated_in_different_precisions(tmp_
     def record(run_id: str, recipe: str, suite: dict, training_precision: str = "fp32") -> None:
         folder = tmp_path / run_id
         folder.mkdir()
-        body = {"run_id": run_id, "recipe": {"name": recipe}, "model": {"name": "m"}, "suite": {"name": "small", **suite},
-                "spec": {"training": {"precision": training_precision}},
-                "metrics": {"local_arc_easy": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}}}
+        body = make_record(run_id=run_id, recipe={"name": recipe}, model={"name": "m"}, suite={"name": "small", **suite},
+                           spec={"training": {"precision": training_precision}},
+                           metrics={"local_arc_easy": {"n": 10, "acc": {"value": 0.5, "stderr": 0.1}}})
         (folder / "record.json").write_text(json.dumps(body))
 
     record("a", "one-off", {"precision": "fp32", "model_class": "engine"})

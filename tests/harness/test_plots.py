@@ -1,6 +1,7 @@
 """Leaderboard plots: what they draw (the forest plot's Δ, CI and a dot per seed on two separate scales;
 the Pareto plot's points and frontier) and byte-deterministic PNG/SVG without dates or version strings."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ def group(tmp_path: Path) -> board.Group:
         write_seeded_run(tmp_path, f"one-off-{seed}", "one-off", seed, binary(rng, difficulty, 80))
         write_seeded_run(tmp_path, f"ifd-{seed}", "ifd", seed, binary(rng, difficulty + 0.2, 80))
     for path in tmp_path.glob("*/record.json"):  # compute: ifd spends twice one-off's FLOPs
-        text = path.read_text().replace('"metrics"', f'"cost": {{"flops": {2e12 if "ifd" in path.parent.name else 1e12}}}, "metrics"')
-        path.write_text(text)
+        record = json.loads(path.read_text())
+        record["cost"]["flops"] = 2e12 if "ifd" in path.parent.name else 1e12
+        path.write_text(json.dumps(record))
     (only,) = board.build_groups(board.load_runs([tmp_path], print))
     return only
 

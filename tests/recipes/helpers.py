@@ -15,7 +15,7 @@ from harness.spec import build_spec
 def run_recipe(recipe: str, output: Path, overrides: list[str], data: str | None = None) -> dict[str, Any]:
     flags = {"recipe": recipe, "data.name": data, "eval.limit": 10}
     spec = build_spec(config_file=None, overrides=["training.save_steps=0", *overrides], flags=flags)
-    return execute_run(prepare_run(spec), output, Console(stderr=True, quiet=True), save_model=False)
+    return execute_run(prepare_run(spec), output, Console(stderr=True, quiet=True), save_model=False).to_dict()
 
 
 class TrainCalls:

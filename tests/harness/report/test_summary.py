@@ -12,6 +12,7 @@ import pytest
 from harness import leaderboard as board
 from harness import stats
 from harness.report.summary import summarise
+from tests.records import make_record
 
 
 def write_run(root: Path, run_id: str, recipe: str, seed: int, values: np.ndarray, *, task: str = "local_arc_easy",
@@ -20,9 +21,9 @@ def write_run(root: Path, run_id: str, recipe: str, seed: int, values: np.ndarra
     (run_dir / "eval").mkdir(parents=True)
     lines = [json.dumps({"doc_id": start + i, "doc_hash": f"h{start + i}", metric: float(v)}) for i, v in enumerate(values)]
     (run_dir / "eval" / f"samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
-    record = {"run_id": run_id, "seed": seed, "recipe": {"name": recipe}, "model": {"name": "tiny"},
-              "suite": {"name": suite}, "data": {"source": "s", "sha256": "d"},
-              "metrics": {task: {"n": len(values), metric: {"value": float(np.mean(values)), "stderr": 0.05}}}}
+    record = make_record(run_id=run_id, seed=seed, recipe={"name": recipe}, suite={"name": suite},
+                         data={"source": "s", "sha256": "d"},
+                         metrics={task: {"n": len(values), metric: {"value": float(np.mean(values)), "stderr": 0.05}}})
     (run_dir / "record.json").write_text(json.dumps(record))
 
 
