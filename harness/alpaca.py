@@ -25,15 +25,14 @@ import json
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from pydantic import Field, field_validator
 
+from harness.compat import import_alpaca_eval, local_glm_hub_file, quiet_glm_warnings
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
 from harness.generation import GenerationSettings, resumable_generate
@@ -42,7 +41,6 @@ from harness.judges import (
     CachedJudge,
     Judge,
     JudgeOptions,
-    alpaca_eval_modules,
     check_judge,
     judge_options,
     make_judge,
@@ -132,20 +130,11 @@ def _local_hub_files(difficulty: list[float] | None, n_rows: int) -> Iterator[No
     """Serve the GLM's df_gamed.csv from a local file: difficulty by position, no gamed-baseline rows."""
     import pandas as pd
 
-    alpaca_eval_modules()
-    from alpaca_eval.metrics import glm_winrate
-
     values = difficulty if difficulty is not None else [0.0] * n_rows
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "df_gamed.csv"
         pd.DataFrame({"model": "local", "index": range(len(values)), "instruction_difficulty": values}).to_csv(path, index=False)
-
-        def download(*args: Any, filename: str = "", **kwargs: Any) -> str:
-            if filename != "df_gamed.csv":
-                raise HarnessError(f"AlpacaEval GLM asked for hub file {filename!r}, which has no local replacement")
-            return str(path)
-
-        with mock.patch.object(glm_winrate, "hf_hub_download", download):
+        with local_glm_hub_file(path):
             yield
 
 
@@ -180,8 +169,7 @@ def length_controlled_winrate(
         return float(out["length_controlled_winrate"])
 
     # alpaca_eval passes scikit-learn options deprecated for 1.10 (pinned below it): not the user's concern
-    with _local_hub_files(difficulty, n_index), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with _local_hub_files(difficulty, n_index), quiet_glm_warnings():
         try:
             value = fit(frame.copy())
         except ValueError as error:  # e.g. every preference on one side: nothing to fit
@@ -226,7 +214,7 @@ def compute_metrics(
     (preference: 1 baseline wins, 2 model wins, 1.5 draw, fractional for weighted judges, NaN failed)."""
     import pandas as pd
 
-    alpaca_eval_modules()
+    import_alpaca_eval()
     from alpaca_eval.metrics import get_winrate
     from alpaca_eval.metrics.helpers import ZeroOneScoringRule
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness import __version__
+from harness.compat import quiet_elastic_launcher, quiet_libraries
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -26,19 +26,6 @@ def stdout_console() -> Console:
     """Tables go to stdout; when piped (CI, logs) use a wide fixed width so rows are not wrapped."""
     probe = Console()
     return probe if probe.is_terminal else Console(width=160)
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal for our own progress bars and tables."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.utils.logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,7 +140,7 @@ def run(
         from harness.container import connect
 
         client = connect()  # no daemon: a one-line error before anything heavy
-    _quiet_libraries()
+    quiet_libraries()
     from harness.runner import execute_run, prepare_run
 
     if spec.recipe == "all":
@@ -237,7 +224,6 @@ def launch_processes(nproc: int, argv: list[str], distributed: str = "ddp") -> i
 
     The launcher runs in this process so that a failed process gives its status, not the launcher's
     traceback; the processes find each other on a free local port."""
-    import logging
     import socket
 
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -261,9 +247,9 @@ def launch_processes(nproc: int, argv: list[str], distributed: str = "ddp") -> i
     console.print(
         f"[bold]{nproc} processes ({distributed})[/]: accelerate launch -m harness.cli {' '.join(argv)}", soft_wrap=True
     )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
     try:
-        launch_command(args)
+        with quiet_elastic_launcher():  # the failure is reported below
+            launch_command(args)
     except ChildFailedError as failed:
         first = min(failed.failures.values(), key=lambda failure: failure.timestamp)
         status = first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # killed by a signal: 128 + signal
@@ -449,7 +435,6 @@ def alpaca_eval_metrics(annotations_file: Path, as_json: bool, bootstrap: int) -
 
     Rows keep their order as the instruction index; with all 805 rows against gpt4_1106_preview the
     LC GLM uses the shipped local instruction-difficulty estimate, otherwise the GLM without it."""
-    warnings.filterwarnings("ignore")  # alpaca_eval's pkg_resources deprecation notice
     from harness.alpaca import N_INSTRUCTIONS, compute_metrics, load_difficulty
 
     rows = read_annotations(annotations_file)
@@ -619,7 +604,7 @@ def sweep(
     seed_list = parse_seeds(seeds)
     variants = read_grid(grid_file) if grid_file is not None else []
     flags = {"data.name": data, "eval.suite": suite, "eval.limit": limit, "eval.online": online}
-    _quiet_libraries()
+    quiet_libraries()
     points = expand_grid(recipes=recipes, models=models, seeds=seed_list, variants=variants, config_file=config_file,
                          overrides=overrides, flags=flags)  # fmt: skip
     run_args = ["--docker", *(["--image", image] if image else [])] if in_docker else []

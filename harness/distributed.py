@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from harness.compat import model_from_config
 from harness.errors import HarnessError
 
 T = TypeVar("T")
@@ -270,7 +271,7 @@ def unsharded_model(model: Any, dtype: torch.dtype) -> Any:
     full = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in full.items()}
     plain_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
     with torch.device("meta"):
-        fresh = plain_class._from_config(copy.deepcopy(model.config), dtype=dtype)
+        fresh = model_from_config(plain_class, copy.deepcopy(model.config), dtype=dtype)
     missing, unexpected = fresh.load_state_dict(full, strict=False, assign=True)
     for name, buffer in model.named_buffers():  # e.g. RoPE's inv_freq (not in the state dict)
         if name not in full:

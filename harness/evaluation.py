@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import logging
 import math
 import os
 import random
@@ -33,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from benchmarks.tasks.local_data import use_shipped_nltk_data
+from harness.compat import quiet_lm_eval
 from harness.errors import HarnessError, closest, unknown_name
 from harness.io import atomic_write_json, atomic_write_text
 
@@ -223,38 +223,15 @@ def sample_indices(task_name: str, total: int, k: int, seed: int) -> list[int]:
     return sorted(random.Random(f"{seed}:{sample_key(task_name)}").sample(range(total), k))
 
 
-def _quiet_lm_eval() -> None:
-    import lm_eval.api.model
-    import lm_eval.evaluator
-
-    for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name in ("lm_eval.tasks", "lm_eval.tasks._index", "lm_eval.tasks.manager", "lm_eval.evaluator_utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # lm-eval asks `git describe` about the working directory and lets git print "fatal: not a git
-    # repository" into the run's output when it is none; the record carries the harness's own commit.
-    lm_eval.evaluator.get_git_commit_hash = lambda: None
-    # The request cache's lookup loop is a dictionary check per request, yet draws a bar per task.
-    lm_eval.api.model.tqdm = _tqdm_without_cache_check
-
-
-def _tqdm_without_cache_check(*args: Any, **kwargs: Any) -> Any:
-    from tqdm import tqdm
-
-    if kwargs.get("desc") == "Checking cached requests":
-        kwargs["disable"] = True
-    return tqdm(*args, **kwargs)
-
-
 @functools.lru_cache(maxsize=2)
 def task_manager(online: bool = False) -> Any:
     """The local tasks only (offline), or lm-eval's registered tasks plus benchmarks/tasks_online/."""
     from lm_eval.tasks import TaskManager
 
-    _quiet_lm_eval()
-    if online:
-        return TaskManager(include_path=str(ONLINE_TASKS_DIR), include_defaults=True)
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    with quiet_lm_eval():
+        if online:
+            return TaskManager(include_path=str(ONLINE_TASKS_DIR), include_defaults=True)
+        return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
 def _missing_data(error: BaseException) -> BaseException | None:
@@ -279,6 +256,7 @@ class PlannedTask:
     generative: bool = False  # some leaf generates text (generate_until)
 
 
+@quiet_lm_eval()
 def plan_suite(suite: Suite, *, online: bool | None = None) -> list[PlannedTask]:
     """Resolve every lm-eval task of the suite and build its documents, before anything is evaluated:
     an unknown task or a missing data file is a one-line error, not a failure halfway through."""
@@ -485,6 +463,7 @@ def _task_model(plan: PlannedTask, lm: Any, precision: str) -> dict[str, str]:
     return {"model_class": "engine" if engine else "hflm", "precision": precision}
 
 
+@quiet_lm_eval()  # lm-eval's logging, git lookup and cache-check bar (harness/compat.py)
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -516,7 +495,6 @@ def run_lm_eval(
     import torch
     from lm_eval import simple_evaluate
 
-    _quiet_lm_eval()
     use_online = suite.online if online is None else online
     planned = plan_suite(suite, online=use_online)
     check_chat_template(suite, tokenizer, chat_template)

@@ -13,18 +13,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import ipaddress
 import json
-import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from harness.compat import import_alpaca_eval, quiet_client_config_warning
 from harness.errors import HarnessError, closest, unknown_name
 from harness.verdicts import VerdictJournal, json_safe
 
@@ -52,26 +51,8 @@ DEFAULT_PAIRWISE_PROMPT = "cherry"
 LOOPBACK_HOSTS = {"localhost", "ip6-localhost"}
 
 
-def alpaca_eval_modules() -> Any:
-    """Import alpaca_eval without its import-time load_dotenv() (a stray .env must not inject secrets)."""
-    import sys
-
-    if "alpaca_eval" not in sys.modules:
-        import dotenv
-
-        original = dotenv.load_dotenv
-        dotenv.load_dotenv = lambda *args, **kwargs: False
-        try:
-            import alpaca_eval  # noqa: F401
-        finally:
-            dotenv.load_dotenv = original
-    import alpaca_eval
-
-    return alpaca_eval
-
-
 def alpaca_eval_configs_dir() -> Path:
-    alpaca_eval_modules()
+    import_alpaca_eval()
     from alpaca_eval import constants
 
     return Path(constants.EVALUATORS_CONFIG_DIR)
@@ -324,7 +305,7 @@ class OpenAIJudge:
     def annotate_alpaca(self, rows: list[dict[str, Any]], work_dir: Path) -> list[dict[str, Any]]:
         import openai
 
-        alpaca_eval_modules()
+        import_alpaca_eval()
         from alpaca_eval.annotators import PairwiseAnnotator
 
         config_path = self.write_annotator_config(work_dir / "annotator")
@@ -337,7 +318,7 @@ class OpenAIJudge:
         baseline = [{"instruction": r["instruction"], "output": r["output_1"], "generator": r["generator_1"]} for r in rows]
         candidate = [{"instruction": r["instruction"], "output": r["output_2"], "generator": r["generator_2"]} for r in rows]
         try:
-            with _quiet_client_config_warning():
+            with quiet_client_config_warning():
                 annotated = annotator.annotate_head2head(
                     outputs_1=baseline, outputs_2=candidate, is_ordered=True, **self._client_kwargs(work_dir)
                 )
@@ -365,7 +346,7 @@ class OpenAIJudge:
     def review_pairs(self, items: list[tuple[str, str, str]]) -> list[Review]:
         import openai
 
-        alpaca_eval_modules()
+        import_alpaca_eval()
         from alpaca_eval.decoders.openai import openai_completions
 
         prompt = load_pairwise_prompt(self.options.pairwise_prompt)
@@ -373,7 +354,7 @@ class OpenAIJudge:
             f"<|im_start|>system\n{prompt.system}\n<|im_end|>\n<|im_start|>user\n{prompt.render(*item)}\n<|im_end|>"
             for item in items
         ]
-        with tempfile.TemporaryDirectory() as scratch, _quiet_client_config_warning():
+        with tempfile.TemporaryDirectory() as scratch, quiet_client_config_warning():
             try:
                 result = openai_completions(
                     prompts,
@@ -391,23 +372,6 @@ class OpenAIJudge:
             Review(parse_score_pair(text), text, _float_or_none(price))
             for text, price in zip(result["completions"], result["price_per_example"], strict=True)
         ]
-
-
-class _DropClientConfigWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "We are using environment variables to construct the client configs" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_client_config_warning() -> Iterator[None]:
-    """alpaca_eval warns on every request that no client-config file exists; we pass the client on purpose."""
-    root = logging.getLogger()
-    dropper = _DropClientConfigWarning()
-    root.addFilter(dropper)
-    try:
-        yield
-    finally:
-        root.removeFilter(dropper)
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -466,7 +430,7 @@ class LocalJudge:
 
     def alpaca_prompts(self, rows: list[dict[str, Any]]) -> list[str]:
         """The official AlpacaEval 2 judge prompt for each (instruction, output_1, output_2), as chat text."""
-        alpaca_eval_modules()
+        import_alpaca_eval()
         import pandas as pd
         from alpaca_eval import utils
 

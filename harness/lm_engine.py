@@ -2,7 +2,8 @@
 HFLM (fp32: within 1e-4, or 1e-6 relative for long continuations), faster on CPU (BENCHMARKS.md).
 
 `EngineLM` is HFLM (lm_eval/models/huggingface.py, lm-eval 0.4.13) with one method replaced:
-`_loglikelihood_tokens`, which receives requests already tokenized by HFLM's own code (TemplateLM's
+`_loglikelihood_tokens` (through harness/compat.py's TokenizedLoglikelihoodHook), which receives
+requests already tokenized by HFLM's own code (TemplateLM's
 `loglikelihood` and `_encode_pair`: trailing whitespace of the context moved into the continuation,
 the pair encoded whole and split, the prefix token for an empty context; HFLM's
 `loglikelihood_rolling` windows). Generation (`generate_until`) is HFLM's, untouched. Per request it
@@ -41,6 +42,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from harness import cpu_kernels
+from harness.compat import TokenizedLoglikelihoodHook
 from harness.errors import HarnessError
 from harness.losses import (
     _CAPTURE_KWARG,
@@ -268,7 +270,7 @@ def score_continuations(
 
 
 @register_model(ENGINE_MODEL_NAME)
-class EngineLM(HFLM):
+class EngineLM(TokenizedLoglikelihoodHook, HFLM):
     """HFLM whose log-likelihood requests go through the scoring engine (see the module docstring).
 
     `token_budget`: tokens per forward pass (prefixes plus sequences); larger on GPUs."""
@@ -278,14 +280,14 @@ class EngineLM(HFLM):
         self.token_budget = int(token_budget)
         self.uses_engine = self.backend == "causal" and engine_supports(self.model)
 
-    def _loglikelihood_tokens(  # type: ignore[override]
+    def score_tokenized(  # HFLM's _loglikelihood_tokens (routed here by harness/compat.py)
         self,
         requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
         disable_tqdm: bool = False,
         override_bs: int | None = None,
     ) -> list[Answer]:
         if not self.uses_engine:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return self.upstream_loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         for _, context_enc, continuation_enc in requests:  # HFLM's checks
             assert len(context_enc) > 0
             assert len(continuation_enc) > 0

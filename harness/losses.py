@@ -32,6 +32,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.fsdp import FSDPModule
 
 from harness import cpu_kernels
+from harness.compat import attn_implementation, register_attention, set_attn_implementation
 
 VARLEN_ATTENTION = "harness_varlen"
 _SEGMENTS_KWARG = "harness_segment_lengths"
@@ -130,15 +131,6 @@ def varlen_attention(
     return torch.cat(outputs, dim=0).unsqueeze(0), None  # [1, tokens, heads, dim], as transformers expects
 
 
-def _register_varlen_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-
-
-_register_varlen_attention()
-
-
 def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder stack, LM head) of a causal LM, also through a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -178,8 +170,9 @@ def _segment_lengths(seq_ids: torch.Tensor, positions: torch.Tensor) -> list[int
 def _run_varlen(decoder: torch.nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor, lengths: list[int], **extra: Any) -> Any:
     """The decoder's output with per-segment attention, or None when its layers drop our kwargs."""
     config = decoder.config
-    previous = config._attn_implementation
-    config._attn_implementation = VARLEN_ATTENTION
+    register_attention(VARLEN_ATTENTION, varlen_attention)
+    previous = attn_implementation(config)
+    set_attn_implementation(config, VARLEN_ATTENTION)
     try:
         return decoder(**inputs, position_ids=positions, use_cache=False, **{_SEGMENTS_KWARG: lengths}, **extra)
     except _VarlenUnsupported:
@@ -187,7 +180,7 @@ def _run_varlen(decoder: torch.nn.Module, inputs: dict[str, torch.Tensor], posit
         previous = getattr(config, _OUTSIDE_ATTR, previous)  # inside keep_varlen_attention: the model's own, for good
         return None
     finally:
-        config._attn_implementation = previous
+        set_attn_implementation(config, previous)
 
 
 _OUTSIDE_ATTR = "_harness_attn_outside"  # the model's own attention implementation, while keep_varlen_attention holds
@@ -204,17 +197,18 @@ def keep_varlen_attention(model: Any) -> Iterator[None]:
     they ran forward. The model's own implementation is restored on exit."""
     decoder, _ = causal_lm_parts(model)
     config = getattr(decoder, "config", None)
-    if config is None or type(decoder) in _NO_VARLEN or config._attn_implementation == VARLEN_ATTENTION:
+    if config is None or type(decoder) in _NO_VARLEN or attn_implementation(config) == VARLEN_ATTENTION:
         yield
         return
-    outside = config._attn_implementation
+    register_attention(VARLEN_ATTENTION, varlen_attention)
+    outside = attn_implementation(config)
     setattr(config, _OUTSIDE_ATTR, outside)
-    config._attn_implementation = VARLEN_ATTENTION
+    set_attn_implementation(config, VARLEN_ATTENTION)
     try:
         yield
     finally:
-        if config._attn_implementation == VARLEN_ATTENTION:
-            config._attn_implementation = outside
+        if attn_implementation(config) == VARLEN_ATTENTION:
+            set_attn_implementation(config, outside)
         delattr(config, _OUTSIDE_ATTR)
 
 
@@ -255,7 +249,7 @@ def final_hidden_states(
     # would recompute the layers after the attention implementation is restored, unless
     # keep_varlen_attention holds it for the whole run.
     checkpointing = decoder.training and any(_recomputes_in_backward(m) for m in decoder.modules())
-    kept = hasattr(decoder, "config") and decoder.config._attn_implementation == VARLEN_ATTENTION
+    kept = hasattr(decoder, "config") and attn_implementation(decoder.config) == VARLEN_ATTENTION
     if type(decoder) in _NO_VARLEN or (checkpointing and not kept) or not hasattr(decoder, "config"):
         if shared_prefixes is not None:
             raise RuntimeError(f"{type(decoder).__name__} cannot run with shared prefixes (no varlen attention)")

@@ -141,7 +141,7 @@ class RunSpec(StrictModel):
         """sha256 of the canonical JSON of the spec: equal specs give equal run ids."""
         dumped = self.model_dump(mode="json")
         for section, key in ADDED_AT_DEFAULT_KEEPS_ID:  # options added later keep the ids of runs that leave them off
-            if dumped[section][key] == type(self).model_fields[section].default.model_fields[key].default:
+            if dumped[section][key] == type(type(self).model_fields[section].default).model_fields[key].default:
                 del dumped[section][key]
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

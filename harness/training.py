@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from harness import distributed
 from harness.batching import RowDataset, collate_rows
+from harness.compat import TrainerCheckpointHooks, checkpointing_arguments, force_fsdp_state
 from harness.errors import HarnessError
 from harness.interrupts import (
     kill_point_for_tests,
@@ -261,7 +262,7 @@ def _forward_as_loss(loss_of: Callable[..., Any], inner: torch.nn.Module, batch:
     return loss, losses.detach()  # DDP looks for parameters used by the outputs: the loss covers them all
 
 
-class ResponseOnlyTrainer(Trainer):
+class ResponseOnlyTrainer(TrainerCheckpointHooks, Trainer):
     """Trainer whose loss is the mean cross entropy over response tokens, with the LM head applied
     only at those positions, plus an optional extra term (SFTMix's mixup, ...)."""
 
@@ -300,15 +301,12 @@ class ResponseOnlyTrainer(Trainer):
                     "or drop --use_fsdp / the FSDP accelerate config"
                 )
             return
-        from accelerate import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         state = self.accelerator.state
         if state.distributed_type == DistributedType.MULTI_CPU:
-            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # its settings from the launcher's FSDP_* variables
-            state.distributed_type = DistributedType.FSDP
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+            force_fsdp_state(state, FullyShardedDataParallelPlugin())  # its settings from the launcher's FSDP_* variables
             self.is_fsdp_enabled = True
         if not self.accelerator.is_fsdp2:
             raise HarnessError("accelerate did not set up FSDP2 for --distributed fsdp; this is a harness bug, please report it")
@@ -354,15 +352,13 @@ class ResponseOnlyTrainer(Trainer):
             self.counter.examples += int(inputs["num_examples"])
         return (loss, None) if return_outputs else loss
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:  # type: ignore[override]
+    def skips_checkpoint_weights(self) -> bool:
         """Under FSDP a checkpoint's weights are written by accelerate's save_fsdp_model (with the optimizer),
         which is what resuming reads; Trainer would also write them as model.safetensors, doubling every
         checkpoint (a 70B model's full fp32 state is 280 GB). The run's final model is saved by the runner."""
-        if _internal_call and self.is_fsdp_enabled:
-            return
-        super().save_model(output_dir, _internal_call)
+        return self.is_fsdp_enabled
 
-    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+    def before_checkpoint_save(self) -> None:
         """Store the token counters and the loss sum in the checkpoint's trainer_state.json (written with
         it, so they cannot disagree): a resumed run reports the whole run's tokens and mean loss.
 
@@ -372,9 +368,10 @@ class ResponseOnlyTrainer(Trainer):
         totals = distributed.sum_over_processes([getattr(self.counter, name) for name in names])
         self.state.stateful_callbacks[PROGRESS_KEY] = {
             **dict(zip(names, totals, strict=True)),
-            "loss_sum": self._total_loss_scalar + float(self._tr_loss.item()),
+            "loss_sum": self.running_loss_sum(),
         }
-        super()._save_checkpoint(model, trial)
+
+    def after_checkpoint_save(self) -> None:
         kill_point_for_tests(f"train/{Path(self.args.output_dir).name}", self.state.global_step)
 
     def create_optimizer(self, model=None):  # type: ignore[override]
@@ -724,8 +721,9 @@ def train_sft(
         ddp_timeout=distributed.timeout_seconds(),
         ddp_find_unused_parameters=False,  # the loss uses every trainable parameter: no extra graph traversal
         # non-reentrant checkpointing: works with the packed-row attention's keyword arguments and frozen inputs (LoRA)
-        activation_checkpointing=settings.gradient_checkpointing and distributed.backend() != "fsdp",  # FSDP: its own
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(  # FSDP: its own
+            settings.gradient_checkpointing and distributed.backend() != "fsdp", {"use_reentrant": False}
+        ),
     )
     trainer = ResponseOnlyTrainer(
         model=model,

@@ -22,10 +22,11 @@ from harness.alpaca import (
     run_alpaca_eval,
     run_suite_section,
 )
+from harness.compat import import_alpaca_eval
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext
 from harness.generation import GenerationSettings
-from harness.judges import JudgeOptions, LocalJudge, alpaca_eval_modules, make_judge
+from harness.judges import JudgeOptions, LocalJudge, make_judge
 from tests.conftest import SHARED
 from tests.harness.openai_server import LOSER_LOGPROB, WINNER_LOGPROB, OpenAIServer
 
@@ -214,7 +215,7 @@ def test_openai_judge_server_error_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_alpaca_eval_1_annotator_config_loads_in_alpaca_eval(tmp_path):
-    alpaca_eval_modules()
+    import_alpaca_eval()
     from alpaca_eval.annotators import PairwiseAnnotator
 
     judge = make_judge("openai:gpt-4", JudgeOptions(base_url="http://127.0.0.1:1/v1", annotator_config="alpaca_eval_gpt4"))
