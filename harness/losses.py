@@ -167,7 +167,9 @@ def _segment_lengths(seq_ids: torch.Tensor, positions: torch.Tensor) -> list[int
     return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _run_varlen(decoder: torch.nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor, lengths: list[int], **extra: Any) -> Any:
+def _run_varlen(
+    decoder: torch.nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor, lengths: list[int], **extra: Any
+) -> Any:
     """The decoder's output with per-segment attention, or None when its layers drop our kwargs."""
     config = decoder.config
     register_attention(VARLEN_ATTENTION, varlen_attention)

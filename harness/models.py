@@ -41,19 +41,19 @@ class ModelEntry:
 MODEL_SET: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in [
-        ModelEntry("tiny", "builtin:tiny", "2-layer Llama built offline by the harness (tests, demo)", "chat", 1024, "float32", 2e-3, "0.6M"),
+        ModelEntry("tiny", "builtin:tiny", "2-layer Llama built offline by the harness (tests, demo)", "chat", 1024, "float32", 2e-3, "0.6M"),  # noqa: E501
         ModelEntry(
             "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
             "SmolLM2-135M-Instruct (Llama arch, ChatML); also loads from a local GGUF via model_path",
             "chat", 8192, "bfloat16", 2e-5, "135M",
         ),
-        ModelEntry("llama-2-7b", "meta-llama/Llama-2-7b-hf", "Llama-2-7B base (Phased IFT, Cherry LLM, NEFTune)", "alpaca", 4096, "bfloat16", 2e-5, "7B"),
-        ModelEntry("llama-2-13b", "meta-llama/Llama-2-13b-hf", "Llama-2-13B base (Phased IFT, Cherry LLM)", "alpaca", 4096, "bfloat16", 2e-5, "13B"),
+        ModelEntry("llama-2-7b", "meta-llama/Llama-2-7b-hf", "Llama-2-7B base (Phased IFT, Cherry LLM, NEFTune)", "alpaca", 4096, "bfloat16", 2e-5, "7B"),  # noqa: E501
+        ModelEntry("llama-2-13b", "meta-llama/Llama-2-13b-hf", "Llama-2-13B base (Phased IFT, Cherry LLM)", "alpaca", 4096, "bfloat16", 2e-5, "13B"),  # noqa: E501
         ModelEntry("llama-2-70b", "meta-llama/Llama-2-70b-hf", "Llama-2-70B base (Phased IFT)", "alpaca", 4096, "bfloat16", 1e-5, "70B"),
         ModelEntry("llama-3-8b", "meta-llama/Meta-Llama-3-8B", "Llama-3-8B base (Phased IFT)", "alpaca", 8192, "bfloat16", 2e-5, "8B"),
         ModelEntry("llama-3-70b", "meta-llama/Meta-Llama-3-70B", "Llama-3-70B base (Phased IFT)", "alpaca", 8192, "bfloat16", 1e-5, "70B"),
         ModelEntry("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "Llama-3.1-8B base (SFTMix)", "alpaca", 131072, "bfloat16", 2e-5, "8B"),
-        ModelEntry("mistral-7b-v0.1", "mistralai/Mistral-7B-v0.1", "Mistral-7B-v0.1 base (Phased IFT, SFTMix)", "alpaca", 8192, "bfloat16", 5e-6, "7B"),
+        ModelEntry("mistral-7b-v0.1", "mistralai/Mistral-7B-v0.1", "Mistral-7B-v0.1 base (Phased IFT, SFTMix)", "alpaca", 8192, "bfloat16", 5e-6, "7B"),  # noqa: E501
         ModelEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B", "Qwen2.5-7B base", "alpaca", 32768, "bfloat16", 1e-5, "7B"),
     ]
 }

@@ -73,7 +73,7 @@ class PairwiseProtocol:
             "failed_reviews": "counted as losses (in N)" if self.failed_as_loss else "skipped (not in N)",
             "overall": "mean of the per-set WinRates" if self.overall == "set_mean" else "all questions pooled",
             "default_test_sets": list(self.test_sets),
-            "self_instruct_question": {"model": f"instruction{self.input_joiner!r}input", "judge": f"instruction{self.judge_input_joiner!r}input"},
+            "self_instruct_question": {"model": f"instruction{self.input_joiner!r}input", "judge": f"instruction{self.judge_input_joiner!r}input"},  # noqa: E501
             "unavailable_sets": list(self.unavailable_sets),
             "outcome_rule": "win = won twice or won + tied; tie = tied twice or won + lost; WinRate = (win + tie/2)/N - 0.5",
             "source": self.source,

@@ -1,6 +1,6 @@
 """Leaderboard plots (matplotlib, object API, no pyplot state): a forest plot of each variant's Δ vs the
-baseline per benchmark (95% CI, a dot per seed) and a Pareto plot of the headline Δ against compute. Output is byte-deterministic: fixed style and
-font (matplotlib's bundled DejaVu Sans), a fixed SVG hash salt for element ids, and no date or
+baseline per benchmark (95% CI, a dot per seed) and a Pareto plot of the headline Δ against compute.
+Output is byte-deterministic: fixed style and font (matplotlib's bundled DejaVu Sans), a fixed SVG hash salt for element ids, and no date or
 software-version metadata in the SVG or PNG files."""
 
 from __future__ import annotations

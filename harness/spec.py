@@ -93,7 +93,9 @@ class EvalSpec(StrictModel):
     batch_size: int = Field(8, gt=0)
     chat_template: bool | None = Field(None, description="None: the suite's setting")
     online: bool | None = Field(None, description="lm-eval's hub-backed tasks instead of the shipped ones; None: the suite's setting")
-    judge: str | None = Field(None, description="judge of the suite's alpaca_eval/pairwise sections (openai:<model>, local:<model>); None: the suite's")
+    judge: str | None = Field(
+        None, description="judge of the suite's alpaca_eval/pairwise sections (openai:<model>, local:<model>); None: the suite's"
+    )
     model_class: Literal["engine", "hflm"] = Field(
         "engine", description="log-likelihood tasks through the scoring engine (harness/lm_engine.py) or lm-eval's HFLM"
     )

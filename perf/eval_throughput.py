@@ -69,7 +69,8 @@ def run_config(name: str, tasks: list[dict[str, Any]], limit: int, output: Path)
         rows = [json.loads(line) for line in (output / f"samples_{task}.jsonl").read_text().splitlines() if line.strip()]
         lls = [ll for row in sorted(rows, key=lambda r: (r["task"], r["doc_id"])) for ll in row["loglikelihoods"]]
         metrics = {k: v["value"] for k, v in entry.items() if isinstance(v, dict) and "value" in v}
-        per_task[task] = {"seconds": entry["seconds"], "model_seconds": round(in_model.get(task, 0.0), 2), "requests": len(lls), "loglikelihoods": lls, "metrics": metrics,
+        per_task[task] = {"seconds": entry["seconds"], "model_seconds": round(in_model.get(task, 0.0), 2), "requests": len(lls),
+                          "loglikelihoods": lls, "metrics": metrics,
                           "model_class": entry["model_class"], "precision": entry["precision"]}
     return {"config": name, "wall_seconds": wall, "tasks": per_task, "torch_threads": torch.get_num_threads(),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}

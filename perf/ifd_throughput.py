@@ -126,7 +126,9 @@ def main() -> None:
     top16 = set(np.argsort(-np.where(both, engine16, -np.inf))[:top])
     n = len(records)
     summary = {
-        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "torch_threads": torch.get_num_threads(),
         "records": n,
         "scored": int(both.sum()),

@@ -103,7 +103,7 @@ def main() -> None:
         results.append(entry)
     atomic_write_json(args.output, results)
 
-    print("| model | version | win rate (ours) | official | std. error (ours) | official | LC leave-one-out ± se | LC shipped difficulty | LC no difficulty | official LC |")
+    print("| model | version | win rate (ours) | official | std. error (ours) | official | LC leave-one-out ± se | LC shipped difficulty | LC no difficulty | official LC |")  # noqa: E501
     print("|---|---|---|---|---|---|---|---|---|---|")
     def lc(entry: dict, key: str) -> str:
         v = entry.get(key)
@@ -114,7 +114,8 @@ def main() -> None:
             r = e["replay"]
             print(
                 f"replay {e['model']}: win rate {r['win_rate']['value']:.4f} ± {r['win_rate']['stderr']:.4f}, "
-                f"max |preference difference| {r['max_preference_difference']:.2e}, cost ${r['cost_usd']} (official ${r['official_cost_usd']})"
+                f"max |preference difference| {r['max_preference_difference']:.2e}, "
+                f"cost ${r['cost_usd']} (official ${r['official_cost_usd']})"
             )
     for e in results:
         m, o = e["metrics"], e["official"]

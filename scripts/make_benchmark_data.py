@@ -213,7 +213,10 @@ def mmlu_tasks() -> None:
     )
     write_text(
         "mmlu/_local_mmlu_small.yaml",
-        group_yaml("local_mmlu_small", [f"local_mmlu_{s}" for s in MMLU_SMALL], "MMLU, four subjects (one per category) for the small suite.", "mmlu (4 subjects)"),
+        group_yaml(
+            "local_mmlu_small", [f"local_mmlu_{s}" for s in MMLU_SMALL],
+            "MMLU, four subjects (one per category) for the small suite.", "mmlu (4 subjects)",
+        ),
     )
     online = ROOT / "benchmarks" / "tasks_online" / "harness_mmlu_small.yaml"
     online.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ def test_run_writes_a_complete_record_and_is_deterministic(tmp_path: Path, capsy
         records.append(json.loads((run_dir / "record.json").read_text()))
     first, second = records
     assert first["run_id"] == second["run_id"]
-    assert first["metrics"] == {**second["metrics"], **{k: {**v, "seconds": first["metrics"][k]["seconds"]} for k, v in second["metrics"].items()}}
+    assert first["metrics"] == {**second["metrics"], **{k: {**v, "seconds": first["metrics"][k]["seconds"]} for k, v in second["metrics"].items()}}  # noqa: E501
     assert first["training"]["sft"]["loss_curve"] == second["training"]["sft"]["loss_curve"]
     accuracy = first["metrics"]["local_arc_easy"]["acc"]
     assert 0.0 <= accuracy["value"] <= 1.0 and accuracy["stderr"] > 0

@@ -154,7 +154,7 @@ def data_cases(draw: st.DrawFn, kind: str) -> Case:
     elif kind == "sharegpt-turns":
         turns = draw(st.sampled_from([
             "not a list", [], [{"from": "human", "value": "hi"}], [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}],
-            [{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}], [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}],
+            [{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}], [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}],  # noqa: E501
         ]))  # fmt: skip
         rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}] * at + [{"conversations": turns}]
         content = encode(rows, container)
@@ -206,7 +206,7 @@ OUT_OF_RANGE = {
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32, max_value=2**70)),
 }  # fmt: skip
 PARAMS_OUT_OF_RANGE = {
-    "ifd": {"rate": st.one_of(st.floats(max_value=0, allow_nan=False), st.floats(min_value=1.0001)), "experience_clusters": st.integers(max_value=0)},
+    "ifd": {"rate": st.one_of(st.floats(max_value=0, allow_nan=False), st.floats(min_value=1.0001)), "experience_clusters": st.integers(max_value=0)},  # noqa: E501
     "phased": {"thresholds": st.sampled_from([[3.5, 1.5], [0, 2], [1, 6], [2, 2], [1], "low"]),
                "stage_order": st.sampled_from([[], [4], [1, 1], [0, 1], "shuffled"]), "scoring_max_length": st.integers(max_value=8)},
     "sftmix": {"mu": st.one_of(st.floats(max_value=-1e-9), non_finite), "alpha": st.floats(max_value=0),
@@ -251,7 +251,7 @@ def config_cases(draw: st.DrawFn, kind: str) -> Case:
         elif key == "training.lr_scheduler":
             value = draw(words.filter(lambda w: w not in ("cosine", "linear", "constant", "constant_with_warmup")))
         else:
-            value = draw(st.one_of(st.lists(st.integers(), min_size=1, max_size=2), st.dictionaries(identifiers, st.integers(), min_size=1, max_size=2),
+            value = draw(st.one_of(st.lists(st.integers(), min_size=1, max_size=2), st.dictionaries(identifiers, st.integers(), min_size=1, max_size=2),  # noqa: E501
                                    *(() if key in ("model", "eval.suite") else (st.sampled_from(["abc", "1e", "two", "0x"]),))))
         config = nest(key, value)
     elif kind == "out-of-range":
@@ -264,7 +264,7 @@ def config_cases(draw: st.DrawFn, kind: str) -> Case:
     elif kind == "broken-yaml":
         return Case(kind, ["run", "--config", "{dir}/run.yaml"], {"run.yaml": draw(st.sampled_from(BROKEN_YAML)).encode()})
     elif kind == "not-a-mapping":
-        config = draw(st.one_of(st.lists(st.integers(), min_size=1), st.integers(), words.filter(lambda w: ":" not in w and w.strip() not in ("", "~", "null"))))
+        config = draw(st.one_of(st.lists(st.integers(), min_size=1), st.integers(), words.filter(lambda w: ":" not in w and w.strip() not in ("", "~", "null"))))  # noqa: E501
     else:
         key, existing = draw(st.sampled_from([
             ("model", set(MODEL_SET)), ("eval.suite", set(list_suites())), ("recipe", set(RECIPE_MODULES) | {"all"}),

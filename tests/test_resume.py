@@ -83,7 +83,7 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
     assert all(not stage["reused"] and stage["resumed_from_step"] == 0 for stage in work["training"].values())
     assert work["training"]["stage2"]["steps_run"] > 3  # the training kill below lands mid-stage
     requests = work["evaluation"]["requests_computed"]
-    assert requests > 60 and work["evaluation"] == {"tasks_computed": 1, "tasks_reused": 0, "requests_computed": requests, "requests_cached": 0}
+    assert requests > 60 and work["evaluation"] == {"tasks_computed": 1, "tasks_reused": 0, "requests_computed": requests, "requests_cached": 0}  # noqa: E501
     fresh_steps = sum(stage["steps_run"] for stage in work["training"].values())
 
     for scenario, kill_at in KILLS.items():
@@ -124,7 +124,7 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
             assert steps == fresh_steps
         elif scenario == "training":  # stage 1 finished: loaded; stage 2 resumed at its checkpoint
             assert counters["scoring"] == {"sequences_computed": 0, "sequences_cached": sequences}
-            assert counters["training"]["stage1"] == {"reused": True, "steps_run": 0, "resumed_from_step": work["training"]["stage1"]["steps_run"]}
+            assert counters["training"]["stage1"] == {"reused": True, "steps_run": 0, "resumed_from_step": work["training"]["stage1"]["steps_run"]}  # noqa: E501
             assert counters["training"]["stage2"]["resumed_from_step"] == 3 and not counters["training"]["stage2"]["reused"]
             assert counters["training"]["stage3"]["resumed_from_step"] == 0
             assert steps == fresh_steps - work["training"]["stage1"]["steps_run"] - 3

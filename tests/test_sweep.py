@@ -223,7 +223,7 @@ def test_a_bad_grid_point_stops_the_sweep_before_anything_starts(tmp_path: Path,
     if importlib.util.find_spec("ray") is not None:  # the grid is checked before Ray is contacted (no cluster here)
         code, _, err = run_cli(["sweep", "--engine", "ray", "--address", f"127.0.0.1:{free_port()}", "--recipe",
                                 "one-of", "--output", str(output)], capsys)  # fmt: skip
-        assert code == 2 and err.strip().splitlines() == ["error: grid point (recipe one-of): unknown recipe 'one-of'; did you mean 'one-off'?"]
+        assert code == 2 and err.strip().splitlines() == ["error: grid point (recipe one-of): unknown recipe 'one-of'; did you mean 'one-off'?"]  # noqa: E501
     grid = tmp_path / "grid.yaml"
     grid.write_text("- training.learning_rate: 1.0e-4\n- training.learning_rat: 1.0e-3\n")
     code, out, err = run_cli(["sweep", "--grid", str(grid), "--seeds", "2", "--output", str(output)], capsys)

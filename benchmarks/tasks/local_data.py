@@ -49,7 +49,9 @@ def load_multiple_choice(file: str, **_: Any) -> datasets.DatasetDict:
     return load_jsonl(file, "test")
 
 
-def load_mmlu(subject: str, test_file: str = "mmlu/mmlu_test.jsonl.gz", dev_file: str = "mmlu/mmlu_dev.jsonl.gz", **_: Any) -> datasets.DatasetDict:
+def load_mmlu(
+    subject: str, test_file: str = "mmlu/mmlu_test.jsonl.gz", dev_file: str = "mmlu/mmlu_dev.jsonl.gz", **_: Any
+) -> datasets.DatasetDict:
     """One MMLU subject: `test` to evaluate, `dev` (5 per subject) for few-shot examples, as in cais/mmlu."""
     splits = {}
     for split, file in (("test", test_file), ("dev", dev_file)):

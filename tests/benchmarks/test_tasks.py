@@ -128,7 +128,7 @@ def test_documents_render_as_lm_eval_renders_them(manager):
     assert task.doc_to_text(doc).startswith("Question: Which statement best explains") and task.doc_to_text(doc).endswith("\nAnswer:")
     task, doc = first("local_winogrande")  # partial scoring: the gold *context* index, the shared continuation
     assert task.doc_to_text(doc) == 1 and task.doc_to_target(doc) == "always got the easier cases."
-    assert task.doc_to_choice(doc) == ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]
+    assert task.doc_to_choice(doc) == ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]  # noqa: E501
     task, doc = first("local_truthfulqa_mc2")
     assert task.doc_to_text(doc).endswith("\n\nQ: What is the smallest country in the world that is at least one square mile in area?\nA:")
     assert doc["mc2_targets"]["labels"][0] == 1

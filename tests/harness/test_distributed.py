@@ -328,10 +328,10 @@ def test_a_sharded_model_is_seen_as_sharded_and_gathered_whole_on_every_process(
     "args, message",
     [
         (["--distributed", "fsdp"], "--distributed fsdp needs several processes: --nproc N, or --docker"),
-        (["--nproc", "2", "--distributed", "zero3"], "--distributed zero3: DeepSpeed ZeRO-3 is not supported by the training core; for sharded training use --distributed fsdp"),
+        (["--nproc", "2", "--distributed", "zero3"], "--distributed zero3: DeepSpeed ZeRO-3 is not supported by the training core; for sharded training use --distributed fsdp"),  # noqa: E501
         (["--distributed", "zero3"], "--distributed zero3 needs several processes: --nproc N, or --docker"),
         (["--nproc", "2", "--docker"], "--nproc is for runs on this machine; with --docker, --gpus sets"),
-        (["--nproc", "2", "--distributed", "fsdp", "--set", "training.lora={r: 4}"], "training.lora with --distributed fsdp is not supported yet"),
+        (["--nproc", "2", "--distributed", "fsdp", "--set", "training.lora={r: 4}"], "training.lora with --distributed fsdp is not supported yet"),  # noqa: E501
     ],
 )
 def test_unsupported_launches_are_one_line_errors(tmp_path: Path, capsys, args: list[str], message: str):
@@ -344,7 +344,7 @@ def test_unsupported_launches_are_one_line_errors(tmp_path: Path, capsys, args: 
     "variables, message",
     [
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "--distributed zero3: DeepSpeed ZeRO-3 is not supported"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP_VERSION=1 (accelerate's fsdp_version): the training core runs FSDP2 only"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP_VERSION=1 (accelerate's fsdp_version): the training core runs FSDP2 only"),  # noqa: E501
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
          "FSDP_CPU_RAM_EFFICIENT_LOADING=true (accelerate's fsdp_cpu_ram_efficient_loading): every process needs"),
     ],

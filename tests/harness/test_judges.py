@@ -19,7 +19,7 @@ from harness.judges import (
 from tests.harness.openai_server import OpenAIServer, score_for
 
 ROWS = [
-    {"instruction": "Name a fruit.", "output_1": "Apple.", "output_2": "A banana is a fruit.", "generator_1": "ref", "generator_2": "model"},
+    {"instruction": "Name a fruit.", "output_1": "Apple.", "output_2": "A banana is a fruit.", "generator_1": "ref", "generator_2": "model"},  # noqa: E501
     {"instruction": "Add 2 and 2.", "output_1": "4", "output_2": "The answer is four.", "generator_1": "ref", "generator_2": "model"},
 ]
 
@@ -161,7 +161,7 @@ def test_cached_judge_resumes_a_killed_job_and_never_asks_twice(local_judge, tin
 
 
 def test_judge_options_from_a_config_name_bad_keys_and_values():
-    assert judge_options({"base_url": "http://127.0.0.1:1/v1", "batch_size": 2}) == JudgeOptions(base_url="http://127.0.0.1:1/v1", batch_size=2)
+    assert judge_options({"base_url": "http://127.0.0.1:1/v1", "batch_size": 2}) == JudgeOptions(base_url="http://127.0.0.1:1/v1", batch_size=2)  # noqa: E501
     with pytest.raises(HarnessError, match="unknown key 'bach_size'; did you mean 'batch_size'"):
         judge_options({"bach_size": 2})
     with pytest.raises(HarnessError, match="judge_options.batch_size = 'many'"):

@@ -88,7 +88,7 @@ def test_two_runs_judged_through_an_openai_protocol_server(tmp_path, monkeypatch
     with OpenAIServer() as server:
         judge = make_judge("openai:judge-model", JudgeOptions(base_url=server.base_url, price_per_token=1e-6))
         result = judge_pairwise(
-            tmp_path / "a", tmp_path / "b", judge=judge, output_dir=tmp_path / "out", sets=["vicuna", "koala"], name_a="long", name_b="short"
+            tmp_path / "a", tmp_path / "b", judge=judge, output_dir=tmp_path / "out", sets=["vicuna", "koala"], name_a="long", name_b="short"  # noqa: E501
         )
         assert len(server.requests) == 8  # 4 questions x 2 orders
     assert result["sets"]["vicuna"]["win"] == 2 and result["sets"]["vicuna"]["win_rate"]["value"] == pytest.approx(0.5)
