@@ -2,7 +2,8 @@
 stages in a run directory named by the spec hash, evaluate, and write one run record atomically.
 
 A run directory holds spec.yaml (the resolved spec), checkpoints/<stage>/ (Trainer checkpoints, so
-a rerun resumes), model/ (the final weights), eval/ (per-example results) and record.json.
+a rerun resumes), model/ (the final weights), eval/ (per-example results), artifacts/ (what a recipe
+leaves for inspection, e.g. SFTMix's confidences) and record.json.
 
 Several processes (harness run --nproc N, accelerate launch, torchrun) all run the recipe, since
 training takes every one of them; only the main process writes the run directory and evaluates
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -63,12 +64,29 @@ from harness.training import (
     weight_dtype,
 )
 
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """The method's cost that the runner cannot see for itself, added to the record's cost section.
+
+    Training through ctx.train(overhead=True) and scoring through ctx.ifd are counted already; this is
+    the rest, so that a recipe's cost is complete whether or not its artifacts came from the cache."""
+
+    scoring_tokens: int = 0  # forward-only tokens beyond ctx.scoring (an embedding pass, a local judge)
+    cached_train_tokens: int = 0  # overhead training a cached artifact spared this run: still the method's cost
+    judge_cost_usd: float = 0.0  # the recipe's own API judge (the evaluation's judges are counted apart)
+
 
 @dataclass
 class RecipeOutput:
     model: Any
     tokenizer: Any
+    # the recipe's own report, written into the record's recipe section as given (the runner reads none of it)
     details: dict[str, Any] = field(default_factory=dict)
+    overhead: Overhead = field(default_factory=Overhead)
     # values of the recipe's VARIANT_PARAMS that only the run resolves (e.g. Phased IFT's scorer `auto`)
     variant_params: dict[str, Any] = field(default_factory=dict)
 
@@ -144,12 +162,17 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     return PreparedRun(resolved, recipe, params, model_info, data, suite)
 
 
-class RunContext:
-    """What a recipe gets: the resolved spec, its params, the data, the base model and the training core."""
+P = TypeVar("P", bound=BaseModel)
+
+
+class RunContext(Generic[P]):
+    """What a recipe gets: the resolved spec, its params, the data, the base model and the training core.
+
+    Generic over the recipe's Params, so that `def run(ctx: RunContext[Params])` types `ctx.params`."""
 
     def __init__(self, prepared: PreparedRun, run_dir: Path, console: Console):
         self.spec = prepared.spec
-        self.params = prepared.params
+        self.params = cast(P, prepared.params)  # validated against the recipe's Params by resolve_spec
         self.data = prepared.data
         self.model_info = prepared.model_info
         self.run_dir = run_dir
@@ -190,10 +213,26 @@ class RunContext:
             key |= {"distributed": "fsdp"}
         return key
 
+    def load_model(
+        self, model_info: ResolvedModel | None = None, *, dtype: torch.dtype | None = None, stage: str = "load_model"
+    ) -> tuple[Any, Any]:
+        """A fresh copy of a model (default: the run's base model) and its tokenizer, in `dtype` (default: the
+        run's base weight dtype); timed as `stage`, and loaded by the main process first (the first load may
+        build or convert the weights)."""
+        with self.stage(stage), distributed.main_first():
+            return load_model_and_tokenizer(model_info or self.model_info, dtype=self.base_dtype if dtype is None else dtype)
+
+    def checkpoint_path(self, name: str) -> Path:
+        """A file of recipe state that a resumed attempt needs, beside the stages' checkpoints."""
+        return self.run_dir / "checkpoints" / name
+
+    def artifact_path(self, name: str) -> Path:
+        """A file the recipe leaves in the run directory for inspection (not read by the harness)."""
+        return self.run_dir / "artifacts" / name
+
     def base_model(self) -> tuple[Any, Any]:
         """A fresh copy of the base model and its tokenizer, in the run's weight dtype."""
-        with self.stage("load_model"), distributed.main_first():
-            return load_model_and_tokenizer(self.model_info, dtype=self.base_dtype)
+        return self.load_model()
 
     def train(
         self,
@@ -517,7 +556,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
         prepared.recipe.run(RunContext(prepared, run_dir, console))  # training takes every process
         return distributed.from_main(None)  # waits for the main process's record
     atomic_write_text(run_dir / "spec.yaml", spec_to_yaml(prepared.spec))
-    ctx = RunContext(prepared, run_dir, console)
+    ctx: RunContext[BaseModel] = RunContext(prepared, run_dir, console)
     console.print(
         f"[bold]run {prepared.run_id}[/]: recipe {prepared.spec.recipe}, model {prepared.model_info.entry.name}, "
         f"{len(prepared.data.records)} records, suite {prepared.suite.name}"
@@ -551,12 +590,12 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
     train_tokens = sum(result.real_tokens for result in target.values())
     overhead_train_tokens = sum(
         result.real_tokens for stage, result in ctx.train_results.items() if stage in ctx.overhead_stages
-    ) + int(output.details.get("cached_overhead_train_tokens", 0))
+    ) + output.overhead.cached_train_tokens
     device_count = distributed.world_size()  # processes: one device each
     parameters = sum(parameter.numel() for parameter in output.model.parameters())
-    scoring_tokens = ctx.scoring.forward_tokens + output.details.get("extra_scoring_tokens", 0)
+    scoring_tokens = ctx.scoring.forward_tokens + output.overhead.scoring_tokens
     phases = phase_seconds(ctx.timings, ctx.overhead_stages)
-    recipe_judge_cost = round(output.details.get("judge_cost_usd") or 0.0, 6)
+    recipe_judge_cost = round(output.overhead.judge_cost_usd, 6)
     payload = {
         "schema_version": RECORD_SCHEMA_VERSION,
         "run_id": prepared.run_id,

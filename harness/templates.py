@@ -146,3 +146,17 @@ def tokenize_for_training(
     if not examples:
         raise HarnessError(f"no example fits training.max_length={max_length}; raise it")
     return examples, stats
+
+
+def tokenize_prompts(
+    records: list[InstructionRecord], tokenizer: Any, template: str, max_length: int | None = None
+) -> list[TokenizedExample]:
+    """Each record's rendered prompt alone as a language-modelling text (every token but the first is a
+    label), for passes over the instructions (Cherry LLM's pre-experience embeddings and perplexities,
+    UNIFIT's concept tree). BOS as in training (plain-text templates); cut at `max_length` if given."""
+    add_bos = adds_bos(template)
+    examples = []
+    for record in records:
+        ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids[:max_length]
+        examples.append(TokenizedExample(ids, [-100] + ids[1:]))
+    return examples

@@ -635,6 +635,15 @@ def optimizer_steps_per_epoch(rows: int, settings: TrainingSpec) -> int:
     return math.ceil(rows / (settings.batch_size * settings.gradient_accumulation_steps * distributed.world_size()))
 
 
+def optimizer_steps(rows: int, settings: TrainingSpec) -> int:
+    """The optimizer steps train_sft runs on `rows` rows: max_steps if set, else the epochs' share of
+    them (fractional epochs round up). Recipes that act at points of a training (SFTMix's checkpoints)
+    use this, so they and the Trainer count alike."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    return math.ceil(optimizer_steps_per_epoch(rows, settings) * settings.epochs)
+
+
 def train_sft(
     model: Any,
     tokenizer: Any,
@@ -673,7 +682,7 @@ def train_sft(
         dataset = RowDataset(examples, settings.max_length, settings.packing, seed, rows=rows)
     processes = distributed.world_size()
     steps_per_epoch = optimizer_steps_per_epoch(len(dataset), settings)
-    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    total_steps = optimizer_steps(len(dataset), settings)
     repeated = steps_per_epoch * settings.batch_size * settings.gradient_accumulation_steps * processes - len(dataset)
     if processes > 1 and repeated > 0 and distributed.is_main():
         console.print(

@@ -1,4 +1,7 @@
-"""The recipes: one module each, exposing NAME, DESCRIPTION, a pydantic `Params` and `run(ctx)`."""
+"""The recipes: one module each, exposing NAME, DESCRIPTION, a pydantic `Params` and
+`run(ctx: RunContext[Params]) -> RecipeOutput` (harness.runner). The context loads models (ctx.load_model,
+timed), trains (ctx.train), scores (ctx.ifd) and evaluates; what it cannot count itself the recipe
+reports in RecipeOutput.overhead, and its own report in RecipeOutput.details (the record's recipe section)."""
 
 from __future__ import annotations
 

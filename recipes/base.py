@@ -18,6 +18,6 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def run(ctx: RunContext) -> RecipeOutput:
+def run(ctx: RunContext[Params]) -> RecipeOutput:
     model, tokenizer = ctx.base_model()
     return RecipeOutput(model=model, tokenizer=tokenizer, details={"stages": []})

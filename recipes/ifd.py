@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness.artifacts import content_key
 from harness.controls import Control, same_size_random_subset
 from harness.data import InstructionRecord
-from harness.runner import RecipeOutput, RunContext
+from harness.runner import Overhead, RecipeOutput, RunContext
 from harness.scoring import embeddings_and_perplexity, ifd_range
-from harness.templates import TokenizedExample, adds_bos, render_prompt
+from harness.templates import tokenize_prompts
 
 NAME = "ifd"
 DESCRIPTION = "IFD data selection (Cherry LLM): train on the top-IFD fraction, IFD <= 1 (Li et al. 2024)"
@@ -89,12 +89,7 @@ def experience_samples(
     state), K-means on the embeddings, then middle_confidence_samples."""
     from sklearn.cluster import KMeans
 
-    add_bos = adds_bos(template)
-    examples = []
-    for record in records:
-        ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids
-        ids = ids[: params.scoring_max_length]
-        examples.append(TokenizedExample(ids, [-100] + ids[1:]))
+    examples = tokenize_prompts(records, tokenizer, template, params.scoring_max_length)
     embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id)
     clusters = min(params.experience_clusters, len(records))
     labels = KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit_predict(embeddings)
@@ -102,8 +97,8 @@ def experience_samples(
     return middle_confidence_samples(labels, perplexities, params.experience_per_cluster), tokens
 
 
-def run(ctx: RunContext) -> RecipeOutput:
-    params: Params = ctx.params  # type: ignore[assignment]
+def run(ctx: RunContext[Params]) -> RecipeOutput:
+    params = ctx.params
     records = ctx.data.records
     model, tokenizer = ctx.base_model()
     scorer, scorer_key, experience, experience_tokens = model, ctx.base_model_key, [], 0
@@ -127,11 +122,12 @@ def run(ctx: RunContext) -> RecipeOutput:
         selected = same_size_random_subset(len(records), len(selected), ctx.spec.seed)
     trained, _ = ctx.train(model, tokenizer, [records[i] for i in selected], stage="sft")
     valid = ifd[~np.isnan(ifd)]
+    overhead = Overhead(scoring_tokens=experience_tokens)  # the experience selection's forward pass
     details = {
         "scorer": "experienced-model" if params.brief_experience else "base-model",
         "control": params.control,
         "experience_samples": len(experience),
-        "extra_scoring_tokens": experience_tokens,  # the experience selection's forward pass: method overhead
+        "extra_scoring_tokens": overhead.scoring_tokens,
         "scored": int(len(valid)),
         "skipped": len(scores.skipped),
         "truncated": len(scores.truncated),
@@ -142,4 +138,4 @@ def run(ctx: RunContext) -> RecipeOutput:
         "selected_ids_sha256": content_key(ids=[records[i].id for i in selected]),
         "ifd_quantiles": {q: float(np.quantile(valid, q)) for q in (0.1, 0.5, 0.9)} if len(valid) else {},
     }
-    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details)
+    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details, overhead=overhead)

@@ -22,7 +22,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def run(ctx: RunContext) -> RecipeOutput:
+def run(ctx: RunContext[Params]) -> RecipeOutput:
     model, tokenizer = ctx.base_model()
     trained, result = ctx.train(model, tokenizer, ctx.data.records, stage="sft")
     return RecipeOutput(model=trained, tokenizer=tokenizer, details={"stages": ["sft"]})

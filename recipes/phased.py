@@ -43,8 +43,8 @@ from harness.difficulty import (
     scores_from_file,
     scores_from_ifd,
 )
-from harness.models import load_model_and_tokenizer, resolve_model
-from harness.runner import RecipeOutput, RunContext
+from harness.models import resolve_model
+from harness.runner import Overhead, RecipeOutput, RunContext
 
 NAME = "phased"
 DESCRIPTION = "Phased IFT: difficulty-scored stages, uptrained easy -> hard (Pang et al. 2024)"
@@ -99,8 +99,8 @@ class Params(BaseModel):
         return self
 
 
-def score_difficulty(ctx: RunContext, params: Params, model: Any, tokenizer: Any) -> DifficultyScores:
-    records = ctx.data.records
+def score_difficulty(ctx: RunContext[Params], model: Any, tokenizer: Any) -> DifficultyScores:
+    params, records = ctx.params, ctx.data.records
     scorer = params.scorer
     if scorer == "auto":
         scorer = "file" if params.scores_file or any("difficulty" in r.metadata for r in records) else "ifd"
@@ -114,8 +114,9 @@ def score_difficulty(ctx: RunContext, params: Params, model: Any, tokenizer: Any
         return scores
     if scorer == "local-judge":
         judge_model, judge_tokenizer = model, tokenizer
-        if params.local_judge_model:
-            judge_model, judge_tokenizer = load_model_and_tokenizer(resolve_model(params.local_judge_model), dtype=process_inference_dtype())
+        if params.local_judge_model:  # loaded to score only: the inference dtype, not the run's
+            judge_model, judge_tokenizer = ctx.load_model(
+                resolve_model(params.local_judge_model), dtype=process_inference_dtype(), stage="load_model:judge")
         with ctx.stage("score:local-judge"):
             return score_with_local_judge(judge_model, judge_tokenizer, records, console=ctx.console)
     with ctx.stage("score:judge"):
@@ -147,10 +148,10 @@ def random_stages(stages: dict[int, list[int]], seed: int) -> dict[int, list[int
     return shuffled
 
 
-def run(ctx: RunContext) -> RecipeOutput:
-    params: Params = ctx.params  # type: ignore[assignment]
+def run(ctx: RunContext[Params]) -> RecipeOutput:
+    params = ctx.params
     model, tokenizer = ctx.base_model()
-    difficulty = score_difficulty(ctx, params, model, tokenizer)
+    difficulty = score_difficulty(ctx, model, tokenizer)
     stages = assign_stages(difficulty.scores, params.thresholds, params.unscored_stage)
     order = [1, 2, 3] if params.stage_order == "random" else list(params.stage_order)
     if params.stage_order == "random":
@@ -177,6 +178,10 @@ def run(ctx: RunContext) -> RecipeOutput:
         visited.append(summary)
         if params.evaluate_each_stage and stage != order[-1]:
             stage_evaluations[f"stage{stage}"] = ctx.evaluate(model, tokenizer, f"stage{stage}")
+    overhead = Overhead(  # an API judge's bill; a local judge's forward pass (the ifd proxy's is in ctx.scoring)
+        scoring_tokens=int(difficulty.details.get("forward_tokens", 0)) if difficulty.scorer == "local-judge" else 0,
+        judge_cost_usd=float(difficulty.details.get("cost_usd", 0.0)),
+    )
     details = {
         "scorer": difficulty.scorer,
         "scorer_details": difficulty.details,
@@ -187,8 +192,9 @@ def run(ctx: RunContext) -> RecipeOutput:
         "stage_order": params.stage_order,
         "stages": visited,
         "stage_evaluations": stage_evaluations,
-        "judge_cost_usd": float(difficulty.details.get("cost_usd", 0.0)),
-        "extra_scoring_tokens": int(difficulty.details.get("forward_tokens", 0)) if difficulty.scorer == "local-judge" else 0,
+        "judge_cost_usd": overhead.judge_cost_usd,
+        "extra_scoring_tokens": overhead.scoring_tokens,
     }
     scorer_name = "ifd-proxy" if difficulty.scorer == "ifd" else difficulty.scorer
-    return RecipeOutput(model=model, tokenizer=tokenizer, details=details, variant_params={"scorer": scorer_name})
+    return RecipeOutput(model=model, tokenizer=tokenizer, details=details, overhead=overhead,
+                        variant_params={"scorer": scorer_name})

@@ -51,11 +51,11 @@ from harness.mixup import (
     sample_lambdas,
     split_at_median,
 )
-from harness.models import load_model_and_tokenizer, resolve_model
-from harness.runner import RecipeOutput, RunContext
+from harness.models import resolve_model
+from harness.runner import Overhead, RecipeOutput, RunContext
 from harness.scoring import mean_response_losses
 from harness.templates import tokenize_for_training
-from harness.training import optimizer_steps_per_epoch, weight_dtype
+from harness.training import optimizer_steps, optimizer_steps_per_epoch, weight_dtype
 
 NAME = "sftmix"
 DESCRIPTION = "SFTMix: confidence-split pairs with hidden-state mixup regularisation (Xiao et al. 2024)"
@@ -128,9 +128,9 @@ class CheckpointPerplexities(TrainerCallback):
             model.train()
 
 
-def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict[str, Any]]:
+def training_dynamics(ctx: RunContext[Params]) -> tuple[np.ndarray, dict[str, Any]]:
     """[C, N] response perplexities of the reference model at C checkpoints (cached)."""
-    settings = ctx.spec.training
+    params, settings = ctx.params, ctx.spec.training
     epochs = params.reference_epochs or settings.epochs
     reference = params.reference_model
     key = content_key(
@@ -144,18 +144,18 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
         return np.array(cached["perplexities"]), cached["details"] | {"cached": True}
     if reference is None:
         model, tokenizer = ctx.base_model()
-    else:
-        model, tokenizer = load_model_and_tokenizer(resolve_model(reference, params.reference_model_path), dtype=weight_dtype(settings.precision))
+    else:  # another model: in the run's training weight dtype (not the base's, which LoRA may keep in bf16)
+        model, tokenizer = ctx.load_model(resolve_model(reference, params.reference_model_path),
+                                          dtype=weight_dtype(settings.precision), stage="load_model:reference")
     examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
     rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
-    steps_per_epoch = optimizer_steps_per_epoch(rows, settings)
-    total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
+    total = optimizer_steps(rows, settings.model_copy(update={"epochs": epochs}))  # as ctx.train will run it
     checkpoints = params.checkpoints
     if params.checkpoints_per_epoch is not None:
         checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
     # evenly spaced fractions of the reference run (a run shorter than C steps has fewer, distinct ones)
     steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})
-    saved = ctx.run_dir / "checkpoints" / "reference_perplexities.json"
+    saved = ctx.checkpoint_path("reference_perplexities.json")
     recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id, saved)
     _, result = ctx.train(model, tokenizer, ctx.data.records, stage="reference", overrides={"epochs": epochs},
                           callbacks=[recorder], overhead=True)
@@ -169,10 +169,10 @@ def training_dynamics(ctx: RunContext, params: Params) -> tuple[np.ndarray, dict
 
 
 def batch_layouts(
-    ctx: RunContext, params: Params, tokenizer: Any, draws: list[list[tuple[int, int]]]
+    ctx: RunContext[Params], tokenizer: Any, draws: list[list[tuple[int, int]]]
 ) -> tuple[list[list[list[int]]], dict[str, Any], dict[str, Any]]:
     """(one row layout per epoch, training overrides, what the record says about the batching)."""
-    settings = ctx.spec.training
+    params, settings = ctx.params, ctx.spec.training
     examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
     if len(examples) != len(ctx.data.records):
         raise HarnessError(f"sftmix: {len(ctx.data.records) - len(examples)} examples exceed training.max_length; raise it")
@@ -210,24 +210,28 @@ def batch_layouts(
     return layouts, overrides, summary
 
 
-def run(ctx: RunContext) -> RecipeOutput:
-    params: Params = ctx.params  # type: ignore[assignment]
-    perplexities, dynamics = training_dynamics(ctx, params)
+def run(ctx: RunContext[Params]) -> RecipeOutput:
+    params = ctx.params
+    perplexities, dynamics = training_dynamics(ctx)
     conf = confidence(perplexities)
     confident, unconfident = split_at_median(conf)
     settings = ctx.spec.training
     draws = epoch_pairs(confident, unconfident, ctx.spec.seed, max(1, math.ceil(settings.epochs)))
     records = ctx.data.records
     halves = {i: "confident" for i in confident} | {i: "unconfident" for i in unconfident}
-    atomic_write_json(ctx.run_dir / "artifacts" / "sftmix_confidence.json", [
+    atomic_write_json(ctx.artifact_path("sftmix_confidence.json"), [
         {"id": record.id, "confidence": float(conf[i]), "half": halves[i]} for i, record in enumerate(records)
     ])
     model, tokenizer = ctx.base_model()
     loss = SFTMixLoss(params.mu, params.alpha, params.lambda_per, params.states, params.truncation)
     # Each row holds whole (confident, unconfident) pairs: examples 2k and 2k+1 of a batch pair up.
-    layouts, overrides, batching = batch_layouts(ctx, params, tokenizer, draws)
+    layouts, overrides, batching = batch_layouts(ctx, tokenizer, draws)
     trained, _ = ctx.train(model, tokenizer, records, stage="sft", extra_loss=loss, epoch_rows=layouts,
                            overrides=overrides or None)
+    overhead = Overhead(  # the method's cost whether or not this run found the dynamics cached
+        scoring_tokens=int(dynamics.get("scoring_forward_tokens", 0)),
+        cached_train_tokens=int(dynamics["reference_train_tokens"]) if dynamics.get("cached") else 0,
+    )
     details = {
         "checkpoints": len(perplexities),
         "dynamics": dynamics,
@@ -237,8 +241,7 @@ def run(ctx: RunContext) -> RecipeOutput:
         "pairs": len(draws[0]),
         "pair_draws": len(draws),
         "batching": batching,
-        # The method's cost whether or not this run found the dynamics cached:
-        "extra_scoring_tokens": int(dynamics.get("scoring_forward_tokens", 0)),
-        "cached_overhead_train_tokens": int(dynamics["reference_train_tokens"]) if dynamics.get("cached") else 0,
+        "extra_scoring_tokens": overhead.scoring_tokens,
+        "cached_overhead_train_tokens": overhead.cached_train_tokens,
     }
-    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details)
+    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details, overhead=overhead)

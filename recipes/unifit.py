@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.concept_tree import build_concept_tree, select_with_coverage
 from harness.controls import Control, same_size_random_subset
-from harness.runner import RecipeOutput, RunContext
+from harness.runner import Overhead, RecipeOutput, RunContext
 from harness.scoring import embeddings_and_perplexity, ifd_range
-from harness.templates import TokenizedExample, adds_bos, render_prompt
+from harness.templates import tokenize_prompts
 
 NAME = "unifit"
 DESCRIPTION = "UNIFIT (reconstruction): concept-tree coverage + IFD selection at 6% + per-sequence NEFTune"
@@ -45,17 +45,12 @@ class Params(BaseModel):
     control: Control = Field(None, description="random: train on as many records as UNIFIT selects, drawn at random")
 
 
-def run(ctx: RunContext) -> RecipeOutput:
-    params: Params = ctx.params  # type: ignore[assignment]
+def run(ctx: RunContext[Params]) -> RecipeOutput:
+    params = ctx.params
     records = ctx.data.records
     model, tokenizer = ctx.base_model()
-    template = ctx.spec.training.template
-    add_bos = adds_bos(template)
     with ctx.stage("concept_tree"):
-        prompts = []
-        for record in records:
-            ids = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=add_bos).input_ids
-            prompts.append(TokenizedExample(ids, [-100] + ids[1:]))
+        prompts = tokenize_prompts(records, tokenizer, ctx.spec.training.template)
         embeddings, _ = embeddings_and_perplexity(model, prompts, pad_token_id=tokenizer.pad_token_id)
         tree = build_concept_tree(embeddings, params.topics, params.leaves_per_topic, ctx.spec.seed)
     scores = ctx.ifd(model, tokenizer, records, model_key=ctx.base_model_key, max_length=params.scoring_max_length)
@@ -70,6 +65,7 @@ def run(ctx: RunContext) -> RecipeOutput:
     covered = {int(tree.leaf[i]) for i in selected}
     trained, _ = ctx.train(model, tokenizer, [records[i] for i in selected], stage="sft",
                            overrides={"neftune_alpha": params.neftune_alpha})
+    overhead = Overhead(scoring_tokens=sum(len(p.input_ids) for p in prompts))  # the concept tree's embedding pass
     details = {
         "reconstruction": True,
         "control": params.control,
@@ -82,6 +78,6 @@ def run(ctx: RunContext) -> RecipeOutput:
         "ifd_above_one": int(np.sum(ifd[~np.isnan(ifd)] > 1)),
         "selected_ifd_range": ifd_range(ifd, selected),
         "neftune_alpha": params.neftune_alpha,
-        "extra_scoring_tokens": sum(len(p.input_ids) for p in prompts),
+        "extra_scoring_tokens": overhead.scoring_tokens,
     }
-    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details)
+    return RecipeOutput(model=trained, tokenizer=tokenizer, details=details, overhead=overhead)

@@ -87,3 +87,19 @@ def test_a_model_without_a_chat_template_fails_before_training_when_the_suite_ne
     assert code == 2 and "uses the chat template but the model's tokenizer has none" in err
     assert err.strip().splitlines()[-1].startswith("error: suite smoke: task") and "Traceback" not in err
     assert "train sft" not in err and (not output.exists() or not any(output.iterdir()))
+
+
+def test_recipes_load_models_through_the_context_timed_and_in_the_runs_base_dtype_by_default(tmp_path: Path):
+    """ctx.load_model: the base model's dtype unless a recipe asks for another (a local judge scores in the
+    inference dtype), and every load a timed stage of its own."""
+    import torch
+    from rich.console import Console
+
+    from harness.runner import RunContext
+
+    run = prepared(["recipe=one-off"])
+    ctx = RunContext(run, tmp_path, Console(quiet=True))
+    model, _ = ctx.base_model()
+    assert next(model.parameters()).dtype == ctx.base_dtype and "load_model" in ctx.timings
+    judge, _ = ctx.load_model(run.model_info, dtype=torch.bfloat16, stage="load_model:judge")
+    assert next(judge.parameters()).dtype == torch.bfloat16 and "load_model:judge" in ctx.timings

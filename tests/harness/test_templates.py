@@ -50,3 +50,19 @@ def test_examples_are_tokenized_whole_with_the_prompt_length_as_boundary(tiny, s
     assert stats.examples == 20 and examples[0].input_ids == tokenize_example(
         render_prompt(sample_records[0], "alpaca", tokenizer), sample_records[0].output + tokenizer.eos_token,
         tokenizer, "alpaca").input_ids
+
+
+def test_prompts_alone_get_the_templates_bos_and_are_labelled_after_their_first_token(tiny, sample_records):
+    """tokenize_prompts (IFD's experience selection, UNIFIT's concept tree): BOS only for plain-text
+    templates, every token but the first a label, cut at max_length when given."""
+    from harness.templates import adds_bos, tokenize_prompts
+
+    _, tokenizer = tiny
+    records = sample_records[:5]
+    for template in ("alpaca", "chat"):
+        examples = tokenize_prompts(records, tokenizer, template)
+        for record, example in zip(records, examples, strict=True):
+            expected = tokenizer(render_prompt(record, template, tokenizer), add_special_tokens=adds_bos(template)).input_ids
+            assert example.input_ids == expected and example.labels == [-100, *expected[1:]]
+    cut = tokenize_prompts(records, tokenizer, "alpaca", max_length=8)
+    assert all(len(example.input_ids) == len(example.labels) == 8 for example in cut)

@@ -174,3 +174,14 @@ def test_bf16_training_keeps_rope_buffers_in_fp32_so_the_saved_model_computes_th
     ids = torch.tensor([examples[0].input_ids])
     with torch.no_grad():
         assert torch.equal(trained.eval()(ids).logits, reloaded(ids).logits)
+
+
+def test_optimizer_steps_are_max_steps_or_the_epochs_share_rounded_up(monkeypatch):
+    """The step count train_sft gives the Trainer, and SFTMix places its checkpoints by."""
+    from harness.training import optimizer_steps
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    settings = TrainingSpec(batch_size=4, gradient_accumulation_steps=2)  # 8 rows a step
+    assert optimizer_steps(20, settings.model_copy(update={"epochs": 1.0})) == 3
+    assert optimizer_steps(20, settings.model_copy(update={"epochs": 1.5})) == 5  # ceil(3 x 1.5)
+    assert optimizer_steps(20, settings.model_copy(update={"max_steps": 7})) == 7
