@@ -261,7 +261,8 @@ class RunContext(Generic[P]):
         stage_dir = self.run_dir / "checkpoints" / stage
         key = content_key(
             stage=stage, settings=settings.model_dump(mode="json"), records=[record.id for record in records], rows=rows,
-            **({"epoch_rows": epoch_rows} if epoch_rows is not None else {}), seed=self.spec.seed, extra_loss=repr(extra_loss), base=self.base_model_key,
+            **({"epoch_rows": epoch_rows} if epoch_rows is not None else {}),
+            seed=self.spec.seed, extra_loss=repr(extra_loss), base=self.base_model_key,
         )
         with self.stage(f"train:{stage}"):
             # the main process checks the marker; every process then loads the same final model

@@ -65,7 +65,9 @@ def test_dry_run_resolves_to_the_documented_values(name, tmp_path, capsys):
     assert code == 0, err
     (printed,) = list(yaml.safe_load_all(out))
     values = config_source(CONFIGS[name])["values"]
-    wrong = {key: (_lookup(printed, key), entry["value"]) for key, entry in values.items() if not _same(_lookup(printed, key), entry["value"])}
+    wrong = {
+        key: (_lookup(printed, key), entry["value"]) for key, entry in values.items() if not _same(_lookup(printed, key), entry["value"])
+    }
     assert not wrong, wrong
     assert "dry run" in err and not (tmp_path / "runs").exists()
 
