@@ -7,8 +7,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from harness.errors import HarnessError, unknown_name
-from harness.leaderboard import LOWER_IS_BETTER
 from harness.record import RunRecord
+from harness.report.summary import LOWER_IS_BETTER
 from harness.spec import RunSpec
 
 

@@ -39,6 +39,7 @@ from rich.progress import (
 
 from harness import __version__
 from harness.errors import HarnessError
+from harness.records import git_commit
 
 DEFAULT_BASE_IMAGE = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"  # keep equal to docker/Dockerfile's
 IMAGE_REPOSITORY = "sft-recipe-harness"
@@ -60,16 +61,6 @@ SETTING_ENV = (
     "NCCL_IB_DISABLE",
 )
 # Set by the launcher, read by the harness inside the container (records.host_info()).
-CONTAINER_ENV = {
-    "HARNESS_IMAGE_ID": "image_id",
-    "HARNESS_IMAGE_TAG": "image_tag",
-    "HARNESS_IMAGE_DIGEST": "image_digest",
-    "HARNESS_IMAGE_BASE": "base_image",
-    "HARNESS_HOST_GPUS": "host_gpus",
-    "HARNESS_HOST_GPU_DRIVER": "host_gpu_driver",
-    "HARNESS_GPU_REQUEST": "gpu_request",
-    "HARNESS_NPROC": "processes_per_node",
-}
 CONTAINER_HOME = "/home/harness"
 CONTAINER_RUNS = "/runs"
 CONTAINER_HARNESS_CACHE = "/cache/harness"
@@ -83,13 +74,6 @@ WHEEL_SERVER_PORT = 47615  # fixed, so the FIND_LINKS build argument (part of th
 LABEL_REVISION = "org.opencontainers.image.revision"
 LABEL_BASE = "org.opencontainers.image.base.name"
 LABEL_RUN = "sft-recipe-harness.run"
-
-
-def container_info() -> dict[str, str] | None:
-    """The container facts the launcher passed in, for the run record; None outside a container."""
-    if "HARNESS_IMAGE_ID" not in os.environ:
-        return None
-    return {key: os.environ[name] for name, key in CONTAINER_ENV.items() if os.environ.get(name)}
 
 
 def repo_root() -> Path:
@@ -240,7 +224,6 @@ def build_log_path(tag: str) -> Path:
 def build_image(client: Any, options: BuildOptions, tag: str | None, console: Console) -> Any:
     """Build the image from this checkout with a live progress display of the build log; returns it."""
     from harness.io import atomic_write_text
-    from harness.records import git_commit
 
     root = repo_root()
     context, digest = build_context(root)

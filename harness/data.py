@@ -13,7 +13,7 @@ from typing import Any
 
 from harness.errors import HarnessError, user_path
 
-SHIPPED_DIR = Path(__file__).parent / "data"
+SHIPPED_DIR = Path(__file__).parent / "shipped_data"  # not "data": that is this module's name
 SHIPPED_DATA = {
     "alpaca-sample": (SHIPPED_DIR / "alpaca_sample.jsonl", "1,500 real Alpaca records (CC BY-NC 4.0), the default"),
 }

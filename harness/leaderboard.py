@@ -31,13 +31,13 @@ from harness import stats
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes
 from harness.record import RecordInvalid, RunRecord
+from harness.report.summary import LOWER_IS_BETTER
 
 BASELINE_RECIPE = "one-off"
 LEADERBOARD_SCHEMA_VERSION = 2  # 2: groups[].stack and groups[].summary (the verdicts)
 DEFAULT_RESULTS = Path("results")
 DEFAULT_DIR = Path("leaderboard")
 # Metrics where smaller is better (lm-eval's perplexity-style metrics); everything else: larger is better.
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss", "ter", "nll"}
 # Files the leaderboard owns inside its directory; --write replaces them and --check compares them.
 OWNED_TOP_LEVEL = ("README.md", "index.html", "leaderboard.csv", "leaderboard.json")
 OWNED_PLOT_SUFFIXES = (".png", ".svg")

@@ -52,6 +52,26 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
+# What `harness run --docker` passes into the container (harness/container.py sets them), for the record.
+CONTAINER_ENV = {
+    "HARNESS_IMAGE_ID": "image_id",
+    "HARNESS_IMAGE_TAG": "image_tag",
+    "HARNESS_IMAGE_DIGEST": "image_digest",
+    "HARNESS_IMAGE_BASE": "base_image",
+    "HARNESS_HOST_GPUS": "host_gpus",
+    "HARNESS_HOST_GPU_DRIVER": "host_gpu_driver",
+    "HARNESS_GPU_REQUEST": "gpu_request",
+    "HARNESS_NPROC": "processes_per_node",
+}
+
+
+def container_info() -> dict[str, str] | None:
+    """The container facts the launcher passed in, for the run record; None outside a container."""
+    if "HARNESS_IMAGE_ID" not in os.environ:
+        return None
+    return {key: os.environ[name] for name, key in CONTAINER_ENV.items() if os.environ.get(name)}
+
+
 def host_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
     try:
@@ -63,8 +83,6 @@ def host_info() -> dict[str, Any]:
             info["gpu_count"] = torch.cuda.device_count()
     except ImportError:
         pass
-    from harness.container import container_info
-
     container = container_info()  # image id, tag, base, host GPU model: passed in by `harness run --docker`
     if container is not None:
         info["container"] = container

@@ -1,4 +1,4 @@
-"""Build harness/data/alpaca_sample.jsonl: a fixed random sample of real Alpaca records.
+"""Build harness/shipped_data/alpaca_sample.jsonl: a fixed random sample of real Alpaca records.
 
 Source: ../shared/data/instructions/alpaca_random_9k.json (the random Alpaca sample published with
 AlpaGasus, CC BY-NC 4.0). Run: python scripts/make_alpaca_sample.py [--n 1500]
@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "instructions" / "alpaca_random_9k.json"
-TARGET = ROOT / "harness" / "data" / "alpaca_sample.jsonl"
+TARGET = ROOT / "harness" / "shipped_data" / "alpaca_sample.jsonl"
 
 
 def main() -> None:

@@ -21,6 +21,9 @@ import numpy as np
 
 from harness import stats
 
+# Metrics where smaller is better (the sign of a Δ and which value is best flip for them).
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss", "ter", "nll"}
+
 BASELINE = "one-off"
 REFERENCE_ROWS = ("base",)  # shown apart: not compared as recipes
 SIDE_METRICS = {"heldout_nll": ("nll", False)}  # section -> (metric, higher is better)
@@ -110,7 +113,6 @@ def task_specs(suite_name: str, runs: list[Any]) -> list[TaskSpec]:
         declared = []
     if declared:
         return declared
-    from harness.leaderboard import LOWER_IS_BETTER
 
     fallback = []
     for task in sorted(recorded - set(SIDE_METRICS) - {LC_SECTION, "pairwise"}):
