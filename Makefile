@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=12 -m "not extended"
 	$(BIN)/harness leaderboard --check
 
-# The variants `make test` leaves out to stay within CI's time (bf16 twins, a fresh lock resolution).
+# The variants `make test` leaves out to stay within CI's time (bf16 twins, all five throughput configurations).
 test-extended: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m extended
 
