@@ -670,7 +670,7 @@ def render_markdown(groups: list[Group], source: str) -> str:
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1400px;
-       padding: 0 1rem; color: #1f2328; }
+       padding: 0 1rem; color: #1f2328; box-sizing: border-box; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2.5rem; border-bottom: 1px solid #d0d7de; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.35rem 0.6rem; vertical-align: top; }
@@ -683,7 +683,8 @@ td.best .value { font-weight: 700; color: #1a7f37; }
 .scroll { overflow-x: auto; }
 figure { display: inline-block; margin: 0.5rem 1rem 0.5rem 0; } img { max-width: 100%; }
 code { font-size: 0.85rem; }
-table.summary { font-size: 0.82rem; } table.summary td.better { background: #dafbe1; } table.summary td.worse { background: #ffebe9; }
+table.summary { font-size: 0.75rem; } table.summary th, table.summary td { padding: 0.3rem 0.4rem; }
+table.summary .delta { white-space: normal; } table.summary td.better { background: #dafbe1; } table.summary td.worse { background: #ffebe9; }
 table.summary td.equivalent { background: #ddf4ff; }
 """
 

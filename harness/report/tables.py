@@ -34,15 +34,19 @@ def verdict_text(comparison: Comparison, scale: float = 100.0) -> str:
     return comparison.verdict
 
 
-def comparison_text(comparison: Comparison | None, scale: float = 100.0) -> str:
+def comparison_text(comparison: Comparison | None, scale: float = 100.0, digits: int = 1) -> str:
+    """Δ [95% CI]; `digits` after the point (held-out NLL differences are hundredths of a nat)."""
     if comparison is None:
         return "–"
-    return (f"{scale * comparison.delta:+.1f} [{scale * comparison.low:+.1f}, {scale * comparison.high:+.1f}]"
+    d = digits
+    return (f"{scale * comparison.delta:+.{d}f} [{scale * comparison.low:+.{d}f}, {scale * comparison.high:+.{d}f}]"
             + (" (paired on fewer items than scored)" if comparison.items_scored > comparison.items > 0 else ""))
 
 
 def _seeds_text(variant: VariantSummary, summary: GroupSummary) -> str:
     count = len(variant.seeds)
+    if variant in summary.references:
+        return f"{count} (untrained)"
     return f"{count}" + (" (conditional on one checkpoint)" if count == 1 else
                          f" (< {summary.settings['min_seeds']}: conditional)" if count < summary.settings["min_seeds"] else "")
 
@@ -63,11 +67,11 @@ def rows(summary: GroupSummary) -> list[list[str]]:
         elif variant in summary.references:
             cells = ["reference (not compared)", "", "", "", "", ""]
         elif comparison is None:
-            cells = ["no per-item results", "", "", "", comparison_text(variant.lc, 1.0), comparison_text(nll, 1.0)]
+            cells = ["no per-item results", "", "", "", comparison_text(variant.lc, 1.0), comparison_text(nll, 1.0, digits=3)]
         else:
             cells = [comparison_text(comparison), f"{comparison.adjusted_p:.3g}",
                      verdict_text(comparison), f"{100 * comparison.mde:.1f}",
-                     comparison_text(variant.lc, 1.0), comparison_text(nll, 1.0)]
+                     comparison_text(variant.lc, 1.0), comparison_text(nll, 1.0, digits=3)]
         cost = variant.cost
         costs = ["–" if variant.compute_ratio is None else f"{variant.compute_ratio:.2f}",
                  "–" if cost.get("training_device_hours") is None else f"{cost['training_device_hours']:.3f}",
@@ -164,7 +168,8 @@ def benchmark_rows(summary: GroupSummary) -> tuple[list[str], list[list[tuple[st
             comparison = variant.tasks.get(task)
             scale = 100.0 if task in metric else 1.0
             row.append(("–", "") if comparison is None else (
-                comparison_text(comparison, scale) + f" p={comparison.adjusted_p:.2g}", comparison.verdict))
+                comparison_text(comparison, scale, 1 if task in metric else 3) + f" p={comparison.adjusted_p:.2g}",
+                comparison.verdict))
         table.append(row)
     return headers, table
 
