@@ -684,7 +684,8 @@ td.best .value { font-weight: 700; color: #1a7f37; }
 figure { display: inline-block; margin: 0.5rem 1rem 0.5rem 0; } img { max-width: 100%; }
 code { font-size: 0.85rem; }
 table.summary { font-size: 0.75rem; } table.summary th, table.summary td { padding: 0.3rem 0.4rem; }
-table.summary .delta { white-space: normal; } table.summary td.better { background: #dafbe1; } table.summary td.worse { background: #ffebe9; }
+table.summary .delta { white-space: normal; } table.summary td.better { background: #dafbe1; }
+table.summary td.worse { background: #ffebe9; }
 table.summary td.equivalent { background: #ddf4ff; }
 """
 
