@@ -299,7 +299,8 @@ def test_ctrl_c_stops_and_removes_the_container(daemon, image, tmp_path: Path):
     as it comes; Ctrl-C (SIGINT) stops and removes it and exits 130."""
     master, slave = os.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "run", *FAST, "--output", str(tmp_path / "runs"),
+        # 50 epochs: training outlasts the Ctrl-C below by far (FAST alone finishes in about 3 s on a quiet machine)
+        [sys.executable, "-m", "harness.cli", "run", *FAST, "--set", "training.epochs=50", "--output", str(tmp_path / "runs"),
          "--docker", "--image", IMAGE, "--docker-network", "none"],
         stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )  # fmt: skip
@@ -320,7 +321,10 @@ def test_ctrl_c_stops_and_removes_the_container(daemon, image, tmp_path: Path):
             assert time.monotonic() < deadline, "the container never started"
             time.sleep(0.5)
         assert running[0].attrs["Config"]["Tty"] is True
-        time.sleep(3)  # let it get going
+        while b"train sft" not in b"".join(chunks):  # Ctrl-C while it trains
+            assert process.poll() is None, b"".join(chunks).decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
     finally:
