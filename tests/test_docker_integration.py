@@ -303,6 +303,9 @@ def test_ctrl_c_stops_and_removes_the_container(daemon, image, tmp_path: Path):
         [sys.executable, "-m", "harness.cli", "run", *FAST, "--set", "training.epochs=50", "--output", str(tmp_path / "runs"),
          "--docker", "--image", IMAGE, "--docker-network", "none"],
         stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        # as in a terminal: a background job of a non-interactive shell (nohup ... &) starts with SIGINT ignored,
+        # which the child would inherit, and Ctrl-C would then do nothing
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     os.close(slave)
     chunks: list[bytes] = []
