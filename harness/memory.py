@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +105,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.attention_scores
-                + self.logits + self.process)
+        return sum(astuple(self))
 
     def as_record(self) -> dict[str, float]:
-        parts = {name: round(getattr(self, name) / GIB, 3) for name in
-                 ("weights", "gradients", "optimizer", "activations", "attention_scores", "logits", "process")}
+        parts = {part.name: round(getattr(self, part.name) / GIB, 3) for part in fields(self)}
         return parts | {"total_gib": round(self.total / GIB, 3)}
 
 

@@ -138,7 +138,7 @@ def placements() -> dict[str, Any]:
     return {"process_device": str(process_device()), "training load": where(trained), "inference load": where(judged)}
 
 
-def bytes_per_parameter(device: torch.device, dry_run: bool) -> dict[str, Any]:
+def bytes_per_parameter(device: torch.device) -> dict[str, Any]:
     from harness.memory import ModelShape, estimate_training
 
     shape = ModelShape.from_config({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -238,7 +238,7 @@ def main() -> None:
         "torch": torch.__version__, "dry_run": dry_run,
     }
     sections = [("attention", lambda: attention_ab(device, dtype, dry_run)), ("placements", placements),
-                ("bytes_per_parameter", lambda: bytes_per_parameter(device, dry_run)),
+                ("bytes_per_parameter", lambda: bytes_per_parameter(device)),
                 ("decoder_mfu", lambda: decoder_mfu(device, dry_run)),
                 ("generation", lambda: generation_speed(device, dry_run)), ("end_to_end", lambda: end_to_end(dry_run))]
     for name, section in sections:
