@@ -149,20 +149,18 @@ def run(
         prepared_runs = [prepare_run(sub_spec) for one in seeded for sub_spec in specs_for_all(one)]
     else:
         prepared_runs = [prepare_run(one) for one in seeded]  # with --docker too: bad input never starts a container
-    from harness.container import container_argv
+    if in_docker or ((nproc or 1) > 1 and "WORLD_SIZE" not in os.environ):
+        from harness.spec import rerun_argv, write_spec_file
 
+        spec_file = write_spec_file(spec, output)  # the processes started below run exactly this spec
     if in_docker:
-        from harness.container import run_docker
+        from harness.container import CONTAINER_RUNS, run_docker
 
-        argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)
-        if online:
-            argv.insert(1, "--online")
         status = run_docker(
             client,
             spec=spec.model_dump(mode="json"),
             run_id=prepared_runs[0].run_id if len(prepared_runs) == 1 else f"all-{spec.content_hash()[:10]}",
-            argv=argv,
-            config_file=config_file,
+            argv=rerun_argv(f"{CONTAINER_RUNS}/{spec_file.relative_to(output).as_posix()}", CONTAINER_RUNS),
             output=output,
             image_tag=image,
             gpus_value=gpus,
@@ -173,11 +171,8 @@ def run(
         if status != 0:
             sys.exit(status)
         return
-    if (nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # launch the processes; each runs this command
-        argv = container_argv(recipe, model, data, suite, config_file, overrides, seed, limit)[:-1] + [str(output)]
-        if online:
-            argv.insert(1, "--online")
-        sys.exit(launch_processes(nproc or 1, argv, distributed))
+    if (nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # launch the processes; each runs the spec file
+        sys.exit(launch_processes(nproc or 1, rerun_argv(str(spec_file), str(output)), distributed))
     if os.environ.get("RANK", "0") != "0":
         console.quiet = True  # one process speaks for the job
     records = [execute_run(prepared, output, console) for prepared in prepared_runs]

@@ -463,34 +463,6 @@ def plan_mounts(spec: dict[str, Any], extra_paths: list[str], output: Path, cwd:
     return mounts
 
 
-def container_argv(
-    recipe: str | None,
-    model: str | None,
-    data: str | None,
-    suite: str | None,
-    config_file: Path | None,
-    overrides: tuple[str, ...],
-    seed: int | None,
-    limit: int | None,
-) -> list[str]:
-    """The same `harness run` arguments for inside the container, writing to the mounted runs dir."""
-    argv = ["run"]
-    for flag, value in (
-        ("--recipe", recipe),
-        ("--model", model),
-        ("--data", data),
-        ("--suite", suite),
-        ("--config", config_file),
-        ("--seed", seed),
-        ("--limit", limit),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    for override in overrides:
-        argv += ["--set", override]
-    return [*argv, "--output", CONTAINER_RUNS]
-
-
 def run_in_container(
     client: Any,
     image: Any,
@@ -572,7 +544,6 @@ def run_docker(
     spec: dict[str, Any],
     run_id: str,
     argv: list[str],
-    config_file: Path | None,
     output: Path,
     image_tag: str | None,
     gpus_value: str | None,
@@ -591,7 +562,7 @@ def run_docker(
         raise HarnessError(unsupported_message(distributed))
     image, tag = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
-    mounts = plan_mounts(spec, [str(config_file)] if config_file else [], output, cwd, dict(os.environ))
+    mounts = plan_mounts(spec, [], output, cwd, dict(os.environ))
     environment = container_environment(dict(os.environ), image_facts(image, tag), gpus, distributed, host)
     return run_in_container(
         client,

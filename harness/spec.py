@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import HarnessError, closest, shown
+from harness.io import atomic_write_text
 
 
 class StrictModel(BaseModel):
@@ -348,3 +349,20 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def spec_to_yaml(spec: RunSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+SPEC_FILES_DIR = ".specs"  # hidden: run folders' readers (leaderboard, sweep) skip it
+
+
+def write_spec_file(spec: RunSpec, output: Path) -> Path:
+    """The whole spec as a config file under `output`, named by its hash: Docker and --nproc re-run
+    `harness run --config <this file>`, so the processes they start read exactly the spec the host
+    validated (same run id) instead of re-parsing flags rebuilt from the command line."""
+    path = output / SPEC_FILES_DIR / f"{spec.content_hash()[:16]}.yaml"
+    atomic_write_text(path, spec_to_yaml(spec))
+    return path
+
+
+def rerun_argv(spec_file: str, output: str) -> list[str]:
+    """`harness run` arguments that re-run a spec file written by `write_spec_file`."""
+    return ["run", "--config", spec_file, "--output", output]

@@ -23,7 +23,6 @@ from harness.container import (
     GpuRequest,
     Mount,
     build_context,
-    container_argv,
     container_environment,
     context_files,
     default_tag,
@@ -138,14 +137,6 @@ def test_mounts_keep_the_spec_paths_as_given(tmp_path: Path, monkeypatch):
         Mount(shared / "m.gguf", str(tmp_path / "work" / "shared" / "models" / "m.gguf")),  # ../ from the cwd
     }
     assert all(m.read_only for m in mounts[3:])
-
-
-def test_container_argv_passes_the_run_arguments_through():
-    argv = container_argv("one-off", None, "data/x.jsonl", None, Path("run.yaml"), ("training.epochs=2", "seed=3"), 1, 40)
-    assert argv == [
-        "run", "--recipe", "one-off", "--data", "data/x.jsonl", "--config", "run.yaml", "--seed", "1",
-        "--limit", "40", "--set", "training.epochs=2", "--set", "seed=3", "--output", "/runs",
-    ]  # fmt: skip
 
 
 def test_build_context_is_exactly_what_the_dockerfile_copies_and_reproducible(tmp_path: Path):

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from harness.errors import HarnessError
-from harness.spec import RunSpec, build_spec, parse_override
+from harness.spec import RunSpec, build_spec, parse_override, rerun_argv, write_spec_file
 
 
 def test_defaults_and_overrides_layer_in_order(tmp_path: Path):
@@ -59,3 +59,22 @@ def test_parse_override_requires_key_value():
     with pytest.raises(HarnessError, match="expected key=value"):
         parse_override("training.epochs")
     assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+
+
+def test_a_written_spec_file_rebuilds_the_same_spec_and_run_id(tmp_path: Path):
+    """Docker and --nproc re-run `harness run --config <spec file>`: the started processes must run the spec
+    the host validated, with its run id, whatever flags, --set and config file built it."""
+    config = tmp_path / "run.yaml"
+    config.write_text("recipe: ifd\nparams:\n  select_fraction: 0.2\ntraining:\n  epochs: 2\n")
+    spec = build_spec(
+        config_file=config,
+        overrides=["training.learning_rate=3e-5", "eval.limit=7"],
+        flags={"model": "tiny", "seed": 4, "eval.online": True, "data.name": "alpaca-sample"},
+    )
+    path = write_spec_file(spec, tmp_path / "runs")
+    assert path.parent == tmp_path / "runs" / ".specs"  # hidden: the leaderboard skips it
+    rebuilt = build_spec(config_file=path, overrides=[], flags={})
+    assert rebuilt == spec and rebuilt.run_id() == spec.run_id()
+    assert rebuilt.params == {"select_fraction": 0.2} and rebuilt.seed == 4 and rebuilt.eval.online is True
+    assert rerun_argv(str(path), "/runs") == ["run", "--config", str(path), "--output", "/runs"]
+    assert write_spec_file(spec, tmp_path / "runs") == path  # equal specs share one file
