@@ -15,6 +15,8 @@ import torch
 
 from harness import distributed
 from harness.errors import HarnessError
+from harness.runner import prepare_run
+from harness.spec import build_spec
 from tests.cli_helpers import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +65,11 @@ def harness_run(args: list[str], expect: int = 0, kill_at: str | None = None) ->
     return done
 
 
+def visible_entries(output: Path) -> list[str]:
+    """What a run left in its output folder, less the hidden `.specs/` (the spec file the processes ran)."""
+    return sorted(path.name for path in output.iterdir() if not path.name.startswith("."))
+
+
 def only_run_dir(output: Path) -> Path:
     records = list(output.rglob("record.json"))
     assert len(records) == 1, records
@@ -101,7 +108,7 @@ def fsdp_run(tmp_path_factory):
             output = tmp_path_factory.mktemp(f"fsdp-{precision}")
             launched = harness_run([*COMMON, "--set", f"training.precision={precision}", "--set", "training.batch_size=4",
                                     "--nproc", "2", "--distributed", "fsdp", "--output", str(output)])  # fmt: skip
-            assert sorted(path.name for path in output.iterdir()) == [only_run_dir(output).name]  # exactly one record
+            assert visible_entries(output) == [only_run_dir(output).name]  # exactly one record
             done[precision] = only_run_dir(output), launched
         return done[precision]
 
@@ -152,7 +159,9 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
                             "--nproc", "2", "--output", str(two)])  # fmt: skip
     assert launched.stdout.count("one-off on tiny") == 1  # one results table: the other process stays quiet
     double_dir = only_run_dir(two)  # exactly one record
-    assert sorted(path.name for path in two.iterdir()) == [double_dir.name]
+    assert visible_entries(two) == [double_dir.name]
+    (spec_file,) = (two / ".specs").iterdir()  # what each process ran: `harness run --config <spec file>`
+    assert prepare_run(build_spec(config_file=spec_file, overrides=[], flags={})).run_id == double_dir.name
     compare_with_one_process(single_process_run(precision), double_dir, precision, TOLERANCES[precision])
     second = json.loads((double_dir / "record.json").read_text())["training"]["sft"]
     assert (second["distributed"], second["parameter_share"]) == ("ddp", 1.0)  # every process held the whole model
@@ -179,7 +188,8 @@ def test_a_killed_sharded_run_resumes_from_its_checkpoint(tmp_path: Path, fsdp_r
             "--distributed", "fsdp", "--set", "training.save_steps=3", "--output", str(tmp_path)]  # fmt: skip
     killed = harness_run(args, expect=137, kill_at="train/sft:3")
     assert "exited with 137" in killed.stderr
-    (run_dir,) = tmp_path.iterdir()
+    (run_name,) = visible_entries(tmp_path)
+    run_dir = tmp_path / run_name
     assert not (run_dir / "record.json").exists()
     checkpoint = run_dir / "checkpoints" / "sft" / "checkpoint-3"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file()
@@ -200,9 +210,6 @@ def test_a_killed_sharded_run_resumes_from_its_checkpoint(tmp_path: Path, fsdp_r
 
 
 def test_an_error_found_by_the_main_process_stops_every_process_in_one_line(tmp_path: Path):
-    from harness.runner import prepare_run
-    from harness.spec import build_spec
-
     args = ["--set", "data.limit=16", "--limit", "4", "--output", str(tmp_path)]
     run_dir = tmp_path / prepare_run(build_spec(config_file=None, overrides=["data.limit=16"], flags={"eval.limit": 4})).run_id
     run_dir.mkdir()
