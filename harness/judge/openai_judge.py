@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from harness.compat import import_alpaca_eval, quiet_client_config_warning
+from harness.compat import alpaca_eval_price_per_token, import_alpaca_eval, quiet_client_config_warning
 from harness.errors import HarnessError, unknown_name
 from harness.judge.base import DEFAULT_ANNOTATOR, JudgeOptions, Review, alpaca_eval_configs_dir, parse_score_pair
 from harness.judge.endpoint import JudgeSettings, api_key, chat
@@ -154,8 +154,8 @@ class OpenAIJudge:
 
     def endpoint_settings(self) -> JudgeSettings:
         """The pairwise reviews' endpoint: the judge's model and base URL, the reply budget, and the price per
-        token for both prompt and completion tokens when JudgeOptions.price_per_token is set."""
-        price = (self.options.price_per_token or 0.0) * 1000
+        token for both prompt and completion tokens (see `price_per_token`)."""
+        price = (self.price_per_token() or 0.0) * 1000
         return JudgeSettings(
             base_url=self.describe()["base_url"],
             model=self.model,
@@ -166,10 +166,17 @@ class OpenAIJudge:
             price_per_1k_completion_tokens=price,
         )
 
+    def price_per_token(self) -> float | None:
+        """JudgeOptions.price_per_token when set, else alpaca_eval's list price for the model (None: unknown),
+        as alpaca_eval's own client priced these reviews."""
+        if self.options.price_per_token is not None:
+            return self.options.price_per_token
+        return alpaca_eval_price_per_token(self.model)
+
     def review_pairs(self, items: list[tuple[str, str, str]]) -> list[Review]:
         """Each (question, answer_1, answer_2) reviewed once at temperature 0 through the one chat client; a
         reply without two scores is kept (scores None), a request that fails after its retries is an error.
-        price = the review's tokens x JudgeOptions.price_per_token (None when that is not set)."""
+        price = the review's tokens x `price_per_token()` (None when that is unknown)."""
         prompt = load_pairwise_prompt(self.options.pairwise_prompt)
         # stripped, as alpaca_eval's ChatML conversion sent them before the client was shared
         conversations = [
@@ -184,7 +191,7 @@ class OpenAIJudge:
                 f"judge '{self.name}' at {settings.base_url}: {len(failed)} of {len(items)} reviews failed after "
                 f"{settings.max_retries + 1} attempts ({', '.join(sorted(set(failed)))}); rerun to judge them again"
             )
-        priced = self.options.price_per_token is not None
+        priced = self.price_per_token() is not None
         return [
             Review(parse_score_pair(reply.text or ""), reply.text or "", reply.cost(settings) if priced else None)
             for reply in replies

@@ -61,11 +61,13 @@ def test_pairwise_price_is_tokens_times_the_price_per_token(monkeypatch):
     with OpenAIServer() as server:
         [priced] = make_judge("openai:judge-model", JudgeOptions(base_url=server.base_url, price_per_token=1e-6)).review_pairs([item])
         [unpriced] = make_judge("openai:judge-model", JudgeOptions(base_url=server.base_url)).review_pairs([item])
+        [listed] = make_judge("openai:gpt-4-0613", JudgeOptions(base_url=server.base_url)).review_pairs([item])
         bodies = [r["body"] for r in server.requests]
     # the server counts whitespace-separated words of the messages as prompt tokens, of the reply as completion tokens
     prompt_tokens = len("\n".join(m["content"] for m in bodies[0]["messages"]).split())
     assert priced.price == pytest.approx((prompt_tokens + len(priced.raw.split())) * 1e-6)
-    assert unpriced.price is None and unpriced.scores == priced.scores
+    assert unpriced.price is None and unpriced.scores == priced.scores  # a model alpaca_eval has no price for
+    assert listed.price == pytest.approx((prompt_tokens + len(listed.raw.split())) * 0.03 / 1000)  # its list price
     prompt = load_pairwise_prompt("cherry")
     assert bodies[0]["messages"][1]["content"] == prompt.render(*item).strip() and bodies[0]["max_tokens"] == 1024
 
