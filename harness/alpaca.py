@@ -37,7 +37,7 @@ from harness.errors import HarnessError
 from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
 from harness.generation import GenerationSettings, resumable_generate
 from harness.io import atomic_write_json
-from harness.judges import (
+from harness.judge import (
     CachedJudge,
     Judge,
     JudgeOptions,

@@ -43,6 +43,7 @@ PATCHES: dict[str, Patch] = {
     "alpaca_eval.glm_local_hub_file": Patch("alpaca_eval", "~=0.6.6", "glm_winrate.hf_hub_download replaced"),
     "alpaca_eval.glm_sklearn_warnings": Patch("scikit-learn", "~=1.9.1", "LogisticRegressionCV warnings filtered"),
     "alpaca_eval.client_config_warning": Patch("alpaca_eval", "~=0.6.6", "client-config log warning dropped"),
+    "alpaca_eval.price_table": Patch("alpaca_eval", "~=0.6.6", "decoders.openai._get_price_per_token read"),
     "transformers.varlen_attention": Patch("transformers", "~=5.23.0", "attention registered with AttentionInterface"),
     "transformers.attn_implementation": Patch("transformers", "~=5.23.0", "config._attn_implementation read and set"),
     "transformers.checkpointing_args": Patch("transformers", "~=5.23.0", "activation_checkpointing argument names"),
@@ -284,6 +285,22 @@ def quiet_client_config_warning() -> Iterator[None]:
     check_version("alpaca_eval.client_config_warning")
     with dropped_log_records(CLIENT_CONFIG_WARNING):
         yield
+
+
+def alpaca_eval_price_per_token(model: str) -> float | None:
+    """alpaca_eval's list price per token (USD) for an OpenAI model, None when it does not know the model.
+    alpaca_eval (0.6.6) keeps its price table in a private function of its OpenAI decoder; the pairwise
+    reviews, sent through the harness's own client, read it so a gpt-4 judge reports the cost alpaca_eval
+    would have reported."""
+    import math
+
+    check_version("alpaca_eval.price_table")
+    import_alpaca_eval()
+    from alpaca_eval.decoders import openai as openai_decoder
+
+    with dropped_log_records("for computing price per token"):  # its warning for a model it does not know
+        price = float(openai_decoder._get_price_per_token(model))
+    return price if math.isfinite(price) else None
 
 
 # ----------------------------------------------------------------------------- transformers

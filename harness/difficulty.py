@@ -10,62 +10,44 @@
   thresholds cut at the paper's stage proportions (58.5 / 28.4 / 13.1%; a parameter).
 
 The paper (arXiv 2406.04371) scored with GPT-4-0613; its prompt is in a figure that was not
-recoverable, so DIFFICULTY_PROMPT below is ours, written to the paper's description.
+recoverable, so the prompt (harness/judge/prompts/phased_difficulty.json) is ours, written to the paper's
+description. The client, the local forward pass and the verdict store are the judge stack's
+(harness.judge): this module only turns their answers into difficulty scores.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from harness import distributed
 from harness.artifacts import ArtifactCache, content_key
-from harness.batching import collate_rows
 from harness.cpu_kernels import onednn_inference
 from harness.data import InstructionRecord, parse_rows, read_rows
 from harness.errors import HarnessError
-from harness.losses import final_hidden_states
+from harness.judge.endpoint import JudgeSettings, Reply, api_key, chat, spent
+from harness.judge.local import label_probabilities
+from harness.judge.prompts import load_difficulty_prompt
+from harness.judge.store import VerdictJournal
 from harness.scoring import IFDScores, scoring_progress
-from harness.templates import TokenizedExample
-from harness.verdicts import VerdictJournal
 
-DIFFICULTY_PROMPT_VERSION = "phased-difficulty-v1"
-DIFFICULTY_SYSTEM = "You are a careful annotator who rates instruction-tuning examples."
-DIFFICULTY_PROMPT = """Rate how difficult the following instruction-following example is for an AI assistant.
-
-[Instruction]
-{instruction}
-
-[Input]
-{input}
-
-[Expected response]
-{output}
-
-Judge two things together: how hard the instruction itself is (the knowledge, reasoning and skill it asks for), and how hard it is to get from the instruction to the expected response. Use a scale from 1 to 5, where 1 is trivial and 5 is very hard; fractional scores such as 2.5 are allowed.
-Reply with the score on the first line in the form "Score: <number>", then one sentence of justification."""
-
+PROMPT = load_difficulty_prompt()
+DIFFICULTY_PROMPT_VERSION = PROMPT.version
 SCORE_PATTERN = re.compile(r"(?i)score\s*[:=]?\s*\**\s*([1-5](?:\.\d+)?)")
 LEADING_NUMBER = re.compile(r"^\s*\**\s*([1-5](?:\.\d+)?)\b")
 
 
 def difficulty_prompt(record: InstructionRecord) -> str:
-    return DIFFICULTY_PROMPT.format(
-        instruction=record.instruction, input=record.input.strip() or "(none)", output=record.output
-    )
+    return PROMPT.render(record.instruction, record.input, record.output)
+
+
+def difficulty_messages(record: InstructionRecord) -> list[dict[str, str]]:
+    return PROMPT.messages(record.instruction, record.input, record.output)
 
 
 def parse_score(reply: str) -> float | None:
@@ -203,18 +185,13 @@ def _label_token_ids(tokenizer: Any) -> tuple[str, list[int]]:
 
 
 def local_judge_prompt_ids(record: InstructionRecord, tokenizer: Any, prefix: str) -> list[int]:
-    messages = [
-        {"role": "system", "content": DIFFICULTY_SYSTEM},
-        {"role": "user", "content": difficulty_prompt(record)},
-    ]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        text = tokenizer.apply_chat_template(difficulty_messages(record), tokenize=False, add_generation_prompt=True) + prefix
         return tokenizer(text, add_special_tokens=False).input_ids
-    text = f"{DIFFICULTY_SYSTEM}\n\n{difficulty_prompt(record)}\n\n{prefix}"
+    text = f"{PROMPT.system}\n\n{difficulty_prompt(record)}\n\n{prefix}"
     return tokenizer(text).input_ids
 
 
-@torch.no_grad()
 def score_with_local_judge(
     model: Any,
     tokenizer: Any,
@@ -224,124 +201,26 @@ def score_with_local_judge(
     rows_per_batch: int = 4,
     console: Console | None = None,
 ) -> DifficultyScores:
-    """Expected value of the judge's next-token distribution over the labels 1..5."""
+    """Expected value of the judge's next-token distribution over the labels 1..5 (the judge stack's
+    `label_probabilities`; in a job of several processes the batches are dealt out among them)."""
     prefix, label_ids = _label_token_ids(tokenizer)
-    labels = torch.arange(1, 6, dtype=torch.float64)
-    model.eval()
-    device = next(model.parameters()).device
-    head = model.get_output_embeddings()
     prompts = [local_judge_prompt_ids(record, tokenizer, prefix) for record in records]
-    scores = np.full(len(records), np.nan)
-    usable = [i for i, ids in enumerate(prompts) if len(ids) <= max_length]
-    usable.sort(key=lambda i: len(prompts[i]))
-    batches = [usable[start : start + rows_per_batch] for start in range(0, len(usable), rows_per_batch)]
-    processes, rank = distributed.world_size(), distributed.rank()
-    mine: dict[int, list[float]] = {}  # batch number -> scores: in a job of several processes, batches are dealt out
+    usable = sum(len(ids) <= max_length for ids in prompts)
     with scoring_progress(console) as progress, onednn_inference(model):
-        task = progress.add_task("local-judge difficulty", total=len(usable))
-        for number in range(rank, len(batches), processes):
-            chunk = batches[number]
-            examples = [TokenizedExample(prompts[i], [-100] * len(prompts[i])) for i in chunk]
-            batch = {k: v.to(device) for k, v in collate_rows([[e] for e in examples], tokenizer.pad_token_id).items()}
-            hidden = final_hidden_states(model, batch)
-            last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
-            logits = head(hidden[torch.arange(len(chunk), device=device), last]).float()
-            probs = torch.softmax(logits[:, label_ids].double(), dim=-1).cpu()
-            mine[number] = (probs * labels).sum(-1).tolist()
-            progress.advance(task, len(chunk))
-        for share in distributed.gather(mine):  # [mine] with one process
-            for number, values in share.items():
-                scores[batches[number]] = values
-                if number not in mine:
-                    progress.advance(task, len(values))
-    forward_tokens = sum(len(prompts[i]) for i in usable)
+        task = progress.add_task("local-judge difficulty", total=usable)
+        distributions = label_probabilities(
+            model, tokenizer, prompts, label_ids, rows_per_batch=rows_per_batch, max_length=max_length, deal_out=True,
+            advance=lambda count: progress.advance(task, count),
+        )
+    labels = np.arange(1, 6, dtype=np.float64)
+    scores = np.array([np.nan if d is None else float((np.asarray(d) * labels).sum()) for d in distributions])
+    forward_tokens = sum(len(ids) for ids in prompts if len(ids) <= max_length)
     details = {"prompt_version": DIFFICULTY_PROMPT_VERSION, "forward_tokens": forward_tokens,
-               "over_length": len(records) - len(usable)}
+               "over_length": len(records) - usable}
     return DifficultyScores(scores, "local-judge", details)
 
 
 # ----------------------------------------------------------------------------- remote judge
-
-
-class JudgeSettings(BaseModel):
-    """An OpenAI-compatible chat endpoint. The key is read from the environment variable named here."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-4-0613"  # the paper's judge
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = Field(4, gt=0, le=64)
-    max_retries: int = Field(4, ge=0)
-    backoff_seconds: float = Field(1.0, ge=0)
-    timeout_seconds: float = Field(60.0, gt=0)
-    max_tokens: int = Field(64, gt=0)
-    price_per_1k_prompt_tokens: float = Field(0.03, ge=0)  # gpt-4-0613 list price, USD
-    price_per_1k_completion_tokens: float = Field(0.06, ge=0)
-
-
-def _is_local(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def judge_api_key(settings: JudgeSettings) -> str:
-    key = os.environ.get(settings.api_key_env, "")
-    if key:
-        return key
-    if _is_local(settings.base_url):
-        return "EMPTY"  # local vLLM / llama.cpp servers accept any key
-    raise HarnessError(
-        f"judge at {settings.base_url}: environment variable {settings.api_key_env} is not set; "
-        f"export it, or point params.judge.base_url at a local OpenAI-compatible server"
-    )
-
-
-class _KeyRejected(Exception):
-    """The judge endpoint answered 401: raised in the worker threads, reported once by the caller."""
-
-
-def _judge_one(client: Any, settings: JudgeSettings, record: InstructionRecord, rejected: threading.Event) -> dict[str, Any]:
-    """One judgment with retries and exponential backoff; malformed replies are retried too. Once the
-    endpoint has rejected the key (`rejected`), no worker sends another request."""
-    import openai
-
-    last_problem = ""
-    prompt_tokens = completion_tokens = 0
-    for attempt in range(settings.max_retries + 1):
-        if attempt:
-            time.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
-        if rejected.is_set():
-            raise _KeyRejected
-        try:
-            response = client.chat.completions.create(
-                model=settings.model,
-                messages=[
-                    {"role": "system", "content": DIFFICULTY_SYSTEM},
-                    {"role": "user", "content": difficulty_prompt(record)},
-                ],
-                temperature=0,
-                max_tokens=settings.max_tokens,
-            )
-        except openai.AuthenticationError:
-            rejected.set()
-            raise _KeyRejected from None
-        except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError) as error:
-            last_problem = type(error).__name__
-            continue
-        except openai.APIStatusError as error:
-            last_problem = f"HTTP {error.status_code}"
-            continue
-        if response.usage is not None:
-            prompt_tokens += response.usage.prompt_tokens or 0
-            completion_tokens += response.usage.completion_tokens or 0
-        reply = (response.choices[0].message.content or "") if response.choices else ""
-        score = parse_score(reply)
-        if score is not None:
-            return {"id": record.id, "score": score, "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens, "attempts": attempt + 1}
-        last_problem = "malformed reply"
-    return {"id": record.id, "score": None, "problem": last_problem, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "attempts": settings.max_retries + 1}
 
 
 def score_with_judge(
@@ -351,43 +230,34 @@ def score_with_judge(
     cache: ArtifactCache | None = None,
     console: Console | None = None,
 ) -> DifficultyScores:
-    """Score every record through the judge endpoint; finished items are cached and never re-asked."""
-    import openai
-
-    key = judge_api_key(settings)
+    """Score every record through the judge endpoint (harness.judge.endpoint.chat: retries, malformed
+    replies asked again, one-line 401); finished items are kept in the verdict store and never re-asked."""
+    api_key(settings.api_key_env, settings.base_url)  # a remote judge without its key fails before any work
     cache = cache or ArtifactCache()
     file_key = content_key(prompt=DIFFICULTY_PROMPT_VERSION, model=settings.model, base_url=settings.base_url)
     journal = VerdictJournal(cache.root / "judge" / f"{file_key}.jsonl")  # verdicts by record id
     done = journal.entries
     pending = [record for record in records if done.get(record.id, {}).get("score") is None]
     reused = len({record.id for record in records} - {record.id for record in pending})
-    client = openai.OpenAI(base_url=settings.base_url, api_key=key, max_retries=0, timeout=settings.timeout_seconds)
     failed: dict[str, str] = {}
-    spent = {"prompt_tokens": 0, "completion_tokens": 0}
-    with scoring_progress(console) as progress, ThreadPoolExecutor(settings.concurrency) as pool:
+    with scoring_progress(console) as progress:
         task = progress.add_task(f"judge {settings.model}", total=len(records), completed=reused)
-        rejected = threading.Event()
-        futures = [pool.submit(_judge_one, client, settings, record, rejected) for record in pending]
-        for future in as_completed(futures):
-            try:
-                entry = future.result()
-            except _KeyRejected:  # every other request would fail the same way: stop them all
-                for queued in futures:
-                    queued.cancel()
-                raise HarnessError(
-                    f"judge at {settings.base_url} rejected the key in {settings.api_key_env} (401); check it"
-                ) from None
-            spent["prompt_tokens"] += entry["prompt_tokens"]
-            spent["completion_tokens"] += entry["completion_tokens"]
-            if entry["score"] is None:
-                failed[entry["id"]] = entry["problem"]
+
+        def finished(index: int, reply: Reply) -> None:
+            record = pending[index]
+            if reply.value is None:
+                failed[record.id] = reply.problem
             else:
-                journal.add({entry["id"]: entry})
+                journal.add({record.id: {"id": record.id, "score": reply.value, "prompt_tokens": reply.prompt_tokens,
+                                         "completion_tokens": reply.completion_tokens, "attempts": reply.attempts}})
             progress.advance(task)
+
+        replies = chat(settings, [difficulty_messages(record) for record in pending], parse=parse_score, on_reply=finished)
     scores = np.array([done.get(r.id, {}).get("score") or np.nan for r in records], dtype=np.float64)
+    tokens = spent(replies)
     cost = (
-        spent["prompt_tokens"] / 1000 * settings.price_per_1k_prompt_tokens
-        + spent["completion_tokens"] / 1000 * settings.price_per_1k_completion_tokens
+        tokens["prompt_tokens"] / 1000 * settings.price_per_1k_prompt_tokens
+        + tokens["completion_tokens"] / 1000 * settings.price_per_1k_completion_tokens
     )
     details = {
         "prompt_version": DIFFICULTY_PROMPT_VERSION,
@@ -397,7 +267,7 @@ def score_with_judge(
         "reused_from_cache": reused,
         "failed": len(failed),
         "failure_kinds": sorted(set(failed.values())),
-        **spent,
+        **tokens,
         "cost_usd": round(cost, 6),
     }
     return DifficultyScores(scores, "judge", details)

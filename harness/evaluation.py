@@ -87,8 +87,8 @@ class SectionSettings(BaseModel):
     """Keys every judged section shares: the judge, generation settings and the subset size."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    judge: str = Field(description="openai:<model> or local:<model> (harness.judges); eval.judge overrides it")
-    judge_options: dict[str, Any] = Field(default_factory=dict, description="harness.judges.JudgeOptions fields")
+    judge: str = Field(description="openai:<model> or local:<model> (harness.judge); eval.judge overrides it")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="harness.judge.JudgeOptions fields")
     limit: int | None = Field(None, gt=0, description="items (AlpacaEval) or questions per set (pairwise); eval.limit overrides it")
     max_new_tokens: int = Field(512, gt=0)
     repetition_penalty: float = Field(1.0, gt=0)

@@ -43,7 +43,7 @@ from harness.errors import HarnessError, unknown_name
 from harness.evaluation import SectionContext, SectionSettings, metric_cell, parse_section
 from harness.generation import GenerationSettings, resumable_generate
 from harness.io import atomic_write_json, atomic_write_text
-from harness.judges import CachedJudge, Judge, Review, check_judge, judge_options, make_judge
+from harness.judge import CachedJudge, Judge, Review, check_judge, judge_options, make_judge
 
 PAIRWISE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "pairwise"
 PAIRWISE_SETS = {"vicuna": 80, "koala": 180, "lima": 300, "sinstruct": 252, "wizardlm": 218}
@@ -56,7 +56,7 @@ class PairwiseProtocol:
 
     name: str
     test_sets: tuple[str, ...]  # the default sets
-    judge_prompt: str  # harness.judges.PAIRWISE_PROMPTS (a data file in benchmarks/pairwise/)
+    judge_prompt: str  # harness.judge.PAIRWISE_PROMPTS (a data file in harness/judge/prompts/)
     judge_max_tokens: int  # reply budget of an OpenAI-protocol judge
     failed_as_loss: bool  # a question whose reviews do not both parse: in N as a loss (True) or skipped (False)
     overall: Literal["pooled", "set_mean"]

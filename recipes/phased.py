@@ -37,12 +37,12 @@ from harness.accelerator import process_inference_dtype
 from harness.difficulty import (
     PAPER_STAGE_PROPORTIONS,
     DifficultyScores,
-    JudgeSettings,
     score_with_judge,
     score_with_local_judge,
     scores_from_file,
     scores_from_ifd,
 )
+from harness.judge import JudgeSettings
 from harness.models import resolve_model
 from harness.runner import Overhead, RecipeOutput, RunContext
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.alpaca import VERSIONS, compute_metrics, fixed_subset  # noqa: E402
 from harness.io import atomic_write_json, atomic_write_text  # noqa: E402
-from harness.judges import JudgeOptions, make_judge, position_bias  # noqa: E402
+from harness.judge import JudgeOptions, make_judge, position_bias  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "alpaca_eval" / "judge_agreement"
 

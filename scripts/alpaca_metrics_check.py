@@ -47,7 +47,7 @@ def replay(annotations: list[dict]) -> dict:
     import tempfile
 
     from harness.alpaca import judge_outputs
-    from harness.judges import JudgeOptions, make_judge
+    from harness.judge import JudgeOptions, make_judge
     from tests.harness.openai_server import OpenAIServer
 
     os.environ.setdefault("OPENAI_API_KEY", "replay")  # the local server ignores it

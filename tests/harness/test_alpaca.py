@@ -26,7 +26,7 @@ from harness.compat import import_alpaca_eval
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext
 from harness.generation import GenerationSettings
-from harness.judges import JudgeOptions, LocalJudge, make_judge
+from harness.judge import JudgeOptions, LocalJudge, make_judge
 from tests.conftest import SHARED
 from tests.harness.openai_server import LOSER_LOGPROB, WINNER_LOGPROB, OpenAIServer
 

@@ -233,6 +233,15 @@ def test_client_config_warning_is_still_logged_to_the_root_logger_and_dropped(ca
     assert [record.getMessage() for record in caplog.records] == ["kept"]
 
 
+def test_alpaca_eval_price_table_still_prices_openai_models_and_none_for_others(caplog):
+    """The pairwise reviews price a gpt-4 judge as alpaca_eval's client did: by its private price table."""
+    with caplog.at_level(logging.WARNING):
+        assert compat.alpaca_eval_price_per_token("gpt-4-0613") == pytest.approx(0.03 / 1000)
+        assert compat.alpaca_eval_price_per_token("gpt-4-1106-preview") == pytest.approx(0.01 / 1000)
+        assert compat.alpaca_eval_price_per_token("my-local-judge") is None
+    assert not [record for record in caplog.records if "price" in record.getMessage()]  # its warning is dropped
+
+
 # ----------------------------------------------------------------------------- transformers
 
 

@@ -11,7 +11,7 @@ import pytest
 from harness.errors import HarnessError
 from harness.evaluation import SectionContext
 from harness.generation import GenerationSettings
-from harness.judges import CachedJudge, JudgeOptions, LocalJudge, load_pairwise_prompt, make_judge
+from harness.judge import CachedJudge, JudgeOptions, LocalJudge, load_pairwise_prompt, make_judge
 from harness.pairwise import (
     PAIRWISE_SETS,
     PROTOCOLS,
