@@ -12,6 +12,7 @@ from tests.cli_helpers import run_cli
 FAST = ["--set", "data.limit=160", "--limit", "40"]
 
 
+@pytest.mark.e2e
 def test_run_writes_a_complete_record_and_is_deterministic(tmp_path: Path, capsys):
     records = []
     for output in (tmp_path / "first", tmp_path / "second"):

@@ -8,10 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ARGS = ["run", "--set", "data.limit=300", "--set", "training.max_steps=400", "--set", "training.batch_size=2",
         "--set", "training.save_steps=0", "--limit", "10"]
 
 
+@pytest.mark.e2e
 def test_sigterm_in_training_checkpoints_and_the_rerun_resumes(tmp_path: Path):
     output = tmp_path / "runs"
     command = [sys.executable, "-m", "harness.cli", *ARGS, "--output", str(output)]

@@ -333,6 +333,7 @@ def test_inputs_that_used_to_crash_are_one_line_errors(case: Case):
     run_in_process(case)
 
 
+@pytest.mark.e2e
 def test_real_processes_report_bad_input_on_one_line(tmp_path: Path):
     """The same contract through the real console entry point (a process of its own)."""
     data = tmp_path / "latin1.jsonl"

@@ -70,6 +70,7 @@ def weights_digest(run_dir: Path) -> str:
     return file_digest(run_dir / "model" / "model.safetensors")
 
 
+@pytest.mark.e2e
 def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less_work(tmp_path: Path, monkeypatch, capsys):
     code, err = run_in_process(tmp_path / "fresh", private_cache(tmp_path, "fresh"), monkeypatch, capsys)
     assert code == 0, err[-3000:]
@@ -137,6 +138,7 @@ def test_sigkill_at_each_stage_then_rerun_matches_an_uninterrupted_run_with_less
         assert (run_dir / "eval" / "result_local_arc_easy.json").is_file()
 
 
+@pytest.mark.e2e
 def test_a_changed_config_value_is_a_new_run_and_a_foreign_directory_is_refused(tmp_path: Path, capsys):
     output = tmp_path / "runs"
     args = ["run", "--set", "data.limit=40", "--limit", "10", "--output", str(output)]

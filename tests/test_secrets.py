@@ -78,6 +78,7 @@ def files_under(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if path.is_file() and not path.is_symlink()]
 
 
+@pytest.mark.e2e
 def test_canary_secrets_reach_no_file_log_or_error(judge: JudgeServer, tmp_path: Path):
     from harness.models import build_tiny_model
 

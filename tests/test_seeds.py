@@ -49,6 +49,7 @@ def test_every_training_seed_is_scored_on_the_same_items_and_few_shot_prompts(ti
     assert eval_seed(explicit, suite) == 7
 
 
+@pytest.mark.e2e
 def test_seeds_flag_trains_once_per_seed_on_a_fixed_evaluation(tmp_path: Path, capsys):
     code, out, err = run_cli(["run", "--recipe", "one-off", "--seeds", "2", "--output", str(tmp_path), *FAST], capsys)
     assert code == 0, err

@@ -151,6 +151,7 @@ def run_training_on(worker_dir: Path) -> tuple[str, Path] | None:
     return None
 
 
+@pytest.mark.e2e
 def test_sweep_on_two_ray_nodes_matches_harness_run_and_survives_a_killed_node(ray_cluster: Cluster, tmp_path: Path, capsys):
     output = tmp_path / "sweep"
     sweep = sweep_process(output, ray_cluster.address)
@@ -242,6 +243,7 @@ def tensorboard_tags(log_dir: Path) -> dict[str, str]:
     return json.loads(EventAccumulator(str(log_dir)).Reload().Tensors("tags/text_summary")[0].tensor_proto.string_val[0])
 
 
+@pytest.mark.e2e
 def test_tracking_with_tensorboard_holds_the_loss_curve_and_metrics_under_the_run_tags(tmp_path: Path, capsys, monkeypatch):
     if importlib.util.find_spec("tensorboard") is None:
         pytest.skip("tensorboard is not installed")

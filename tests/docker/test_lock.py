@@ -92,6 +92,7 @@ def resolve(tmp_path: Path, *args: str) -> dict[str, str]:
             for item in json.loads(report.read_text())["install"]}
 
 
+@pytest.mark.e2e
 def test_a_fresh_resolution_against_the_lock_gets_exactly_the_pins(tmp_path: Path):
     """What `make setup` does on a fresh machine, resolved from the registry as it is today: every locked
     package comes out at its pin even when the registry serves newer releases (printed for the record)."""

@@ -152,6 +152,7 @@ def compare_with_one_process(single_dir: Path, double_dir: Path, precision: str,
     assert double["metrics"].keys() == single["metrics"].keys()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.extended)])
 def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path, precision: str, single_process_run):
     two = tmp_path / "two"
@@ -169,6 +170,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     # training stage and fails the run otherwise (test_replicas_that_differ_are_named shows it can)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.extended)])
 def test_sharded_training_trains_like_one_process_with_the_same_global_batch(precision: str, single_process_run, fsdp_run):
     double_dir, launched = fsdp_run(precision)
@@ -181,6 +183,7 @@ def test_sharded_training_trains_like_one_process_with_the_same_global_batch(pre
     assert second["distributed"] == "fsdp" and second["parameter_share"] == 0.5
 
 
+@pytest.mark.e2e
 def test_a_killed_sharded_run_resumes_from_its_checkpoint(tmp_path: Path, fsdp_run):
     """SIGKILL right after the FSDP checkpoint at step 3 (accelerate saves the full weights and optimizer
     state), then the same command: training resumes at step 3 and ends with the uninterrupted run's weights."""
@@ -209,6 +212,7 @@ def test_a_killed_sharded_run_resumes_from_its_checkpoint(tmp_path: Path, fsdp_r
     assert all(torch.equal(resumed_weights[name], fresh_weights[name]) for name in fresh_weights)
 
 
+@pytest.mark.e2e
 def test_an_error_found_by_the_main_process_stops_every_process_in_one_line(tmp_path: Path):
     args = ["--set", "data.limit=16", "--limit", "4", "--output", str(tmp_path)]
     run_dir = tmp_path / prepare_run(build_spec(config_file=None, overrides=["data.limit=16"], flags={"eval.limit": 4})).run_id
@@ -246,6 +250,7 @@ def _replica_check(rank: int, port: int, out: Path, perturb: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("perturb", [False, True])
 def test_replicas_that_differ_are_named(tmp_path: Path, perturb: bool):
     import socket
@@ -311,6 +316,7 @@ def _sharded_check(rank: int, port: int, out: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_a_sharded_model_is_seen_as_sharded_and_gathered_whole_on_every_process(tmp_path: Path):
     import socket
 

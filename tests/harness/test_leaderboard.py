@@ -337,6 +337,7 @@ def test_out_writes_one_format_and_html_brings_its_plots(two_runs, tmp_path: Pat
     assert json.loads(target.read_text())["groups"][0]["suite"] == "smoke"
 
 
+@pytest.mark.e2e
 def test_rendering_is_byte_identical_across_processes(two_runs, tmp_path: Path):
     results, _, _ = two_runs
     outputs = []

@@ -78,6 +78,7 @@ def test_a_run_that_cannot_fit_stops_in_one_line_before_loading(tmp_path):
     assert check_training_fits("builtin:tiny", TrainingSpec(precision="fp32"), processes=1, fsdp=False, device="cpu")
 
 
+@pytest.mark.e2e
 def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak():
     """perf/training_memory.py trains the tiny model in a fresh process and reports its peak RSS."""
     completed = subprocess.run(

@@ -203,6 +203,7 @@ def test_cache_reuses_scores_and_resumes_partial_work(tiny, sample_records, tmp_
     assert other.stats.computed == 80
 
 
+@pytest.mark.e2e
 def test_killed_scoring_resumes_from_finished_chunks(tiny, sample_records, tmp_path):
     from harness import scoring
 
@@ -295,6 +296,7 @@ def _examples(tokenizer) -> list[TokenizedExample]:
     return conditioned + direct
 
 
+@pytest.mark.e2e
 def test_processes_of_a_job_share_out_scoring_and_all_get_every_score(tiny, tmp_path):
     model, tokenizer = tiny
     alone, _ = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id, chunk_size=8)

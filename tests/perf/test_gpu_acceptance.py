@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.e2e
 def test_the_dry_run_completes_every_section(tmp_path):
     output = tmp_path / "gpu_acceptance.json"
     done = subprocess.run(["bash", str(ROOT / "perf" / "gpu_acceptance.sh"), "--dry-run", "--output", str(output)],

@@ -36,6 +36,7 @@ ALL_CONFIGS = ["core-bf16", "core-fp32", "trl-packing", "trl-padding", "pad512"]
 
 # CI runs the harness's two configurations against TRL's packing (the reference); the padded ones too in
 # `make test-extended`.
+@pytest.mark.e2e
 @pytest.mark.parametrize("configs", [ALL_CONFIGS[:3], pytest.param(ALL_CONFIGS, marks=pytest.mark.extended)])
 def test_every_configuration_runs_and_is_reported(tmp_path, harness_cache, configs):
     output = tmp_path / "result.json"

@@ -84,6 +84,7 @@ def test_a_finished_reference_stage_is_not_retrained_on_rerun(tmp_path, monkeypa
     assert second["cost"]["overhead_train_tokens"] == first["cost"]["overhead_train_tokens"]
 
 
+@pytest.mark.e2e
 def test_sftmix_takes_one_off_steps_and_examples_per_step_with_three_dynamics_checkpoints(tmp_path, monkeypatch):
     """On the shipped data (the committed runs' 400 records, one epoch, the default spec): the same optimizer
     steps and examples per step as one-off's run, and dynamics at three fractions of the reference run."""
