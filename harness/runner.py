@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -221,6 +221,18 @@ class RunContext(Generic[P]):
         build or convert the weights)."""
         with self.stage(stage), distributed.main_first():
             return load_model_and_tokenizer(model_info or self.model_info, dtype=self.base_dtype if dtype is None else dtype)
+
+    def cached(self, kind: str, key: str, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """(artifact, whether it came from the cache): the JSON artifact `kind`/`key` of the content-addressed
+        cache (harness.artifacts), computed by `compute()` and saved when missing. In a job of several
+        processes the main process decides, so all of them compute or none does (separate caches on
+        several nodes must not split the job)."""
+        found = distributed.from_main(self.cache.load(kind, key) if distributed.is_main() else None)
+        if found is not None:
+            return found, True
+        artifact = compute()
+        self.cache.save(kind, key, artifact)
+        return artifact, False
 
     def checkpoint_path(self, name: str) -> Path:
         """A file of recipe state that a resumed attempt needs, beside the stages' checkpoints."""

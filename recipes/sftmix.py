@@ -38,7 +38,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainerCallback
 
-from harness import distributed
 from harness.artifacts import content_key
 from harness.batching import RowDataset
 from harness.errors import HarnessError
@@ -138,34 +137,34 @@ def training_dynamics(ctx: RunContext[Params]) -> tuple[np.ndarray, dict[str, An
         epochs=epochs, checkpoints=params.checkpoints, per_epoch=params.checkpoints_per_epoch, training=ctx.training_key(settings),
         records=[r.id for r in ctx.data.records], seed=ctx.spec.seed,
     )
-    # the main process decides (separate caches on several nodes must not split the job: all or none train)
-    cached = distributed.from_main(ctx.cache.load("sftmix", key) if distributed.is_main() else None)
-    if cached is not None:
-        return np.array(cached["perplexities"]), cached["details"] | {"cached": True}
-    if reference is None:
-        model, tokenizer = ctx.base_model()
-    else:  # another model: in the run's training weight dtype (not the base's, which LoRA may keep in bf16)
-        model, tokenizer = ctx.load_model(resolve_model(reference, params.reference_model_path),
-                                          dtype=weight_dtype(settings.precision), stage="load_model:reference")
-    examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
-    rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
-    total = optimizer_steps(rows, settings.model_copy(update={"epochs": epochs}))  # as ctx.train will run it
-    checkpoints = params.checkpoints
-    if params.checkpoints_per_epoch is not None:
-        checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
-    # evenly spaced fractions of the reference run (a run shorter than C steps has fewer, distinct ones)
-    steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})
-    saved = ctx.checkpoint_path("reference_perplexities.json")
-    recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id, saved)
-    _, result = ctx.train(model, tokenizer, ctx.data.records, stage="reference", overrides={"epochs": epochs},
-                          callbacks=[recorder], overhead=True)
-    perplexities = np.array([recorder.perplexities[step] for step in sorted(recorder.perplexities)])
-    details = {"checkpoint_steps": sorted(recorder.perplexities), "reference_steps": total,
-               "checkpoint_fractions": [round(step / total, 4) for step in sorted(recorder.perplexities)],
-               "reference": reference or "base model",
-               "scoring_forward_tokens": recorder.forward_tokens, "reference_train_tokens": result.real_tokens}
-    ctx.cache.save("sftmix", key, {"perplexities": perplexities.tolist(), "details": details})
-    return perplexities, details | {"cached": False}
+
+    def train_reference() -> dict[str, Any]:
+        if reference is None:
+            model, tokenizer = ctx.base_model()
+        else:  # another model: in the run's training weight dtype (not the base's, which LoRA may keep in bf16)
+            model, tokenizer = ctx.load_model(resolve_model(reference, params.reference_model_path),
+                                              dtype=weight_dtype(settings.precision), stage="load_model:reference")
+        examples, _ = tokenize_for_training(ctx.data.records, tokenizer, settings.template, settings.max_length)
+        rows = len(RowDataset(examples, settings.max_length, settings.packing, ctx.spec.seed))
+        total = optimizer_steps(rows, settings.model_copy(update={"epochs": epochs}))  # as ctx.train will run it
+        checkpoints = params.checkpoints
+        if params.checkpoints_per_epoch is not None:
+            checkpoints = max(1, math.ceil(epochs * params.checkpoints_per_epoch))
+        # evenly spaced fractions of the reference run (a run shorter than C steps has fewer, distinct ones)
+        steps = sorted({max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)})
+        saved = ctx.checkpoint_path("reference_perplexities.json")
+        recorder = CheckpointPerplexities(set(steps), examples, tokenizer.pad_token_id, saved)
+        _, result = ctx.train(model, tokenizer, ctx.data.records, stage="reference", overrides={"epochs": epochs},
+                              callbacks=[recorder], overhead=True)
+        recorded = sorted(recorder.perplexities)
+        details = {"checkpoint_steps": recorded, "reference_steps": total,
+                   "checkpoint_fractions": [round(step / total, 4) for step in recorded],
+                   "reference": reference or "base model",
+                   "scoring_forward_tokens": recorder.forward_tokens, "reference_train_tokens": result.real_tokens}
+        return {"perplexities": [recorder.perplexities[step] for step in recorded], "details": details}
+
+    dynamics, cached = ctx.cached("sftmix", key, train_reference)
+    return np.array(dynamics["perplexities"]), dynamics["details"] | {"cached": cached}
 
 
 def batch_layouts(

@@ -103,3 +103,23 @@ def test_recipes_load_models_through_the_context_timed_and_in_the_runs_base_dtyp
     assert next(model.parameters()).dtype == ctx.base_dtype and "load_model" in ctx.timings
     judge, _ = ctx.load_model(run.model_info, dtype=torch.bfloat16, stage="load_model:judge")
     assert next(judge.parameters()).dtype == torch.bfloat16 and "load_model:judge" in ctx.timings
+
+
+def test_ctx_cached_computes_once_then_reads_the_artifact(tmp_path: Path):
+    from rich.console import Console
+
+    from harness.artifacts import ArtifactCache
+    from harness.runner import RunContext
+
+    ctx = RunContext(prepared(["recipe=one-off"]), tmp_path / "run", Console(quiet=True))
+    ctx.cache = ArtifactCache(tmp_path / "cache")
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"scores": [0.25, 0.5]}
+
+    assert ctx.cached("test-kind", "k1", compute) == ({"scores": [0.25, 0.5]}, False)
+    assert ctx.cached("test-kind", "k1", compute) == ({"scores": [0.25, 0.5]}, True)  # from the cache, not recomputed
+    assert len(calls) == 1 and ctx.cache.load("test-kind", "k1") == {"scores": [0.25, 0.5]}
+    assert ctx.cached("test-kind", "k2", compute)[1] is False and len(calls) == 2  # another key is another artifact
