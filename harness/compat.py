@@ -37,6 +37,7 @@ class Patch:
 PATCHES: dict[str, Patch] = {
     "lm_eval.quiet_loggers": Patch("lm_eval", "~=0.4.13", "lm-eval's loggers held at ERROR"),
     "lm_eval.no_git_lookup": Patch("lm_eval", "~=0.4.13", "lm_eval.evaluator.get_git_commit_hash replaced"),
+    "lm_eval.no_env_info": Patch("lm_eval", "~=0.4.13", "torch.utils.collect_env.get_pretty_env_info replaced"),
     "lm_eval.no_cache_check_bar": Patch("lm_eval", "~=0.4.13", "lm_eval.api.model.tqdm wrapped"),
     "lm_eval.loglikelihood_tokens": Patch("lm_eval", "~=0.4.13", "HFLM._loglikelihood_tokens overridden"),
     "alpaca_eval.import_quietly": Patch("alpaca_eval", "~=0.6.6", "alpaca_eval imported without load_dotenv()"),
@@ -158,6 +159,22 @@ def no_lm_eval_git_lookup() -> Iterator[None]:
         yield
 
 
+ENV_INFO_NOT_COLLECTED = "not collected by the harness (its run record names the environment)"
+
+
+@contextlib.contextmanager
+def no_lm_eval_env_info() -> Iterator[None]:
+    """simple_evaluate (lm-eval 0.4.13) ends every call with add_env_info, whose torch.utils.collect_env
+    runs about a dozen subprocesses (pip, conda, nvidia-smi, lscpu, ...): half a second per task on a CPU
+    box, for text the harness never reads (the record carries its own environment). Inside the block
+    get_pretty_env_info returns ENV_INFO_NOT_COLLECTED instead."""
+    check_version("lm_eval.no_env_info")
+    import torch.utils.collect_env
+
+    with _swapped(torch.utils.collect_env, "get_pretty_env_info", lambda: ENV_INFO_NOT_COLLECTED):
+        yield
+
+
 def _tqdm_without_cache_check(*args: Any, **kwargs: Any) -> Any:
     from tqdm import tqdm
 
@@ -179,8 +196,8 @@ def no_cache_check_bar() -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
-    """All three lm-eval patches: wrap task loading and evaluation (nesting is fine)."""
-    with quiet_lm_eval_loggers(), no_lm_eval_git_lookup(), no_cache_check_bar():
+    """All four lm-eval patches: wrap task loading and evaluation (nesting is fine)."""
+    with quiet_lm_eval_loggers(), no_lm_eval_git_lookup(), no_lm_eval_env_info(), no_cache_check_bar():
         yield
 
 

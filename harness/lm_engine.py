@@ -17,9 +17,12 @@ How it is faster (the IFD scorer's mechanisms, harness/losses.py and harness/cpu
   sequence, scored at the positions of the longest of their continuations (HFLM's logits cache does
   this too).
 - Sequences that share their unscored part (the context of a multiple-choice item's choices) are
-  grouped: that part is run once and its keys/values reused by each choice, which then runs only its
-  continuation's tokens.
-- No padding: all sequences of a chunk run as one flattened sequence with per-example attention.
+  grouped: that part runs once and each choice runs only its continuation's tokens.
+- The tokens every sequence of a chunk starts with (a few-shot preamble such as TruthfulQA's six QA
+  pairs, MMLU's subject header) run once per chunk.
+- No padding: a chunk is one forward pass over one flattened sequence laid out as a prefix tree (the
+  chunk's shared tokens, then per item its context and its choices); attention runs per item under a
+  mask that lets each token see its ancestors only (harness.losses.AttentionBlock).
 - The LM head is applied only at continuation positions (HFLM computes and log-softmaxes the logits of
   every position of every padded row), a few rows at a time, in fp32.
 - On CPU in fp32 the linear layers run oneDNN's kernels.
@@ -45,13 +48,15 @@ from harness import cpu_kernels
 from harness.compat import TokenizedLoglikelihoodHook
 from harness.errors import HarnessError
 from harness.losses import (
+    _BLOCKS_KWARG,
     _CAPTURE_KWARG,
     _NO_VARLEN,
+    AttentionBlock,
     SharedPrefixes,
+    _causal_bias,
     _plain_type,
     _run_varlen,
     causal_lm_parts,
-    final_hidden_states,
 )
 
 ENGINE_MODEL_NAME = "harness-engine"  # the name registered with lm-eval's model registry
@@ -180,6 +185,39 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return head(hidden)
 
 
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    shortest = min(len(sequence) for sequence in sequences)
+    first = sequences[0]
+    for position in range(shortest):
+        token = first[position]
+        if any(sequence[position] != token for sequence in sequences):
+            return position
+    return shortest
+
+
+def _unit_bias(shared: int, prefix: int, members: list[int], like: torch.Tensor) -> torch.Tensor:
+    """The additive mask of one unit's block: its queries are its prefix's tokens, then each member's; its
+    keys are the chunk's `shared` tokens, then the same tokens as the queries. Every query sees the shared
+    tokens; prefix tokens see the prefix causally; a member's tokens see the whole prefix and their own
+    member causally, never another member."""
+    size = prefix + sum(members)
+    if not members or (prefix == 0 and len(members) == 1):
+        return _causal_bias(size, shared, like)
+    bias = torch.full((size, shared + size), float("-inf"), dtype=like.dtype, device=like.device)
+    bias[:, :shared] = 0
+    bias[:, shared : shared + prefix] = 0
+    bias[:prefix, shared : shared + prefix].masked_fill_(
+        torch.ones(prefix, prefix, dtype=torch.bool, device=like.device).triu_(1), float("-inf")
+    )
+    start = prefix
+    for length in members:
+        own = bias[start : start + length, shared + start : shared + start + length]
+        own.zero_()
+        own.masked_fill_(torch.ones(length, length, dtype=torch.bool, device=like.device).triu_(1), float("-inf"))
+        start += length
+    return bias
+
+
 @torch.no_grad()
 def score_continuations(
     model: Any,
@@ -191,10 +229,15 @@ def score_continuations(
 ) -> list[Answer]:
     """(log-likelihood, is_greedy) of each (context tokens, continuation tokens) pair, as HFLM's
     `_loglikelihood_tokens` computes them. `on_done(request indices, answers)` is called after each
-    chunk (lm-eval's request cache stores answers as they come, so a killed evaluation resumes)."""
+    chunk (lm-eval's request cache stores answers as they come, so a killed evaluation resumes).
+
+    Each chunk is one forward pass over a prefix tree: the tokens every sequence of the chunk starts with
+    (a few-shot preamble, a subject header) once, then per unit its shared context once and each member's
+    own tokens (AttentionBlock masks keep the branches apart)."""
     model.eval()
     device = next(model.parameters()).device
-    _, head = causal_lm_parts(model)
+    decoder, head = causal_lm_parts(model)
+    like = torch.empty(0, dtype=next(model.parameters()).dtype, device=device)
     inputs, tails, owners, chunks = _plan(pairs, max_length, token_budget)
     users: dict[int, list[int]] = {}
     for request, (number, _) in enumerate(owners):
@@ -202,36 +245,45 @@ def score_continuations(
     answers: list[Answer | None] = [None] * len(pairs)
     with cpu_kernels.onednn_inference(model):
         for chunk in chunks:
-            prefixes = [unit.prefix for unit in chunk if unit.prefix]
-            shared = _packed_prefix_states(model, prefixes) if prefixes else None
-            if prefixes and shared is None:
-                raise RuntimeError(f"{type(model).__name__}: the scoring engine needs per-example attention")
-            ids: list[int] = []
-            positions: list[int] = []
-            seq_ids: list[int] = []
-            assignment: list[int] = []
+            # the chunk's shared tokens: never a scored position, never beyond a unit's own context
+            limits = [len(inputs[number]) - tails[number] for unit in chunk for number in unit.members]
+            limits += [len(unit.prefix) for unit in chunk if unit.prefix]
+            heads = [inputs[unit.members[0]] for unit in chunk]
+            shared = min(_common_prefix_length(heads), *limits) if len(chunk) > 1 else 0
+            shared = shared if shared >= MIN_SHARED_PREFIX else 0
+            ids: list[int] = list(inputs[chunk[0].members[0]][:shared])
+            positions: list[int] = list(range(shared))
+            blocks = [AttentionBlock(0, shared, [(0, shared)], _causal_bias(shared, 0, like))] if shared else []
             scored_rows: list[int] = []  # flat positions of every scored token, sequence by sequence
             first_row: dict[int, int] = {}  # input index -> index of its first scored row
-            prefix_number = 0
             for unit in chunk:
-                for number in unit.members:
-                    tokens, start = inputs[number], len(unit.prefix)
-                    first_row[number] = len(scored_rows)
-                    end = len(ids) + len(tokens) - start
-                    scored_rows.extend(range(end - tails[number], end))
-                    seq_ids.extend([len(assignment)] * (len(tokens) - start))
-                    ids.extend(tokens[start:])
-                    positions.extend(range(start, len(tokens)))
-                    assignment.append(prefix_number if unit.prefix else -1)
+                unit_start = len(ids)
+                context = max(len(unit.prefix), shared)
                 if unit.prefix:
-                    prefix_number += 1
-            batch = {
-                "input_ids": torch.tensor([ids], device=device),
-                "position_ids": torch.tensor([positions], device=device),
-                "seq_ids": torch.tensor([seq_ids], device=device),
-            }
-            hidden = final_hidden_states(model, batch, shared_prefixes=(shared, assignment) if shared else None)
-            hidden = hidden[0, torch.tensor(scored_rows, device=device)]
+                    ids.extend(unit.prefix[shared:])
+                    positions.extend(range(shared, len(unit.prefix)))
+                members = []
+                for number in unit.members:
+                    tokens = inputs[number]
+                    first_row[number] = len(scored_rows)
+                    end = len(ids) + len(tokens) - context
+                    scored_rows.extend(range(end - tails[number], end))
+                    ids.extend(tokens[context:])
+                    positions.extend(range(context, len(tokens)))
+                    members.append(len(tokens) - context)
+                key_ranges = [(0, shared), (unit_start, len(ids))] if shared else [(unit_start, len(ids))]
+                bias = _unit_bias(shared, context - shared, members, like)
+                blocks.append(AttentionBlock(unit_start, len(ids), key_ranges, bias))
+            output = _run_varlen(
+                decoder,
+                {"input_ids": torch.tensor([ids], device=device)},
+                torch.tensor([positions], device=device),
+                [len(ids)],
+                **{_BLOCKS_KWARG: blocks},
+            )
+            if output is None:
+                raise RuntimeError(f"{type(model).__name__}: the scoring engine needs per-example attention")
+            hidden = output.last_hidden_state[0, torch.tensor(scored_rows, device=device)]
             # every (request, continuation token): the scored row that predicts it
             requests = [request for number in first_row for request in users[number]]
             pair_rows: list[int] = []

@@ -38,6 +38,7 @@ VARLEN_ATTENTION = "harness_varlen"
 _SEGMENTS_KWARG = "harness_segment_lengths"
 _PREFIX_KWARG = "harness_shared_prefixes"  # (SharedPrefixes, prefix index of each segment or -1)
 _CAPTURE_KWARG = "harness_capture_kv"  # dict filled with each layer's (key, value)
+_BLOCKS_KWARG = "harness_attention_blocks"  # list[AttentionBlock]: scoring's prefix-tree attention (lm_engine)
 _NO_VARLEN: set[type] = set()  # model classes whose attention does not receive our kwargs
 
 
@@ -57,6 +58,34 @@ class SharedPrefixes:
 
     def length(self, prefix: int) -> int:
         return len(self.token_ids[prefix])
+
+
+@dataclass
+class AttentionBlock:
+    """Queries [start, end) of the flattened sequence attend to the keys of `key_ranges` (concatenated in that
+    order) under the additive mask `bias` [end - start, keys]. A list of blocks covering the sequence in order
+    is a prefix tree: shared tokens run once, in the same pass, and every branch sees them (lm_engine)."""
+
+    start: int
+    end: int
+    key_ranges: list[tuple[int, int]]
+    bias: torch.Tensor
+
+
+def _block_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: list[AttentionBlock], scale: float
+) -> torch.Tensor:
+    """Eager attention per block (inference only): [1, heads, tokens, dim] in, [1, tokens, heads, dim] out."""
+    outputs = []
+    for block in blocks:
+        keys = [key[0, :, start:end] for start, end in block.key_ranges]
+        values = [value[0, :, start:end] for start, end in block.key_ranges]
+        k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
+        v = values[0] if len(values) == 1 else torch.cat(values, dim=1)
+        q = query[0, :, block.start : block.end]
+        probabilities = torch.baddbmm(block.bias, q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
+        outputs.append(torch.bmm(probabilities, v).transpose(0, 1))
+    return torch.cat(outputs, dim=0).unsqueeze(0)
 
 
 _CAUSAL_BIASES: OrderedDict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = OrderedDict()
@@ -114,6 +143,9 @@ def varlen_attention(
         capture[module.layer_idx] = (key[0], value[0])
     shared, segment_prefixes = kwargs.get(_PREFIX_KWARG) or (None, None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    blocks = kwargs.get(_BLOCKS_KWARG)
+    if blocks is not None:
+        return _block_attention(query, key, value, blocks, scale), None
     dropout = dropout if module.training else 0.0
     outputs = []
     segments = zip(query[0].split(lengths, dim=1), key[0].split(lengths, dim=1), value[0].split(lengths, dim=1), strict=True)

@@ -83,6 +83,25 @@ def test_lm_eval_still_asks_git_for_its_commit():
     assert lm_eval.evaluator.get_git_commit_hash is original
 
 
+def test_lm_eval_still_collects_torch_env_info_and_the_block_skips_its_subprocesses(monkeypatch):
+    import subprocess
+
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+    import torch.utils.collect_env
+
+    assert "add_env_info(results)" in inspect.getsource(lm_eval.evaluator.simple_evaluate)
+    assert "from torch.utils.collect_env import get_pretty_env_info" in inspect.getsource(lm_eval.loggers.utils.add_env_info)
+    original = torch.utils.collect_env.get_pretty_env_info
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: started.append(args) or (_ for _ in ()).throw(OSError))
+    storage: dict = {}
+    with compat.no_lm_eval_env_info():
+        lm_eval.loggers.utils.add_env_info(storage)
+    assert storage["pretty_env_info"] == compat.ENV_INFO_NOT_COLLECTED and not started and "transformers_version" in storage
+    assert torch.utils.collect_env.get_pretty_env_info is original
+
+
 def test_lm_eval_cache_check_still_draws_its_bar_with_the_module_tqdm():
     import lm_eval.api.model
     from tqdm import tqdm

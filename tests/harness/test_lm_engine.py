@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,30 @@ def test_scores_do_not_depend_on_chunking(tiny):
     pairs += [(tokenizer("Another context").input_ids, tokenizer(" entirely", add_special_tokens=False).input_ids)]
     together = score_continuations(model, pairs, max_length=1024, token_budget=4096)
     apart = score_continuations(model, pairs, max_length=1024, token_budget=4)
+    for (a, greedy_a), (b, greedy_b) in zip(together, apart, strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
+
+
+def test_a_preamble_every_item_shares_runs_once_per_chunk(tiny):
+    """A few-shot preamble (TruthfulQA's six QA pairs) is the same for every item: one forward pass per
+    chunk runs it once, each item's question once and each choice's own tokens, and the answers are the
+    ones each item gets scored on its own."""
+    model, tokenizer = tiny
+    preamble = tokenizer("Q: What is the capital of France?\nA: Paris.\n\nQ: How many legs does a spider have?\nA: Eight.").input_ids
+    questions = [tokenizer(f"\n\nQ: {q}\nA:", add_special_tokens=False).input_ids for q in ("Why is the sky blue?", "Who wrote Hamlet?")]
+    choices = [tokenizer(c, add_special_tokens=False).input_ids for c in (" Rayleigh scattering.", " Shakespeare.", " Nobody knows")]
+    pairs = [(preamble + question, choice) for question in questions for choice in choices]
+    seen: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].shape[-1]))
+    try:
+        together = score_continuations(model, pairs, max_length=1024, token_budget=4096)
+    finally:
+        hook.remove()
+    shared = len(os.path.commonprefix([preamble + question for question in questions]))  # the preamble and "\n\nQ:"
+    assert shared > len(preamble)
+    expected = shared + sum(len(preamble) + len(question) - shared - 1 + sum(len(choice) for choice in choices) for question in questions)
+    assert seen == [expected]  # one pass; without the chunk's shared part it would run the preamble per item
+    apart = score_continuations(model, pairs, max_length=1024, token_budget=8)  # every item in a chunk of its own
     for (a, greedy_a), (b, greedy_b) in zip(together, apart, strict=True):
         assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
 
