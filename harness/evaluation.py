@@ -492,20 +492,21 @@ def run_lm_eval(
     `resume` (the runner: output_dir belongs to one run, so to one model) keeps each finished task's
     result in output_dir/result_<task>.json and lm-eval's request cache in output_dir/request_cache/,
     and reuses both; off, nothing is reused (the same folder may see another model)."""
-    import torch
     from lm_eval import simple_evaluate
 
     use_online = suite.online if online is None else online
     planned = plan_suite(suite, online=use_online)
     check_chat_template(suite, tokenizer, chat_template)
     chat = {plan.entry.task: _uses_chat_template(plan.entry, suite, chat_template) for plan in planned}
-    from harness.lm_engine import model_in_precision
+    from harness.accelerator import process_device
+    from harness.lm_engine import model_in_precision, token_budget_for
 
     lm_class = _counting_lm_class(model_class)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = process_device()
     model.eval()
     evaluated = model_in_precision(model, precision)
-    lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    budget = {"token_budget": token_budget_for(device)} if model_class == "engine" else {}
+    lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=str(device), batch_size=batch_size, **budget)
     manager = task_manager(use_online)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

@@ -64,10 +64,17 @@ MODEL_CLASSES = ("engine", "hflm")  # eval.model_class
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # eval.precision
 MIN_SHARED_PREFIX = 2  # tokens: a shorter shared part saves nothing
 HEAD_ROWS = 64  # scored positions per block of fp32 logits (64 x 49k vocabulary = 12 MB)
+CPU_TOKEN_BUDGET = 4096  # tokens per forward pass on CPU: the linear layers are at full speed well before this
+GPU_TOKEN_BUDGET = 32768  # on a GPU a pass needs tens of thousands of tokens to fill the device
 # Logit transforms after the LM head that the head-only path would skip (Gemma 2, Cohere, Granite).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 Answer = tuple[float, bool]
+
+
+def token_budget_for(device: torch.device) -> int:
+    """Tokens per forward pass of the engine on `device`."""
+    return GPU_TOKEN_BUDGET if device.type == "cuda" else CPU_TOKEN_BUDGET
 
 
 def precision_name(dtype: torch.dtype) -> str:
@@ -224,7 +231,7 @@ def score_continuations(
     pairs: Sequence[tuple[list[int], list[int]]],
     *,
     max_length: int,
-    token_budget: int = 4096,
+    token_budget: int = CPU_TOKEN_BUDGET,
     on_done: Callable[[list[int], list[Answer]], None] | None = None,
 ) -> list[Answer]:
     """(log-likelihood, is_greedy) of each (context tokens, continuation tokens) pair, as HFLM's
@@ -327,7 +334,7 @@ class EngineLM(TokenizedLoglikelihoodHook, HFLM):
 
     `token_budget`: tokens per forward pass (prefixes plus sequences); larger on GPUs."""
 
-    def __init__(self, *args: Any, token_budget: int = 4096, **kwargs: Any):
+    def __init__(self, *args: Any, token_budget: int = CPU_TOKEN_BUDGET, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.token_budget = int(token_budget)
         self.uses_engine = self.backend == "causal" and engine_supports(self.model)

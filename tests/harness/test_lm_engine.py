@@ -237,3 +237,9 @@ def test_the_leaderboard_never_pairs_runs_evaluated_in_different_precisions(tmp_
     assert all(cell.delta is None for cell in bf16.cells.values())  # no one-off run evaluated in bf16: nothing paired
     (single,) = build_groups([run for run in load_runs([tmp_path], warnings.append) if run.run_id in ("a", "c")])
     assert single.precision is None and single.title == "m · suite small"  # one precision: titles as before
+
+
+def test_a_gpu_pass_takes_a_larger_token_budget():
+    from harness.lm_engine import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, token_budget_for
+
+    assert token_budget_for(torch.device("cpu")) == CPU_TOKEN_BUDGET < GPU_TOKEN_BUDGET == token_budget_for(torch.device("cuda", 1))
