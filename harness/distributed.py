@@ -21,7 +21,7 @@ import contextlib
 import copy
 import datetime as dt
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -194,6 +194,21 @@ def sum_over_processes(values: list[int]) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.int64, device=_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return [int(value) for value in tensor.tolist()]
+
+
+def inside_forward(model: torch.nn.Module, compute: Callable[[], T]) -> T:
+    """`compute()` run as the model's forward: FSDP2's hooks on the root module gather the root's own
+    parameters (embeddings, final norm, tied LM head) before it and reshard them after. Code that calls a
+    sharded model's decoder and head itself (the scorers) goes through here."""
+    previous = model.__dict__.get("forward")
+    model.forward = lambda: compute()  # type: ignore[method-assign]
+    try:
+        return model()
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous  # type: ignore[method-assign]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -21,6 +21,7 @@ and the scores gathered, so every process gets all of them for a fraction of the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,11 @@ def mean_response_losses(
     if shared is not None:
         stats.shared_prefix_tokens = sum(offsets) - sum(len(ids) for ids in prefixes)
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
-    processes, rank = distributed.world_size(), distributed.rank()
+    # Chunks are dealt out across the processes of a job, unless the model is sharded (FSDP, e.g. SFTMix's
+    # confidence passes during sharded training): every forward pass of a sharded model is a collective that
+    # all processes must join, so then each process runs every chunk, in the same order.
+    sharded = distributed.is_sharded(model)
+    processes, rank = (1, 0) if sharded else (distributed.world_size(), distributed.rank())
     computed: dict[int, list[float]] = {}  # chunk index -> scores, of the chunks this process ran
     with scoring_progress(console) as progress, onednn_inference(model):
         task = progress.add_task(description, total=len(examples))
@@ -192,12 +197,13 @@ def mean_response_losses(
                     shift = torch.tensor([offsets[i] for i in flat], device=device)[seq_ids.clamp(min=0)]
                     batch["position_ids"] = batch["position_ids"] + shift * (seq_ids >= 0)
                     prefix_state = (shared, [assignment[i] for i in flat])
-                losses = per_example_mean_losses(model, batch, len(flat), shared_prefixes=prefix_state)
+                compute = functools.partial(per_example_mean_losses, model, batch, len(flat), shared_prefixes=prefix_state)
+                losses = distributed.inside_forward(model, compute) if sharded else compute()
                 scores[flat] = losses.double().cpu().numpy()
                 progress.advance(task, len(flat))
             stats.computed += len(chunk)
             computed[chunk_index] = scores[chunk].tolist()
-            if cache and cache_key:
+            if cache and cache_key and (processes > 1 or distributed.is_main()):
                 cache.save_chunk("scores", cache_key, chunk_index, computed[chunk_index])
                 kill_point_for_tests("scoring", chunk_index + 1)
         if processes > 1:  # the main process collects every score and hands them all out
@@ -208,6 +214,9 @@ def mean_response_losses(
                         progress.advance(task, len(values))
             scores = distributed.from_main(scores)
             (stats.computed,) = distributed.sum_over_processes([stats.computed])
+            stats.cached = distributed.from_main(stats.cached)
+        elif distributed.world_size() > 1:  # sharded: all computed the same chunks; the main one also has the cached
+            scores = distributed.from_main(scores)
             stats.cached = distributed.from_main(stats.cached)
     return scores, stats
 

@@ -21,8 +21,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def load_run(output: Path) -> tuple[Path, dict[str, Any]]:
-    """The only run directory under `output` and its record."""
-    (run_dir,) = output.iterdir()
+    """The only run directory under `output` (hidden entries aside: `.specs/` holds the spec files Docker and
+    --nproc runs execute) and its record."""
+    (run_dir,) = (path for path in output.iterdir() if not path.name.startswith("."))
     return run_dir, json.loads((run_dir / "record.json").read_text())
 
 

@@ -284,6 +284,19 @@ def _score_in_a_process_group(rank: int, world: int, rendezvous: str, cache_dir:
         embeddings, perplexities = embeddings_and_perplexity(model, examples, pad_token_id=tokenizer.pad_token_id, rows_per_batch=2)
         np.save(f"{out_dir}/embeddings_{rank}.npy", embeddings)
         np.save(f"{out_dir}/perplexities_{rank}.npy", perplexities)
+        # a sharded model (SFTMix's confidence passes during FSDP training): each forward is a collective, so
+        # both processes run all 5 chunks; dealt out, rank 0 would run a third chunk that rank 1 never joins
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        seen.clear()
+        sharded, stats = mean_response_losses(model, examples, pad_token_id=tokenizer.pad_token_id, chunk_size=8,
+                                              cache=ArtifactCache(cache_dir), cache_key="sharded")
+        np.save(f"{out_dir}/sharded_{rank}.npy", sharded)
+        with open(f"{out_dir}/sharded_work_{rank}.json", "w") as handle:
+            json.dump({"scored_here": sum(seen), "computed": stats.computed, "cached": stats.cached}, handle)
     finally:
         dist.destroy_process_group()
 
@@ -322,6 +335,13 @@ def test_processes_of_a_job_share_out_scoring_and_all_get_every_score(tiny, tmp_
     for rank in (0, 1):
         np.testing.assert_allclose(np.load(tmp_path / f"embeddings_{rank}.npy"), embeddings, rtol=0, atol=1e-5)
         np.testing.assert_allclose(np.load(tmp_path / f"perplexities_{rank}.npy"), perplexities, rtol=1e-6)
+    for rank in (0, 1):  # sharded: every process ran every chunk and got every score
+        work = json.loads((tmp_path / f"sharded_work_{rank}.json").read_text())
+        assert (work["scored_here"], work["computed"], work["cached"]) == (40, 40, 0)
+        np.testing.assert_allclose(np.load(tmp_path / f"sharded_{rank}.npy"), alone, rtol=0, atol=1e-5)
+    shared, stats = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                 chunk_size=8, cache=ArtifactCache(cache), cache_key="sharded")
+    assert (stats.cached, stats.computed) == (40, 0)  # the main process saved every chunk
     # every chunk went into the cache, whichever process ran it: one process now computes nothing
     again, stats = scoring.mean_response_losses(model, _examples(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                 chunk_size=8, cache=ArtifactCache(cache), cache_key="k")
