@@ -5,6 +5,7 @@ with the same global batch, and write one record; a killed sharded run resumes."
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -400,3 +401,18 @@ def test_a_checkpoint_of_the_other_backend_is_a_one_line_error(tmp_path: Path):
         check_checkpoint_backend(sharded, sharded=False)
     with pytest.raises(HarnessError, match=f"or delete {replicated.parent} to train that stage again"):
         check_checkpoint_backend(replicated, sharded=True)
+
+
+@pytest.mark.e2e
+def test_sftmix_scores_its_sharded_reference_on_every_process(tmp_path: Path, monkeypatch):
+    """SFTMix's confidence passes run during the reference's FSDP training: every process must join every
+    forward of the sharded model (before, the passes were dealt out and the run crashed on 2 processes)."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # the reference trains here, not from a cache
+    harness_run(["--recipe", "sftmix", "--set", "data.limit=24", "--set", "training.batch_size=2", "--limit", "4",
+                 "--nproc", "2", "--distributed", "fsdp", "--output", str(tmp_path / "runs")])  # fmt: skip
+    record = json.loads((only_run_dir(tmp_path / "runs") / "record.json").read_text())
+    assert record["training"]["reference"]["distributed"] == "fsdp"
+    dynamics = record["recipe"]["dynamics"]  # 2 reference steps: confidences at both, computed (not cached)
+    assert dynamics["checkpoint_steps"] == [1, 2] and dynamics["cached"] is False and dynamics["scoring_forward_tokens"] > 0
+    confidences = json.loads((only_run_dir(tmp_path / "runs") / "artifacts" / "sftmix_confidence.json").read_text())
+    assert len(confidences) == 24 and all(math.isfinite(c["confidence"]) for c in confidences)
