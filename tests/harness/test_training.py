@@ -82,6 +82,7 @@ def test_master_weights_keep_updates_that_bf16_would_lose():
     assert abs(master[0].item() - (1.0 - 50 * 1e-4)) < 1e-5
     assert mastered.detach().float()[0].item() < 1.0
     state = master_opt.state_dict()
+    assert state["master_weights"][0].data_ptr() == master.data_ptr()  # by reference: a save needs no second copy
     restored = MasterWeightAdamW([{"params": [torch.nn.Parameter(start.clone().to(torch.bfloat16))]}], lr=1e-4)
     restored.load_state_dict(state)
     torch.testing.assert_close(restored.pairs[0][1], master)
