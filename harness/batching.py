@@ -4,6 +4,7 @@ position_ids (transformers then masks attention block-diagonally, so no example 
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -42,8 +43,12 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
     """Rows of examples -> a batch padded to the longest row, with position_ids and seq_ids.
 
     Padding gets its own position run (0, 1, ...) so it forms a separate block in the attention mask,
-    label -100 and seq_id -1. `num_examples` is the number of examples in the batch."""
+    label -100 and seq_id -1. `num_examples` is the number of examples in the batch. The examples' bounds
+    in the flattened sequence of real tokens (row by row, padding left out) come with the batch, computed
+    here once, as varlen attention kernels take them: `cu_seqlens` (int32, [examples + 1], cumulative
+    lengths from 0) and `max_seqlen`."""
     width = max(sum(len(example.input_ids) for example in row) for row in rows)
+    lengths = [len(example.input_ids) for row in rows for example in row]
     input_ids, labels, positions, seq_ids = [], [], [], []
     example_number = 0
     for row in rows:
@@ -66,6 +71,8 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
         "position_ids": torch.tensor(positions, dtype=torch.long),
         "seq_ids": torch.tensor(seq_ids, dtype=torch.long),
         "num_examples": torch.tensor(example_number, dtype=torch.long),
+        "cu_seqlens": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
+        "max_seqlen": torch.tensor(max(lengths), dtype=torch.long),
     }
 
 

@@ -295,7 +295,9 @@ def final_hidden_states(
         seq_ids = torch.zeros(rows * width, dtype=torch.long, device=batch["input_ids"].device)
     real = (seq_ids >= 0).nonzero().squeeze(1)
     positions = batch["position_ids"].reshape(-1)[real]
-    lengths = _segment_lengths(seq_ids[real], positions)
+    # the collator's bounds (harness.batching.collate_rows); batches built elsewhere get them computed here
+    cu_seqlens = batch.get("cu_seqlens")
+    lengths = cu_seqlens.diff().tolist() if cu_seqlens is not None else _segment_lengths(seq_ids[real], positions)
     inputs: dict[str, torch.Tensor] = (
         {"inputs_embeds": inputs_embeds.reshape(rows * width, -1)[real].unsqueeze(0)}
         if inputs_embeds is not None

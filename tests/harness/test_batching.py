@@ -19,3 +19,28 @@ def test_collate_restarts_positions_and_marks_padding():
     assert batch["seq_ids"].tolist() == [[0, 0, 0, 1, 1], [2, -1, -1, -1, -1]]
     assert batch["labels"].tolist()[1] == [-100] * 5
     assert int(batch["num_examples"]) == 3
+
+
+def test_the_collator_gives_each_examples_bounds_once_as_varlen_kernels_take_them(tiny):
+    """cu_seqlens / max_seqlen: the examples' bounds in the flattened real tokens (row by row, padding out),
+    equal to the segment lengths the attention would otherwise derive from seq_ids and position_ids; the
+    hidden states are the same either way."""
+    import torch
+
+    from harness.losses import _segment_lengths, final_hidden_states
+
+    rows = [
+        [TokenizedExample([5, 6, 7], [-100, 6, 7]), TokenizedExample([8, 9], [-100, 9])],
+        [TokenizedExample([10, 11, 12, 13, 14, 15], [-100] * 3 + [13, 14, 15])],
+        [TokenizedExample([16], [-100])],
+    ]
+    batch = collate_rows(rows, pad_token_id=0)
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"].tolist() == [0, 3, 5, 11, 12]
+    assert int(batch["max_seqlen"]) == 6
+    seq_ids = batch["seq_ids"].reshape(-1)
+    real = (seq_ids >= 0).nonzero().squeeze(1)
+    assert batch["cu_seqlens"].diff().tolist() == _segment_lengths(seq_ids[real], batch["position_ids"].reshape(-1)[real])
+    model, _ = tiny
+    derived = {name: value for name, value in batch.items() if name not in ("cu_seqlens", "max_seqlen")}
+    with torch.no_grad():
+        assert torch.equal(final_hidden_states(model, batch), final_hidden_states(model, derived))
