@@ -78,12 +78,18 @@ def test_a_run_that_cannot_fit_stops_in_one_line_before_loading(tmp_path):
     assert check_training_fits("builtin:tiny", TrainingSpec(precision="fp32"), processes=1, fsdp=False, device="cpu")
 
 
-@pytest.mark.e2e
-def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak():
-    """perf/training_memory.py trains the tiny model in a fresh process and reports its peak RSS."""
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        pytest.param(["--model", "tiny", "--max-length", "256"], marks=pytest.mark.e2e, id="tiny-fp32"),
+        # SmolLM2 measured on this project's 2-core machine (BENCHMARKS.md): 4.88 GiB against 4.06 estimated (1.20)
+        pytest.param(["--model", "smollm2", "--precision", "bf16", "--max-length", "512"], marks=pytest.mark.slow, id="smollm2-bf16"),
+    ],
+)
+def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak(arguments: list[str]):
+    """perf/training_memory.py trains the model in a fresh process and reports its peak RSS."""
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "perf" / "training_memory.py"), "--model", "tiny", "--batch-size", "4",
-         "--max-length", "256", "--steps", "2"],
+        [sys.executable, str(REPO_ROOT / "perf" / "training_memory.py"), *arguments, "--batch-size", "4", "--steps", "2"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
