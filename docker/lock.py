@@ -3,10 +3,10 @@ that an environment (the project venv) is exactly the locked one.
 
 Three files, all written here, all used as pip constraints by the Makefile's venv and (the first two)
 by the image, so a laptop run, CI and a container run the same library versions on any day:
-- docker/requirements.lock: the harness's runtime dependencies, torch excluded (on a GPU host torch
-  comes from the CUDA base image);
-- docker/torch.lock: torch and its own dependencies (the image installs it with INSTALL_TORCH=1; the
-  venv uses it as constraints, so CPU and GPU machines get the same torch release);
+- docker/requirements.lock: the harness's runtime dependencies, torch excluded;
+- docker/torch.lock: torch and its own dependencies (the image installs them first: from PyPI the CUDA
+  build, or a CPU wheel through FIND_LINKS; the venv uses them as constraints, so CPU and GPU machines
+  get the same torch release);
 - docker/dev.lock: what only the tests and tools need (pytest, ruff, trl, ...), less what the two
   files above already pin.
 
@@ -104,8 +104,8 @@ def environment_pins() -> dict[Path, dict[str, str]]:
 
 
 HEADERS = {
-    LOCK: "Exact runtime dependencies of the harness (image and venv), torch excluded (it comes from the base image)",
-    TORCH_LOCK: "torch and its dependencies (the venv's constraints; the image with --build-arg INSTALL_TORCH=1)",
+    LOCK: "Exact runtime dependencies of the harness (image and venv), torch excluded (see torch.lock)",
+    TORCH_LOCK: "torch and its dependencies (the venv's constraints; the image installs them first)",
     DEV_LOCK: "Test and tool dependencies of the venv (make setup), beyond the two other lock files",
 }
 

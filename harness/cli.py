@@ -514,9 +514,8 @@ def docker_group() -> None:
 
 
 @docker_group.command("build")
-@click.option("--base", envvar="HARNESS_DOCKER_BASE", default=None, help="base image (default: CUDA + PyTorch runtime)")
+@click.option("--base", envvar="HARNESS_DOCKER_BASE", default=None, help="base image (default: python:3.11-slim-bookworm)")
 @click.option("--tag", "-t", default=None, help="image tag (default: sft-recipe-harness:<version>-<content hash>)")
-@click.option("--install-torch", is_flag=True, envvar="HARNESS_DOCKER_INSTALL_TORCH", help="install torch from docker/torch.lock")
 @click.option("--find-links", envvar="HARNESS_DOCKER_FIND_LINKS", default=None, help="extra wheels: a directory or URL")
 @click.option("--deepspeed", is_flag=True, envvar="HARNESS_DOCKER_DEEPSPEED", help="add DeepSpeed (for --distributed zero3)")
 @click.option("--network", envvar="HARNESS_DOCKER_BUILD_NETWORK", default=None, help="network for RUN steps, e.g. host")
@@ -524,7 +523,6 @@ def docker_group() -> None:
 def docker_build(
     base: str | None,
     tag: str | None,
-    install_torch: bool,
     find_links: str | None,
     deepspeed: bool,
     network: str | None,
@@ -533,7 +531,7 @@ def docker_build(
     """Build the harness image from this checkout, showing the build's progress."""
     from harness.container import DEFAULT_BASE_IMAGE, BuildOptions, build_image, connect
 
-    options = BuildOptions(base or DEFAULT_BASE_IMAGE, install_torch, find_links, deepspeed, network, no_cache)
+    options = BuildOptions(base or DEFAULT_BASE_IMAGE, find_links, deepspeed, network, no_cache)
     image = build_image(connect(), options, tag, console)
     stdout_console().print(f"{(image.tags or [image.id])[0]} {image.id}")
 

