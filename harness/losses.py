@@ -21,6 +21,7 @@ that starts with it attends to them instead of recomputing them (`SharedPrefixes
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ _SEGMENTS_KWARG = "harness_segment_lengths"
 _PREFIX_KWARG = "harness_shared_prefixes"  # (SharedPrefixes, prefix index of each segment or -1)
 _CAPTURE_KWARG = "harness_capture_kv"  # dict filled with each layer's (key, value)
 _BLOCKS_KWARG = "harness_attention_blocks"  # list[AttentionBlock]: scoring's prefix-tree attention (lm_engine)
+_CU_SEQLENS_KWARG = "harness_cu_seqlens"  # (int32 cumulative segment lengths on the device, longest segment)
+FLASH_VARLEN_DTYPES = (torch.bfloat16, torch.float16)
+FLASH_MAX_HEAD_DIM = 256
 _NO_VARLEN: set[type] = set()  # model classes whose attention does not receive our kwargs
 
 
@@ -113,6 +117,16 @@ def causal_bias_cache_bytes() -> int:
     return sum(bias.numel() * bias.element_size() for bias in _CAUSAL_BIASES.values())
 
 
+def flash_varlen_applies(device_type: str, dtype: torch.dtype, dropout: float, head_dim: int, extras: bool) -> bool:
+    """Whether a packed row's attention runs through torch's flash varlen kernel: on CUDA, in a half
+    precision (flash kernels have no fp32), without dropout (the kernel takes none) and for head sizes it
+    supports; scoring's shared prefixes, prefix trees and key/value capture keep the eager loop."""
+    return (
+        device_type == "cuda" and dtype in FLASH_VARLEN_DTYPES and dropout == 0.0 and head_dim <= FLASH_MAX_HEAD_DIM
+        and not extras
+    )  # fmt: skip
+
+
 def varlen_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -130,10 +144,26 @@ def varlen_attention(
     baddbmm; torch's softmax accumulates in fp32 and is bit-identical to an fp32 softmax rounded
     to bf16): at these lengths (tens to hundreds of tokens) that is
     faster on CPU, forward plus backward, than torch's flash-attention kernel (about 2x in our
-    measurements). torch.split keeps the backward to one concatenation."""
+    measurements). torch.split keeps the backward to one concatenation.
+
+    On a GPU in bf16/fp16 the same attention runs as one call of torch's flash varlen kernel over the
+    whole flattened sequence (the segments' `cu_seqlens` come in as a kwarg; grouped-query heads are not
+    repeated): see `flash_varlen_applies`. perf/gpu_acceptance.sh measures it against this loop."""
     lengths = kwargs.get(_SEGMENTS_KWARG)
     if lengths is None:
         raise _VarlenUnsupported(type(module).__name__)
+    dropout = dropout if module.training else 0.0
+    bounds = kwargs.get(_CU_SEQLENS_KWARG)
+    extras = any(kwargs.get(name) is not None for name in (_CAPTURE_KWARG, _PREFIX_KWARG, _BLOCKS_KWARG))
+    if bounds is not None and flash_varlen_applies(query.device.type, query.dtype, dropout, query.shape[-1], extras):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu_seqlens, longest = bounds
+        output = varlen_attn(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seqlens, cu_seqlens,
+            longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=query.shape[1] != key.shape[1],
+        )  # fmt: skip
+        return output.unsqueeze(0), None  # [tokens, heads, dim] -> [1, tokens, heads, dim]
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: one repeat for the whole sequence, not one per segment
         key = key.repeat_interleave(groups, dim=1)
@@ -146,7 +176,6 @@ def varlen_attention(
     blocks = kwargs.get(_BLOCKS_KWARG)
     if blocks is not None:
         return _block_attention(query, key, value, blocks, scale), None
-    dropout = dropout if module.training else 0.0
     outputs = []
     segments = zip(query[0].split(lengths, dim=1), key[0].split(lengths, dim=1), value[0].split(lengths, dim=1), strict=True)
     for number, (q, k, v) in enumerate(segments):
@@ -303,7 +332,11 @@ def final_hidden_states(
         if inputs_embeds is not None
         else {"input_ids": batch["input_ids"].reshape(-1)[real].unsqueeze(0)}
     )
-    extra = {_PREFIX_KWARG: shared_prefixes} if shared_prefixes is not None else {}
+    extra: dict[str, Any] = {_PREFIX_KWARG: shared_prefixes} if shared_prefixes is not None else {}
+    if positions.device.type == "cuda":  # the flash varlen kernel's boundaries, on the device once per forward
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        extra[_CU_SEQLENS_KWARG] = (cu_seqlens.to(positions.device, torch.int32, non_blocking=True), max(lengths))
     flat = _run_varlen(decoder, inputs, positions.unsqueeze(0), lengths, **extra)
     if flat is None:
         if shared_prefixes is not None:

@@ -62,7 +62,7 @@ def timed(step: Any, device: torch.device, repeats: int) -> tuple[float, float |
 
 
 def attention_ab(device: torch.device, dtype: torch.dtype, dry_run: bool) -> dict[str, Any]:
-    from harness.losses import _SEGMENTS_KWARG, varlen_attention
+    from harness.losses import _CU_SEQLENS_KWARG, _SEGMENTS_KWARG, varlen_attention
 
     heads, kv_heads, dim = (4, 2, 16) if dry_run else (32, 8, 128)
     lengths = [24, 40, 32, 16] if dry_run else [512, 1024, 768, 1280, 512]
@@ -80,8 +80,14 @@ def attention_ab(device: torch.device, dtype: torch.dtype, dry_run: bool) -> dic
         out.float().square().mean().backward()
         outputs["loop"] = out.detach()[0]  # [tokens, heads, dim]
 
-    candidates = {"harness loop (CPU path)": loop}
     boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+    def harness_path() -> None:  # what training runs on this device (the flash kernel on CUDA in bf16)
+        out, _ = varlen_attention(module, q, k, v, None, **{_SEGMENTS_KWARG: lengths, _CU_SEQLENS_KWARG: (boundaries, max(lengths))})
+        out.float().square().mean().backward()
+        outputs["harness"] = out.detach()[0]
+
+    candidates = {"harness loop (CPU path)": loop, "harness path on this device": harness_path}
     if device.type == "cuda":
         from torch.nn.attention.varlen import varlen_attn
 
@@ -121,7 +127,10 @@ def attention_ab(device: torch.device, dtype: torch.dtype, dry_run: bool) -> dic
             continue
         rows.append({"path": name, "ms_fwd_bwd": ms, "peak_gib": peak})
     reference = outputs.get("loop")
-    for row, key in zip(rows, ["loop", "flash", "flex"], strict=False):
+    keys = {"harness loop (CPU path)": "loop", "harness path on this device": "harness", "torch varlen_attn (flash)": "flash",
+            "flex attention (document mask)": "flex"}
+    for row in rows:
+        key = keys[row["path"]]
         if reference is not None and key in outputs:
             row["max_abs_diff_vs_loop"] = float((outputs[key].float() - reference.float()).abs().max())
     return {"shape": {"heads": heads, "kv_heads": kv_heads, "head_dim": dim, "segments": lengths}, "paths": rows,
@@ -152,8 +161,9 @@ def bytes_per_parameter(device: torch.device) -> dict[str, Any]:
 
 
 def decoder_mfu(device: torch.device, dry_run: bool) -> dict[str, Any]:
-    """Forward+backward of 8B-shaped decoder layers over one packed row, through the attention the harness
-    trains with on this device, in bf16."""
+    """Forward+backward of 8B-shaped decoder layers over one packed row of four segments, through the attention
+    the harness trains with on this device (harness.losses.varlen_attention: the flash varlen kernel on CUDA),
+    in bf16."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -165,24 +175,31 @@ def decoder_mfu(device: torch.device, dry_run: bool) -> dict[str, Any]:
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                              num_hidden_layers=2)
         tokens = 4096
-    config._attn_implementation = "sdpa"
+    from harness.compat import register_attention
+    from harness.losses import _CU_SEQLENS_KWARG, _SEGMENTS_KWARG, VARLEN_ATTENTION, varlen_attention
+
+    register_attention(VARLEN_ATTENTION, varlen_attention)
+    config._attn_implementation = VARLEN_ATTENTION
     layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)).to(device, torch.bfloat16)
     rotary = LlamaRotaryEmbedding(config).to(device)
     hidden = torch.randn(1, tokens, config.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.arange(tokens, device=device).unsqueeze(0)
+    lengths = [tokens // 4, tokens // 2, tokens // 8, tokens - tokens // 4 - tokens // 2 - tokens // 8]  # one packed row
+    positions = torch.cat([torch.arange(length, device=device) for length in lengths]).unsqueeze(0)
+    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    packed = {_SEGMENTS_KWARG: lengths, _CU_SEQLENS_KWARG: (boundaries, max(lengths))}
 
     def step() -> None:
         states = hidden
         embeddings = rotary(states, positions)
         for layer in layers:
-            out = layer(states, position_embeddings=embeddings, attention_mask=None, position_ids=positions)
+            out = layer(states, position_embeddings=embeddings, attention_mask=None, position_ids=positions, **packed)
             states = out[0] if isinstance(out, tuple) else out
         states.float().square().mean().backward()
 
     ms, peak = timed(step, device, repeats=2 if dry_run else 10)
     parameters = sum(p.numel() for p in layers.parameters())
     head_dim = config.hidden_size // config.num_attention_heads
-    attention_flops = 3 * 2 * 2 * config.num_attention_heads * head_dim * tokens * tokens / 2 * config.num_hidden_layers
+    attention_flops = 3 * 2 * 2 * config.num_attention_heads * head_dim * sum(n * n for n in lengths) / 2 * config.num_hidden_layers
     flops = 6 * parameters * tokens + attention_flops
     achieved = flops / (ms / 1000)
     peak_rate = peak_flops(device)

@@ -175,3 +175,46 @@ def test_the_causal_mask_cache_is_bounded_in_bytes(monkeypatch):
         assert torch.equal(torch.isinf(mask), torch.ones(length, length + 3).triu(1 + 3).bool())
     assert len(losses._CAUSAL_BIASES) >= 1
     losses._CAUSAL_BIASES.clear()
+
+
+def test_the_flash_varlen_kernel_is_chosen_only_where_it_applies():
+    """On CUDA in bf16/fp16 a packed row's attention is one flash varlen call; everywhere else (the CPU, fp32,
+    dropout, oversized heads, scoring's prefix tricks) the eager per-segment loop runs."""
+    import torch
+
+    from harness.losses import flash_varlen_applies
+
+    assert flash_varlen_applies("cuda", torch.bfloat16, 0.0, 128, extras=False)
+    assert flash_varlen_applies("cuda", torch.float16, 0.0, 64, extras=False)
+    assert not flash_varlen_applies("cpu", torch.bfloat16, 0.0, 128, extras=False)
+    assert not flash_varlen_applies("cuda", torch.float32, 0.0, 128, extras=False)
+    assert not flash_varlen_applies("cuda", torch.bfloat16, 0.1, 128, extras=False)
+    assert not flash_varlen_applies("cuda", torch.bfloat16, 0.0, 512, extras=False)
+    assert not flash_varlen_applies("cuda", torch.bfloat16, 0.0, 128, extras=True)
+
+
+def test_on_the_cpu_the_kernel_boundaries_are_not_passed_and_the_loop_runs(tiny):
+    """The CPU path is unchanged: no cu_seqlens kwarg reaches the attention, so it cannot pick the kernel."""
+    import torch
+    from transformers import AttentionInterface
+
+    from harness import losses
+    from harness.batching import collate_rows
+    from harness.templates import TokenizedExample
+
+    model, _ = tiny
+    seen = []
+    original = losses.varlen_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get(losses._CU_SEQLENS_KWARG))
+        return original(*args, **kwargs)
+
+    AttentionInterface.register(losses.VARLEN_ATTENTION, spy)  # replaces the registered one, for this test
+    try:
+        batch = collate_rows([[TokenizedExample([5, 6, 7], [-100, 6, 7]), TokenizedExample([8, 9], [-100, 9])]], 0)
+        with torch.no_grad():
+            losses.final_hidden_states(model, batch)
+    finally:
+        AttentionInterface.register(losses.VARLEN_ATTENTION, original)
+    assert seen and all(bounds is None for bounds in seen)

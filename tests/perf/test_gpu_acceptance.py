@@ -20,8 +20,9 @@ def test_the_dry_run_completes_every_section(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(output.read_text())
     assert result["dry_run"] is True
-    (loop,) = result["attention"]["paths"]  # on the CPU only the harness's loop runs
+    loop, harness_path = result["attention"]["paths"]  # on the CPU the kernels cannot run: the harness's path is the loop
     assert loop["max_abs_diff_vs_loop"] == 0.0 and loop["ms_fwd_bwd"] > 0
+    assert harness_path["path"] == "harness path on this device" and harness_path["max_abs_diff_vs_loop"] == 0.0
     assert result["placements"] == {"process_device": "cpu", "training load": "cpu torch.float32",
                                     "inference load": "cpu torch.float32"}
     assert result["bytes_per_parameter"]["precisions"]["bf16"]["estimated_state_bytes_per_parameter"] == 16.0
