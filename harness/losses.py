@@ -392,9 +392,76 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None
 
 
+class _RecomputedHeadCrossEntropy(torch.autograd.Function):
+    """The GPU's fused linear cross entropy (the scheme of Liger's and Apple's cut-cross-entropy kernels, in
+    plain torch): no [tokens, vocabulary] tensor outlives a block of rows. The forward keeps only each row's
+    log-normalizer; the backward recomputes a block's logits, turns them into the gradient and folds it into
+    the hidden states' and the head's gradients. A Llama-3 batch of 16k response tokens would otherwise keep
+    4 GB of bf16 logits for the backward. One extra head matmul per block is the price: on the CPU, where
+    memory is not the limit, _HeadCrossEntropy keeps the logits instead."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows_per_block):  # type: ignore[override]
+        log_normalizers = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        losses = torch.empty_like(log_normalizers)
+        compute_dtype = hidden.dtype
+        for start in range(0, hidden.shape[0], rows_per_block):
+            rows = slice(start, start + rows_per_block)
+            block = F.linear(hidden[rows], weight, bias)
+            compute_dtype = block.dtype  # the autocast dtype under mixed precision
+            block = block.float()
+            log_normalizers[rows] = torch.logsumexp(block, dim=-1)
+            losses[rows] = log_normalizers[rows] - block.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_normalizers)
+        ctx.rows_per_block, ctx.compute_dtype = rows_per_block, compute_dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):  # type: ignore[override]
+        hidden, weight, bias, targets, log_normalizers = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        weight_c = weight.to(dtype)
+        bias_c = bias.to(dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        for start in range(0, hidden.shape[0], ctx.rows_per_block):
+            rows = slice(start, start + ctx.rows_per_block)
+            block_hidden = hidden[rows].to(dtype)
+            block = F.linear(block_hidden, weight_c, bias_c).float().sub_(log_normalizers[rows, None]).exp_()  # softmax
+            block.scatter_add_(1, targets[rows, None], block.new_full((block.shape[0], 1), -1.0))
+            grad_logits = block.mul_(grad_losses[rows, None]).to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight_c).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ block_hidden).float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+RECOMPUTE_BLOCK_ELEMENTS = 1 << 26  # fp32 logits per block on a GPU: 256 MB (about 520 rows at 128k vocabulary)
+
+
+def recomputes_logits(hidden: torch.Tensor) -> bool:
+    """GPU batches take the fused linear cross entropy that keeps no logits; the CPU keeps them (faster there)."""
+    return hidden.device.type == "cuda"
+
+
 def head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy (float32) of the LM head's logits at `hidden` [N, dim] against `targets` [N]."""
     if _plain_type(head) is torch.nn.Linear:
+        if recomputes_logits(hidden):
+            rows_per_block = max(16, RECOMPUTE_BLOCK_ELEMENTS // head.weight.shape[0])
+            return _RecomputedHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, rows_per_block)
         return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets)
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")  # e.g. a LoRA-wrapped head
 

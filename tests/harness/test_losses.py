@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, LlamaModel
@@ -218,3 +219,39 @@ def test_on_the_cpu_the_kernel_boundaries_are_not_passed_and_the_loop_runs(tiny)
     finally:
         AttentionInterface.register(losses.VARLEN_ATTENTION, original)
     assert seen and all(bounds is None for bounds in seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_gpu_cross_entropy_keeps_no_logits_and_gives_the_same_loss_and_gradients(dtype, with_bias):
+    """_RecomputedHeadCrossEntropy (the GPU's fused linear cross entropy) against plain F.cross_entropy on the
+    materialised logits: same losses and gradients for the hidden states, the head and its bias, in blocks
+    of 3 rows (the last one short); its forward saves nothing of size [tokens, vocabulary]."""
+    from harness.losses import _RecomputedHeadCrossEntropy, recomputes_logits
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, dim, vocab = 25, 8, 50  # dim < tokens: the head itself is smaller than the logits
+    hidden = torch.randn(tokens, dim, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=generator) / 4).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=generator).to(dtype).requires_grad_() if with_bias else None
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    upstream = torch.rand(tokens, generator=generator)
+
+    saved_sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_sizes.append(t.numel()) or t, lambda t: t):
+        losses = _RecomputedHeadCrossEntropy.apply(hidden, weight, bias, targets, 3)
+    assert max(saved_sizes) < tokens * vocab  # hidden, head, targets, log-normalizers: no logits
+    (losses * upstream).sum().backward()
+    ours = [hidden.grad, weight.grad] + ([bias.grad] if with_bias else [])
+
+    leaves = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
+    leaves += [bias.detach().clone().requires_grad_()] if with_bias else []
+    logits = torch.nn.functional.linear(leaves[0], leaves[1], leaves[2] if with_bias else None).float()
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    (reference * upstream).sum().backward()
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(losses, reference, **tolerance)
+    for mine, theirs in zip(ours, [leaf.grad for leaf in leaves], strict=True):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine.float(), theirs.float(), **tolerance)
+    assert not recomputes_logits(hidden)  # the CPU keeps _HeadCrossEntropy
