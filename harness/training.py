@@ -234,9 +234,16 @@ PROGRESS_KEY = "HarnessProgress"  # our entry in a checkpoint's trainer_state.js
 
 @dataclass
 class TokenCounter:
-    real_tokens: int = 0
-    response_tokens: int = 0
-    examples: int = 0
+    """Tokens and examples trained on. Added to per micro-batch as they come (on a GPU: 0-dim device
+    tensors, so counting never waits for the device); read as ints through `totals` at checkpoints and at
+    the end."""
+
+    real_tokens: int | torch.Tensor = 0
+    response_tokens: int | torch.Tensor = 0
+    examples: int | torch.Tensor = 0
+
+    def totals(self) -> dict[str, int]:
+        return {name: int(value) for name, value in vars(self).items()}
 
 
 def call_through_wrapper(
@@ -349,9 +356,9 @@ class ResponseOnlyTrainer(TrainerCheckpointHooks, Trainer):
         else:
             loss, losses = call_through_wrapper(model, self.accelerator.unwrap_model(model), loss_of, inputs)
         if model.training:
-            self.counter.real_tokens += int((inputs["seq_ids"] >= 0).sum())
+            self.counter.real_tokens += (inputs["seq_ids"] >= 0).sum()  # no int(): no host synchronisation
             self.counter.response_tokens += losses.numel()
-            self.counter.examples += int(inputs["num_examples"])
+            self.counter.examples += inputs["num_examples"]
         return (loss, None) if return_outputs else loss
 
     def skips_checkpoint_weights(self) -> bool:
@@ -366,8 +373,9 @@ class ResponseOnlyTrainer(TrainerCheckpointHooks, Trainer):
 
         Only the main process writes trainer_state.json, so the counters are summed over the processes
         (every process saves, so the collective is safe); on resume the main process carries the sums."""
-        names = list(vars(self.counter))
-        totals = distributed.sum_over_processes([getattr(self.counter, name) for name in names])
+        counted = self.counter.totals()
+        names = list(counted)
+        totals = distributed.sum_over_processes([counted[name] for name in names])
         self.state.stateful_callbacks[PROGRESS_KEY] = {
             **dict(zip(names, totals, strict=True)),
             "loss_sum": self.running_loss_sum(),
@@ -776,7 +784,7 @@ def train_sft(
             f"(first: {out_of_sync[0]}): gradients were not synchronised; this is a harness bug, please report it"
         )
     real_tokens, response_tokens = distributed.sum_over_processes(
-        [trainer.counter.real_tokens, trainer.counter.response_tokens]
+        [trainer.counter.totals()["real_tokens"], trainer.counter.totals()["response_tokens"]]
     )
     curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
     resumed_step = _checkpoint_step(last_checkpoint) if last_checkpoint else 0
