@@ -90,3 +90,15 @@ def test_resumable_generation_resumes_a_killed_job_exactly(tiny, tmp_path, monke
     shorter = GenerationSettings(max_new_tokens=3, batch_size=2)
     _, fresh = resumable_generate(model, tokenizer, PROMPTS, shorter, progress_file=tmp_path / "killed.json", chunk_size=3)
     assert fresh["resumed_items"] == 0
+
+
+def test_generation_batches_are_fixed_on_the_cpu_and_sized_by_tokens_on_a_gpu():
+    from harness.generation import GPU_GENERATION_MAX_ROWS, generation_batches
+
+    lengths = [900, 800, 300, 120, 100, 100, 50, 20, 10]  # sorted longest first, as generate_from_prompts sorts
+    assert generation_batches(lengths, 4, 100, None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # the CPU: unchanged
+    # budget 2,000 tokens with 100 new each: 900+100 fits twice; then 300+100 five times; the rest together
+    assert generation_batches(lengths, 4, 100, 2000) == [[0, 1], [2, 3, 4, 5, 6], [7, 8]]
+    assert generation_batches([5000, 10], 4, 100, 2000) == [[0], [1]]  # an over-budget prompt still runs, alone
+    many = generation_batches([10] * 1000, 4, 10, 10**9)
+    assert max(len(batch) for batch in many) == GPU_GENERATION_MAX_ROWS and sum(map(len, many)) == 1000
