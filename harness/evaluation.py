@@ -400,7 +400,7 @@ REQUEST_CACHE_DIR = "request_cache"  # lm-eval's request cache (one SQLite file 
 
 
 def _task_settings(entry: SuiteTask, limit: int | None, indices: Any, use_chat: bool, online: bool, seed: int,
-                   batch_size: int, produced_by: dict[str, str]) -> dict[str, Any]:
+                   batch_size: int | str, produced_by: dict[str, str]) -> dict[str, Any]:
     """Everything besides the model (fixed by the run directory) that determines a task's result."""
     from importlib.metadata import version
 
@@ -506,7 +506,10 @@ def run_lm_eval(
     model.eval()
     evaluated = model_in_precision(model, precision)
     budget = {"token_budget": token_budget_for(device)} if model_class == "engine" else {}
-    lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=str(device), batch_size=batch_size, **budget)
+    # on a GPU lm-eval finds the largest batch that fits (its batch_size "auto") for what HFLM computes itself
+    # (generation; log-likelihoods too with model_class hflm); on the CPU the fixed size keeps numbers put
+    lm_batch_size: int | str = "auto" if device.type == "cuda" else batch_size
+    lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=str(device), batch_size=lm_batch_size, **budget)
     manager = task_manager(use_online)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -522,7 +525,7 @@ def run_lm_eval(
         # Resume: a task finished by an earlier attempt is reused; a task cut short replays the requests
         # its attempt computed from lm-eval's request cache (per task, per evaluated model folder).
         produced_by = _task_model(plan, lm, precision)
-        settings = _task_settings(entry, task_limit, indices, use_chat, use_online, seed, batch_size, produced_by)
+        settings = _task_settings(entry, task_limit, indices, use_chat, use_online, seed, lm_batch_size, produced_by)
         result_path = output_dir / f"result_{entry.task}.json"
         saved = _saved_task_result(result_path, settings) if resume else None
         if saved is not None and (output_dir / f"samples_{entry.task}.jsonl").is_file():
