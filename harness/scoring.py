@@ -126,6 +126,14 @@ def shared_prefix_plan(examples: Sequence[TokenizedExample], groups: Sequence[in
     return prefixes, assignment
 
 
+def shares_prefixes_on(device: torch.device) -> bool:
+    """Whether scoring runs shared prompt prefixes once (their keys and values reused by every example). On
+    the CPU that saves their tokens' compute; on a GPU it would take the eager per-segment attention loop
+    instead of the flash varlen kernel (harness.losses.flash_varlen_applies), which costs more than the
+    recomputed prefixes, so there it is off."""
+    return device.type != "cuda"
+
+
 @torch.no_grad()
 def mean_response_losses(
     model: Any,
@@ -149,6 +157,8 @@ def mean_response_losses(
     model.eval()
     device = next(model.parameters()).device
     full_tokens = sum(len(e.input_ids) for e in examples)
+    if not shares_prefixes_on(device):
+        prefix_groups = None
     prefixes, assignment = shared_prefix_plan(examples, prefix_groups) if prefix_groups is not None else ([], [])
     with onednn_inference(model):
         shared = shared_prefix_states(model, prefixes) if prefixes else None

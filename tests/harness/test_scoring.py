@@ -347,3 +347,9 @@ def test_processes_of_a_job_share_out_scoring_and_all_get_every_score(tiny, tmp_
                                                 chunk_size=8, cache=ArtifactCache(cache), cache_key="k")
     assert (stats.cached, stats.computed) == (40, 0)
     np.testing.assert_allclose(again, alone, rtol=0, atol=1e-6)
+
+
+def test_shared_prefixes_are_a_cpu_saving_and_off_on_a_gpu():
+    """On a GPU the flash varlen kernel beats recomputation savings that need the eager loop."""
+    assert scoring.shares_prefixes_on(torch.device("cpu"))
+    assert not scoring.shares_prefixes_on(torch.device("cuda", 0))
