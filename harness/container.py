@@ -428,7 +428,7 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
-def plan_mounts(spec: dict[str, Any], extra_paths: list[str], output: Path, cwd: Path, environ: dict[str, str]) -> list[Mount]:
+def plan_mounts(spec: dict[str, Any], output: Path, cwd: Path, environ: dict[str, str]) -> list[Mount]:
     """Mounts for a containerized run. The container's working directory is the host's cwd, and every
     local path the spec names is mounted read-only where that path resolves in the container, so the
     arguments (and so the spec and its hash) stay exactly as given."""
@@ -441,7 +441,7 @@ def plan_mounts(spec: dict[str, Any], extra_paths: list[str], output: Path, cwd:
         Mount(hf_home.expanduser().resolve(), CONTAINER_HF_CACHE, read_only=False),
     ]
     found: dict[str, Path] = {}  # container path -> host path
-    for text in [*_strings(spec), *extra_paths]:
+    for text in _strings(spec):
         if not text or "\n" in text:
             continue
         host = Path(text).expanduser()
@@ -559,7 +559,7 @@ def run_docker(
         raise HarnessError(unsupported_message(distributed))
     image, tag = ensure_image(client, image_tag, BuildOptions.from_env(), console)
     cwd = Path.cwd()
-    mounts = plan_mounts(spec, [], output, cwd, dict(os.environ))
+    mounts = plan_mounts(spec, output, cwd, dict(os.environ))
     environment = container_environment(dict(os.environ), image_facts(image, tag), gpus, distributed, host)
     return run_in_container(
         client,

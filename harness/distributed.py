@@ -196,19 +196,28 @@ def sum_over_processes(values: list[int]) -> list[int]:
     return [int(value) for value in tensor.tolist()]
 
 
+@contextlib.contextmanager
+def forward_replaced(module: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Inside the block `module.forward` is `forward`, so calling the module (or a wrapper around it: DDP,
+    FSDP's root) runs the wrapper's and the module's hooks around code that calls the decoder and the
+    head itself. The module's own forward (or one set on the instance, e.g. by accelerate) comes back after."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous  # type: ignore[method-assign]
+
+
 def inside_forward(model: torch.nn.Module, compute: Callable[[], T]) -> T:
     """`compute()` run as the model's forward: FSDP2's hooks on the root module gather the root's own
     parameters (embeddings, final norm, tied LM head) before it and reshard them after. Code that calls a
     sharded model's decoder and head itself (the scorers) goes through here."""
-    previous = model.__dict__.get("forward")
-    model.forward = lambda: compute()  # type: ignore[method-assign]
-    try:
+    with forward_replaced(model, compute):
         return model()
-    finally:
-        if previous is None:
-            del model.forward
-        else:
-            model.forward = previous  # type: ignore[method-assign]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -49,10 +49,8 @@ from harness.compat import TokenizedLoglikelihoodHook
 from harness.errors import HarnessError
 from harness.losses import (
     _BLOCKS_KWARG,
-    _CAPTURE_KWARG,
     _NO_VARLEN,
     AttentionBlock,
-    SharedPrefixes,
     _causal_bias,
     _plain_type,
     _run_varlen,
@@ -106,7 +104,13 @@ def engine_supports(model: Any) -> bool:
     top_config = getattr(model, "config", config)
     if any(getattr(c, name, None) not in (None, 1, 1.0) for c in (config, top_config) for name in _LOGIT_TRANSFORMS):
         return False
-    return _packed_prefix_states(model, [[0, 0]]) is not None  # the decoder takes the per-example path
+    parameter = next(model.parameters())
+    device = parameter.device
+    probe = [AttentionBlock(0, 2, [(0, 2)], _causal_bias(2, 0, parameter))]
+    with torch.no_grad():  # the decoder takes the per-example path: our attention gets the blocks
+        output = _run_varlen(decoder, {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device)},
+                             torch.arange(2, device=device).unsqueeze(0), [2], **{_BLOCKS_KWARG: probe})
+    return output is not None
 
 
 # ----------------------------------------------------------------------------- the scoring plan
@@ -166,26 +170,6 @@ def _plan(
     return inputs, tails, owners, chunks
 
 
-@torch.no_grad()
-def _packed_prefix_states(model: Any, prefixes: Sequence[Sequence[int]]) -> SharedPrefixes | None:
-    """Every layer's keys and values of each prefix, all prefixes in one flattened forward pass with
-    per-example attention (None: the model's layers do not take that path)."""
-    decoder, _ = causal_lm_parts(model)
-    if type(decoder) in _NO_VARLEN or not hasattr(decoder, "config"):
-        return None
-    device = next(model.parameters()).device
-    lengths = [len(prefix) for prefix in prefixes]
-    flat = torch.tensor([[token for prefix in prefixes for token in prefix]], device=device)
-    positions = torch.tensor([[i for length in lengths for i in range(length)]], device=device)
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    if _run_varlen(decoder, {"input_ids": flat}, positions, lengths, **{_CAPTURE_KWARG: captured}) is None:
-        return None
-    shared = SharedPrefixes([list(prefix) for prefix in prefixes])
-    for layer, (key, value) in captured.items():  # [heads, tokens, dim] -> one slice per prefix
-        shared.layers[layer] = list(zip(key.split(lengths, dim=1), value.split(lengths, dim=1), strict=True))
-    return shared
-
-
 def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if _plain_type(head) is torch.nn.Linear:
         return cpu_kernels.linear(hidden, head.weight, head.bias)  # oneDNN inside onednn_inference
@@ -212,15 +196,10 @@ def _unit_bias(shared: int, prefix: int, members: list[int], like: torch.Tensor)
         return _causal_bias(size, shared, like)
     bias = torch.full((size, shared + size), float("-inf"), dtype=like.dtype, device=like.device)
     bias[:, :shared] = 0
-    bias[:, shared : shared + prefix] = 0
-    bias[:prefix, shared : shared + prefix].masked_fill_(
-        torch.ones(prefix, prefix, dtype=torch.bool, device=like.device).triu_(1), float("-inf")
-    )
-    start = prefix
-    for length in members:
-        own = bias[start : start + length, shared + start : shared + start + length]
-        own.zero_()
-        own.masked_fill_(torch.ones(length, length, dtype=torch.bool, device=like.device).triu_(1), float("-inf"))
+    bias[prefix:, shared : shared + prefix] = 0  # every member sees the whole prefix
+    start = 0
+    for length in [prefix, *members]:  # the prefix, then each member: causal within itself
+        bias[start : start + length, shared + start : shared + start + length] = _causal_bias(length, 0, like)
         start += length
     return bias
 

@@ -254,16 +254,8 @@ def call_through_wrapper(
     The loss calls the decoder and the LM head itself instead of the model's forward. DDP arms its
     gradient all-reduce only when its own forward runs (and skips it under no_sync while accumulating),
     so the call has to go through the wrapper: for the duration, the inner model's forward is the loss."""
-    previous = inner.__dict__.get("forward")  # e.g. accelerate's mixed-precision wrapper of forward
-    inner.forward = functools.partial(_forward_as_loss, loss_of, inner)
-    try:
-        loss, losses = wrapper(batch)
-    finally:
-        if previous is None:
-            del inner.forward
-        else:
-            inner.forward = previous
-    return loss, losses
+    with distributed.forward_replaced(inner, functools.partial(_forward_as_loss, loss_of, inner)):
+        return wrapper(batch)
 
 
 def _forward_as_loss(loss_of: Callable[..., Any], inner: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -783,9 +775,8 @@ def train_sft(
             f"{description}: after training, {len(out_of_sync)} parameters differ between the {processes} processes "
             f"(first: {out_of_sync[0]}): gradients were not synchronised; this is a harness bug, please report it"
         )
-    real_tokens, response_tokens = distributed.sum_over_processes(
-        [trainer.counter.totals()["real_tokens"], trainer.counter.totals()["response_tokens"]]
-    )
+    counted = trainer.counter.totals()
+    real_tokens, response_tokens = distributed.sum_over_processes([counted["real_tokens"], counted["response_tokens"]])
     curve = [(entry["step"], float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
     resumed_step = _checkpoint_step(last_checkpoint) if last_checkpoint else 0
     steps_run = trainer.state.global_step - resumed_step

@@ -125,7 +125,7 @@ def test_mounts_keep_the_spec_paths_as_given(tmp_path: Path, monkeypatch):
         "data": {"name": "data/mine.jsonl"},
         "params": {"scored": "~/data/alpaca.json", "also": str(project / "data"), "name": "not-a-path"},
     }
-    mounts = plan_mounts(spec, [], tmp_path / "runs", project, {"HF_HOME": str(tmp_path / "hf")})
+    mounts = plan_mounts(spec, tmp_path / "runs", project, {"HF_HOME": str(tmp_path / "hf")})
     assert mounts[:3] == [
         Mount(tmp_path / "runs", "/runs", read_only=False),
         Mount(tmp_path / "hcache", "/cache/harness", read_only=False),
