@@ -6,7 +6,8 @@
 Configurations, each in its own process (so each has its own peak memory): HFLM fp32, engine fp32,
 engine bf16. Every task is evaluated on its first --limit documents (MMLU: per subject). Reports per
 configuration and task: wall seconds (lm-eval's whole task, including building its documents),
-seconds inside the model's loglikelihood (what the engine replaces), requests/s, and against HFLM fp32 the maximum per-request
+seconds inside the model's loglikelihood (what the engine replaces), requests/s, the tokens that went through the
+model (its input embedding, padding included), and against HFLM fp32 the maximum per-request
 log-likelihood difference and the metric differences. Prints a JSON summary and a markdown table
 (paste into BENCHMARKS.md).
 """
@@ -60,6 +61,20 @@ def run_config(name: str, tasks: list[dict[str, Any]], limit: int, output: Path)
 
     HFLM.loglikelihood = timed
     model, tokenizer = load_model_and_tokenizer(resolve_model("smollm2-135m-instruct", str(GGUF)), dtype=torch.float32)
+    fed: dict[str, int] = {}  # task -> tokens through the model's embedding (padding included); copies keep the hook
+    current = {"task": ""}
+    original_loglikelihood = HFLM.loglikelihood
+
+    def tracked(self: Any, requests: Any, disable_tqdm: bool = False) -> Any:
+        current["task"] = self.current_task
+        return original_loglikelihood(self, requests, disable_tqdm=disable_tqdm)
+
+    HFLM.loglikelihood = tracked
+
+    def count(module: Any, args: Any, output: Any) -> None:
+        fed[current["task"]] = fed.get(current["task"], 0) + args[0].numel()
+
+    model.get_input_embeddings().register_forward_hook(count)
     suite = Suite.model_validate({"name": "small-loglikelihood", "description": "bench", "tasks": tasks})
     started = time.perf_counter()
     result = run_lm_eval(model, tokenizer, suite, output_dir=output, limit=limit, model_class=model_class, precision=precision)
@@ -70,6 +85,7 @@ def run_config(name: str, tasks: list[dict[str, Any]], limit: int, output: Path)
         lls = [ll for row in sorted(rows, key=lambda r: (r["task"], r["doc_id"])) for ll in row["loglikelihoods"]]
         metrics = {k: v["value"] for k, v in entry.items() if isinstance(v, dict) and "value" in v}
         per_task[task] = {"seconds": entry["seconds"], "model_seconds": round(in_model.get(task, 0.0), 2), "requests": len(lls),
+                          "tokens_through_model": fed.get(task, 0),
                           "loglikelihoods": lls, "metrics": metrics,
                           "model_class": entry["model_class"], "precision": entry["precision"]}
     return {"config": name, "wall_seconds": wall, "tasks": per_task, "torch_threads": torch.get_num_threads(),
@@ -112,6 +128,7 @@ def main() -> None:
         for task, measured in result["tasks"].items():
             row = {"seconds": measured["seconds"], "model_seconds": measured["model_seconds"], "requests": measured["requests"],
                    "requests_per_s": round(measured["requests"] / measured["seconds"], 2),
+                   "tokens_through_model": measured["tokens_through_model"],
                    "model_class": measured["model_class"], "metrics": measured["metrics"]}
             if reference is not None and name != "hflm-fp32":
                 theirs = reference["tasks"][task]
@@ -134,8 +151,8 @@ def markdown(summary: dict[str, Any]) -> str:
     names = list(summary["configs"])
     tasks = list(summary["configs"][names[0]]["tasks"])
     lines = ["| task | requests | " + " | ".join(f"{n}: wall s / in-model s (speed-up)" for n in names)
-             + " | max LL diff fp32 / bf16 | metric diffs bf16 |",
-             "|---|---:|" + "---:|" * len(names) + "---|---|"]
+             + " | tokens through the model: " + " / ".join(names) + " | max LL diff fp32 / bf16 | metric diffs bf16 |",
+             "|---|---:|" + "---:|" * len(names) + "---:|---|---|"]
     for task in tasks:
         cells = []
         for name in names:
@@ -147,7 +164,8 @@ def markdown(summary: dict[str, Any]) -> str:
         diffs = f"{fp32.get('max_abs_ll_diff', float('nan')):.1e} / {bf16.get('max_abs_ll_diff', float('nan')):.2f}"
         metric = ", ".join(f"{m} {d:+.3f}" for m, d in bf16.get("metric_diffs", {}).items())
         requests = summary["configs"][names[0]]["tasks"][task]["requests"]
-        lines.append(f"| {task} | {requests} | " + " | ".join(cells) + f" | {diffs} | {metric} |")
+        tokens = " / ".join(f"{summary['configs'][name]['tasks'][task]['tokens_through_model']:,}" for name in names)
+        lines.append(f"| {task} | {requests} | " + " | ".join(cells) + f" | {tokens} | {diffs} | {metric} |")
     totals = []
     for name in names:
         config = summary["configs"][name]
@@ -156,7 +174,8 @@ def markdown(summary: dict[str, Any]) -> str:
         requests = sum(t["requests"] for t in config["tasks"].values())
         speed = f" ({config['speedup_total']}× / {config['model_speedup_total']}×)" if "speedup_total" in config else ""
         totals.append(f"{seconds:.1f} / {in_model:.1f}{speed}; {requests / seconds:.1f} req/s; peak RSS {config['peak_rss_gib']} GiB")
-    lines.append("| all | | " + " | ".join(totals) + " | | |")
+    tokens = " / ".join(f"{sum(t['tokens_through_model'] for t in summary['configs'][name]['tasks'].values()):,}" for name in names)
+    lines.append("| all | | " + " | ".join(totals) + f" | {tokens} | | |")
     return "\n".join(lines)
 
 
