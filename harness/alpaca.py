@@ -459,7 +459,7 @@ def run_suite_section(
     del seed  # greedy decoding; the subset has its own seed (see above)
     context = context or SectionContext()
     settings, info, options = _section_settings(config)
-    generation = settings.generation_settings(context.template_for(tokenizer))
+    generation = settings.generation_settings(context.template_for(tokenizer), context.backend)
     output_dir.mkdir(parents=True, exist_ok=True)
     judge = CachedJudge(make_judge(settings.judge, options), output_dir / "judge_cache.jsonl", chunk_size=settings.chunk_size)
     result = run_alpaca_eval(

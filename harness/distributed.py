@@ -285,14 +285,22 @@ def unsharded_model(model: Any, dtype: torch.dtype) -> Any:
     """A plain (unsharded) copy of an FSDP2-sharded transformers model on every process, with weights in
     `dtype`, for saving, evaluation and the recipe's next steps. Every process must call it.
 
-    The full state dict is all-gathered (torch.distributed.checkpoint's get_model_state_dict with
-    full_state_dict) and becomes the parameters of a model of the same class and config built on the meta
-    device (no second, randomly initialised copy); buffers, which FSDP does not shard, are copied."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    The sharded parameters are all-gathered one tensor at a time and cast to `dtype` at once, so the
+    device holds the whole model in `dtype` plus one full tensor, never the whole model in fp32 (bf16
+    training keeps fp32 shards: gathering everything first would need three times the bf16 size). The
+    tensors become the parameters of a model of the same class and config built on the meta device (no
+    second, randomly initialised copy); buffers, which FSDP does not shard, are copied."""
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    full = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in full.items()}
+    full: dict[str, torch.Tensor] = {}
+    gathered: dict[int, torch.Tensor] = {}  # tied parameters (embedding and LM head) are gathered once
+    for name, tensor in model.state_dict().items():
+        if id(tensor) not in gathered:
+            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            gathered[id(tensor)] = whole.detach().to(dtype) if whole.is_floating_point() else whole.detach()
+            del whole
+        full[name] = gathered[id(tensor)]
     plain_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
     with torch.device("meta"):
         fresh = model_from_config(plain_class, copy.deepcopy(model.config), dtype=dtype)

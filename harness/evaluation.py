@@ -17,6 +17,7 @@ evaluated weights. Both are recorded per task (`model_class`, `precision`) and f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -65,6 +66,7 @@ EXTRA_SECTIONS: dict[str, str] = {
     "alpaca_eval": "harness.alpaca", "pairwise": "harness.pairwise", "heldout_nll": "harness.heldout_nll",
 }
 JUDGED_SECTIONS = {"alpaca_eval", "pairwise"}  # eval.judge applies to these
+GENERATING_SECTIONS = {"alpaca_eval", "pairwise"}  # they generate with the evaluated model (vLLM with eval.backend vllm)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SectionContext:
     base_model: str | None = None  # the run's base model (spec.model) and weights (spec.model_path): the
     base_model_path: str | None = None  # pairwise section's `reference: base`
     generator: str = "model"  # names the run's outputs (the run id)
+    backend: str = "hf"  # how the evaluated model generates: hf, or vllm (the model given is then a ServedModel)
 
     def template_for(self, tokenizer: Any) -> str:
         """Prompts are rendered as in training; without a run (tests, scripts) from the tokenizer."""
@@ -96,10 +99,11 @@ class SectionSettings(BaseModel):
     max_prompt_tokens: int = Field(2048, gt=0)
     chunk_size: int = Field(64, gt=0, description="generation and judging are saved after every chunk of this many items")
 
-    def generation_settings(self, template: str) -> Any:
+    def generation_settings(self, template: str, backend: str = "hf") -> Any:
         from harness.generation import GenerationSettings
 
         return GenerationSettings(
+            backend=backend,
             max_new_tokens=self.max_new_tokens,
             repetition_penalty=self.repetition_penalty,
             template=template,
@@ -430,9 +434,14 @@ def _counting_lm_class(model_class: str = "engine") -> type:
     from harness.interrupts import KILL_AT_ENV, kill_point_for_tests
     from harness.lm_engine import MODEL_CLASSES, EngineLM
 
-    if model_class not in MODEL_CLASSES:
+    if model_class == "vllm":
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        base = LocalCompletionsAPI
+    elif model_class not in MODEL_CLASSES:
         raise HarnessError(f"eval.model_class = {model_class!r}: use one of {', '.join(MODEL_CLASSES)}")
-    base = EngineLM if model_class == "engine" else HFLM
+    else:
+        base = EngineLM if model_class == "engine" else HFLM
 
     class CountingHook:
         def __init__(self, inner: Any, owner: Any):
@@ -457,10 +466,33 @@ def _counting_lm_class(model_class: str = "engine") -> type:
 
 def _task_model(plan: PlannedTask, lm: Any, precision: str) -> dict[str, str]:
     """Which evaluation model class and precision produced a task's numbers (recorded per task):
-    log-likelihood tasks go through the engine when the run uses it, generation is always HFLM's."""
-    generative = plan.generative
-    engine = getattr(lm, "uses_engine", False) and not generative
+    log-likelihood tasks go through the engine when the run uses it, generation is HFLM's or vLLM's."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    if isinstance(lm, LocalCompletionsAPI):
+        return {"model_class": "vllm", "precision": precision}
+    engine = getattr(lm, "uses_engine", False) and not plan.generative
     return {"model_class": "engine" if engine else "hflm", "precision": precision}
+
+
+def _max_length(model: Any, tokenizer: Any) -> int:
+    """The context length lm-eval's HFLM would use for this model (its _max_length rule)."""
+    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attribute, None)
+        if value:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 1e9 else 2048
+
+
+def served_lm_arguments(served: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """lm-eval's local-completions model pointed at the vLLM server: token-id requests (the evaluated
+    model's own tokenizer), many in flight, the same context length HFLM would use."""
+    return {
+        "model": served.name, "base_url": f"{served.base_url}/completions", "tokenizer": str(served.weights_dir),
+        "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 64, "max_retries": 3,
+        "max_length": _max_length(model, tokenizer) + 1, "timeout": 3600,  # it keeps max_length - 1
+    }
 
 
 @quiet_lm_eval()  # lm-eval's logging, git lookup and cache-check bar (harness/compat.py)
@@ -478,8 +510,14 @@ def run_lm_eval(
     resume: bool = False,
     model_class: str = "engine",
     precision: str = "fp32",
+    generative: bool | None = None,
+    served: Any = None,
 ) -> dict[str, Any]:
     """Run every lm-eval task of the suite on an in-memory model.
+
+    `generative` (None: all tasks) runs only the generate-until tasks (True) or only the others (False);
+    `served` (a harness.vllm_server.ServedModel of the same weights) runs them through vLLM, with lm-eval's
+    local-completions model, instead of on `model`.
 
     `model_class`: "engine" (log-likelihood requests through the scoring engine, harness/lm_engine.py;
     generation through HFLM) or "hflm" (lm-eval's HFLM for everything). `precision`: the dtype of the
@@ -495,21 +533,26 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
 
     use_online = suite.online if online is None else online
-    planned = plan_suite(suite, online=use_online)
+    planned = [plan for plan in plan_suite(suite, online=use_online) if generative is None or plan.generative == generative]
     check_chat_template(suite, tokenizer, chat_template)
     chat = {plan.entry.task: _uses_chat_template(plan.entry, suite, chat_template) for plan in planned}
     from harness.accelerator import process_device
     from harness.lm_engine import model_in_precision, token_budget_for
 
-    lm_class = _counting_lm_class(model_class)
     device = process_device()
     model.eval()
-    evaluated = model_in_precision(model, precision)
-    budget = {"token_budget": token_budget_for(device)} if model_class == "engine" else {}
-    # on a GPU lm-eval finds the largest batch that fits (its batch_size "auto") for what HFLM computes itself
-    # (generation; log-likelihoods too with model_class hflm); on the CPU the fixed size keeps numbers put
-    lm_batch_size: int | str = "auto" if device.type == "cuda" else batch_size
-    lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=str(device), batch_size=lm_batch_size, **budget)
+    if served is not None:
+        lm = _counting_lm_class("vllm")(**served_lm_arguments(served, model, tokenizer))
+        lm_batch_size: int | str = "served"
+        precision = "bf16"  # vLLM serves the weights in bf16 (vllm_server.vllm_server's dtype)
+    else:
+        lm_class = _counting_lm_class(model_class)
+        evaluated = model_in_precision(model, precision)
+        budget = {"token_budget": token_budget_for(device)} if model_class == "engine" else {}
+        # on a GPU lm-eval finds the largest batch that fits (its batch_size "auto") for what HFLM computes itself
+        # (generation; log-likelihoods too with model_class hflm); on the CPU the fixed size keeps numbers put
+        lm_batch_size = "auto" if device.type == "cuda" else batch_size
+        lm = lm_class(pretrained=evaluated, tokenizer=tokenizer, device=str(device), batch_size=lm_batch_size, **budget)
     manager = task_manager(use_online)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -650,6 +693,7 @@ def run_extra_sections(
     limit: int | None = None,
     judge: str | None = None,
     context: SectionContext | None = None,
+    keys: set[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Suite sections that are not lm-eval tasks: run through their module's run_suite_section, or skip
     with a note (returned, and recorded by the runner) when that module is not there yet. `limit` and
@@ -658,6 +702,8 @@ def run_extra_sections(
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for key, config in _section_configs(suite, limit=limit, judge=judge).items():
+        if keys is not None and key not in keys:
+            continue
         section, reason = _section_function(EXTRA_SECTIONS[key], "run_suite_section")
         if section is None:
             skipped[key] = reason or "not implemented"
@@ -687,30 +733,55 @@ def run_suite(
     resume: bool = False,
     model_class: str = "engine",
     precision: str = "fp32",
+    backend: str = "hf",
+    weights_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The whole suite: its lm-eval tasks, then its other sections. Returns {"tasks": metrics by task or
     section, "work", "online", "skipped": {section: why}, "judge_cost_usd": what the sections' judges
-    cost}. `resume`, `model_class`, `precision`: see run_lm_eval (the sections keep their own generation and
-    verdict caches, and run on the model as given)."""
-    evaluation = run_lm_eval(
-        model,
-        tokenizer,
-        suite,
-        output_dir=output_dir,
-        limit=limit,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        seed=seed,
-        online=online,
-        resume=resume,
-        model_class=model_class,
-        precision=precision,
-    )
-    extra, skipped = run_extra_sections(
-        model, tokenizer, suite, output_dir=output_dir, seed=seed, limit=limit, judge=judge, context=context
-    )
+    cost, "backend"}. `resume`, `model_class`, `precision`: see run_lm_eval (the sections keep their own
+    generation and verdict caches, and run on the model as given).
+
+    `backend` (eval.backend: auto, hf or vllm; see harness.vllm_server) decides how the evaluated model
+    generates. With vLLM the passes that score run first on the model as given (log-likelihood tasks,
+    heldout_nll), then the model steps off the GPU and a vLLM server of the same weights (`weights_dir`
+    when they are saved there) answers the generate-until tasks and the AlpacaEval and pairwise sections."""
+    from harness.accelerator import process_device
+    from harness.generation import _stop_token_ids
+    from harness.vllm_server import resolve_backend, serve_evaluated, vllm_command
+
+    context = context or SectionContext()
+    resolved = resolve_backend(backend, process_device().type, vllm_command() if backend != "hf" else None)
+    common = {"limit": limit, "batch_size": batch_size, "chat_template": chat_template, "seed": seed, "online": online,
+              "resume": resume, "model_class": model_class, "precision": precision}
+    sections = {"limit": limit, "judge": judge, "seed": seed}
+    if resolved == "hf":
+        evaluation = run_lm_eval(model, tokenizer, suite, output_dir=output_dir, **common)
+        extra, skipped = run_extra_sections(model, tokenizer, suite, output_dir=output_dir, context=context, **sections)
+    else:
+        scored = run_lm_eval(model, tokenizer, suite, output_dir=output_dir, generative=False, **common)
+        extra, skipped = run_extra_sections(
+            model, tokenizer, suite, output_dir=output_dir, context=context, keys=set(EXTRA_SECTIONS) - GENERATING_SECTIONS,
+            **sections,
+        )
+        with serve_evaluated(
+            model, tokenizer, _stop_token_ids(model, tokenizer), output_dir=output_dir, weights_dir=weights_dir, seed=seed
+        ) as served:
+            generated = run_lm_eval(model, tokenizer, suite, output_dir=output_dir, generative=True, served=served, **common)
+            extra_served, skipped_served = run_extra_sections(
+                served, tokenizer, suite, output_dir=output_dir, context=dataclasses.replace(context, backend="vllm"),
+                keys=GENERATING_SECTIONS, **sections,
+            )
+        order = [plan.entry.task for plan in plan_suite(suite, online=scored["online"])]
+        tasks = scored["tasks"] | generated["tasks"]
+        evaluation = scored | {
+            "tasks": {task: tasks[task] for task in order if task in tasks},
+            "work": {key: scored["work"][key] + generated["work"][key] for key in scored["work"]},
+        }
+        extra = {key: (extra | extra_served)[key] for key in EXTRA_SECTIONS if key in extra or key in extra_served}
+        skipped |= skipped_served
     evaluation["tasks"].update(extra)
     evaluation["skipped"] = skipped
+    evaluation["backend"] = resolved
     costs = [entry.get("judge_cost_usd") for entry in extra.values()]
     known = [c for c in costs if isinstance(c, (int, float))]
     evaluation["judge_cost_usd"] = round(sum(known), 6) if known else None

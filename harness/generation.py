@@ -30,6 +30,7 @@ class GenerationSettings:
     template: str = "chat"  # chat | alpaca | user-assistant (the run's resolved training template)
     batch_size: int = 8
     max_prompt_tokens: int = 2048  # longer prompts keep their last tokens (counted)
+    backend: str = "hf"  # hf (transformers' generate) or vllm (harness.vllm_server): part of the outputs' key
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -38,11 +39,18 @@ class GenerationSettings:
             raise HarnessError(f"generation repetition_penalty={self.repetition_penalty}: must be > 0")
         if self.batch_size < 1:
             raise HarnessError(f"generation batch_size={self.batch_size}: must be >= 1")
+        if self.backend not in ("hf", "vllm"):
+            raise HarnessError(f"generation backend '{self.backend}': must be hf or vllm")
         if self.template not in ("chat", *PLAIN_TEMPLATES):
             raise HarnessError(f"generation template '{self.template}': must be chat, {' or '.join(PLAIN_TEMPLATES)}")
 
     def as_record(self) -> dict[str, Any]:
-        return asdict(self) | {"decoding": "greedy"}
+        """The settings as recorded and keyed; `backend` only when it is vLLM, so outputs generated before
+        the option existed keep their keys."""
+        record = asdict(self) | {"decoding": "greedy"}
+        if self.backend == "hf":
+            del record["backend"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,10 @@ def generate(
     progress: Any = None,
 ) -> list[Generation]:
     """Greedy responses to `instructions`, in order. `progress(done, total)` is called after each batch."""
+    from harness.vllm_server import ServedModel
+
+    if (settings.backend == "vllm") != isinstance(model, ServedModel):
+        raise HarnessError(f"generation backend {settings.backend} does not match the model given ({type(model).__name__})")
     prompts = render_prompts(instructions, tokenizer, settings.template)
     return generate_from_prompts(
         model,
@@ -142,12 +154,20 @@ def generate_from_prompts(
 ) -> list[Generation]:
     """Greedy continuations of already-rendered prompts, batched by length, returned in order.
 
-    allowed_tokens(new_ids) -> token ids permitted next: constrained decoding (a judge reading a score)."""
+    allowed_tokens(new_ids) -> token ids permitted next: constrained decoding (a judge reading a score).
+    `model` may be a ServedModel (harness.vllm_server): the same token ids then go to vLLM."""
     import torch
+
+    from harness.vllm_server import ServedModel
 
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
     truncated = [len(ids) > max_prompt_tokens for ids in encoded]
     encoded = [ids[-max_prompt_tokens:] for ids in encoded]
+    if isinstance(model, ServedModel):
+        if allowed_tokens is not None:
+            raise HarnessError("constrained decoding (allowed_tokens) runs on HF models only, not through vLLM")
+        served = model.complete(encoded, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, progress=progress)
+        return [Generation(text, count, finished, cut) for (text, count, finished), cut in zip(served, truncated, strict=True)]
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = _stop_token_ids(model, tokenizer)

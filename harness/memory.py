@@ -174,6 +174,19 @@ def fit_problem(estimate: MemoryEstimate, available_bytes: int, where: str, *, l
             f"activations) but {where} has {_gib(available_bytes)}{advice}")
 
 
+def gathered_model_problem(shape: ModelShape, precision: str, estimate: MemoryEstimate, available_bytes: int, where: str) -> str | None:
+    """Under FSDP every process gets the whole trained model back on its device after a stage (saving,
+    scoring and evaluation use it; distributed.unsharded_model), next to its own shard of the weights.
+    One line when that cannot fit, or None: sharded training of a model larger than one GPU (70B class)
+    would otherwise train for hours and then fail at the gather."""
+    whole = shape.parameters * (2 if precision in ("bf16", "bf16-mixed", "fp16-mixed") else 4)
+    if whole + estimate.weights <= available_bytes:
+        return None
+    return (f"under FSDP every process gathers the whole trained model ({_gib(whole)} in the run's weight dtype) on its "
+            f"device for saving, scoring and evaluation, but {where} has {_gib(available_bytes)}: models larger than one "
+            "GPU (70B class) are not supported yet; use LoRA (training.lora: {r: 16}) with --distributed ddp, or a smaller model")
+
+
 def available_memory(device: str) -> tuple[int, str]:
     """Memory of the smallest visible GPU, or the host's available memory (MemAvailable) for the CPU."""
     if device == "cuda":
@@ -231,6 +244,8 @@ def check_training_fits(weights: str, settings: Any, *, processes: int, fsdp: bo
         available, where = available // processes, f"{where} shared by {processes} processes"
     problem = fit_problem(estimate, available, where, lora=settings.lora is not None, fsdp=fsdp,
                           gradient_checkpointing=settings.gradient_checkpointing)
+    if problem is None and fsdp and processes > 1:
+        problem = gathered_model_problem(shape, settings.precision, estimate, available, where)
     if problem is not None:
         raise HarnessError(f"model {weights}: {problem}")
     return estimate

@@ -30,6 +30,7 @@ compared after the fact with judge_pairwise(runA/eval/pairwise/model, runB/eval/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -502,6 +503,7 @@ def reference_outputs(
     from harness.artifacts import ArtifactCache, content_key
     from harness.models import MODEL_SET_VERSION, load_model_and_tokenizer, resolve_model
 
+    settings = dataclasses.replace(settings, backend="hf")  # the reference model is loaded here and generates with HF
     if reference.kind == "outputs":
         items, texts = [], []
         for name in sets:
@@ -576,7 +578,7 @@ def run_suite_section(
         reference = Reference("base", model=context.base_model, model_path=context.base_model_path)
     rules = PROTOCOLS[settings.protocol]
     sets = resolve_sets(settings.test_sets, rules)
-    generation = settings.generation_settings(context.template_for(tokenizer))
+    generation = settings.generation_settings(context.template_for(tokenizer), context.backend)
     output_dir.mkdir(parents=True, exist_ok=True)
     produced = generate_pairwise_outputs(
         model,

@@ -148,6 +148,7 @@ class SuiteSection(_Section):
     skipped: dict[str, Any]
     model_class: str | None = None
     precision: str | None = None
+    backend: str | None = None  # how the evaluated model generated (hf, vllm); absent before eval.backend
 
 
 class CachedWork(_Section):

@@ -63,6 +63,7 @@ from harness.training import (
     train_sft,
     weight_dtype,
 )
+from harness.vllm_server import resolve_backend, vllm_command
 
 if TYPE_CHECKING:
     import torch
@@ -159,6 +160,8 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     suite = load_suite(spec.eval.suite)
     plan_suite(suite, online=spec.eval.online)  # unknown tasks or missing data files fail before training
     check_sections(suite, limit=spec.eval.limit, judge=spec.eval.judge)  # judges and section keys, too
+    if spec.eval.backend == "vllm":  # eval.backend=vllm without a vLLM to start fails now, not after training
+        resolve_backend("vllm", accelerator.process_device().type, vllm_command())
     return PreparedRun(resolved, recipe, params, model_info, data, suite)
 
 
@@ -386,6 +389,7 @@ class RunContext(Generic[P]):
                     seed=eval_seed(self.spec, self.suite), online=self.spec.eval.online, judge=self.spec.eval.judge,
                     context=self.section_context(f"{self.run_dir.name}:{name}"), resume=True,
                     model_class=self.spec.eval.model_class, precision=self.spec.eval.precision,
+                    backend=self.spec.eval.backend,
                 )
                 self.eval_judge_cost_usd += evaluation.get("judge_cost_usd") or 0.0
                 self.evaluation_work[name] = evaluation["work"]
@@ -595,6 +599,8 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             resume=True,  # the run directory belongs to this spec, so to this model
             model_class=prepared.spec.eval.model_class,
             precision=prepared.spec.eval.precision,
+            backend=prepared.spec.eval.backend,
+            weights_dir=run_dir / "model" if save_model else None,  # vLLM serves the saved weights
         )
     log_final_metrics(ctx.tracking, evaluation["tasks"])
     wall = time.perf_counter() - wall_started
@@ -636,6 +642,7 @@ def _execute(prepared: PreparedRun, run_dir: Path, console: Console, save_model:
             # lm-eval tasks: the evaluation model class and weight dtype (per task also in metrics.<task>)
             "model_class": evaluation["model_class"],
             "precision": evaluation["precision"],
+            "backend": evaluation["backend"],
         },
         "metrics": evaluation["tasks"],
         "cost": {

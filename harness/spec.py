@@ -103,6 +103,10 @@ class EvalSpec(StrictModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="dtype of the evaluated weights for lm-eval tasks (fp32: comparable with published numbers)"
     )
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="how the evaluated model generates (AlpacaEval, pairwise, lm-eval generate-until tasks): "
+        "vllm (a vLLM server, harness/vllm_server.py), hf (transformers' generate); auto: vllm where installed and a GPU is present",
+    )
     seed: int | None = Field(
         None, ge=0, lt=2**32,
         description="seed of lm-eval's few-shot draws and sampling; None: the suite's sample_seed. Never the training "
@@ -127,7 +131,7 @@ def parse_seeds(text: str) -> list[int]:
 
 # Options added after runs were recorded: at their default they are left out of the run id, so a spec that
 # does not use them keeps the id (and the finished run) it had before they existed.
-ADDED_AT_DEFAULT_KEEPS_ID = [("training", "gradient_checkpointing")]
+ADDED_AT_DEFAULT_KEEPS_ID = [("training", "gradient_checkpointing"), ("eval", "backend")]
 
 
 class RunSpec(StrictModel):

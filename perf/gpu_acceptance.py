@@ -12,7 +12,7 @@ On a GPU (at most about 10 minutes on one H100-class card) it measures, in this 
 3. training state bytes per parameter at each precision, as the pre-flight estimate (harness/memory.py)
    counts them (measured peaks: perf/training_memory.py);
 4. training MFU of 8B-shaped decoder layers (random weights, bf16, packed 4096-token row);
-5. generation tokens/s with HF generate (and vLLM where installed);
+5. AlpacaEval generation tokens/s through the harness's HF backend and its vLLM server (where installed);
 6. an end-to-end `harness run` of the tiny model, its record's timings.
 --dry-run uses small shapes and runs on the CPU, so the script cannot rot between GPU sessions; its
 numbers say nothing about a GPU. Every section reports, none asserts: the goals are in BENCHMARKS.md.
@@ -208,26 +208,43 @@ def decoder_mfu(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
 
 def generation_speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """AlpacaEval-style generation through the harness's own two backends on the same prompts: HF generate
+    (token-budget batches on a GPU) and, where a vLLM is found (HARNESS_VLLM or `vllm` on PATH), the vLLM
+    server of eval.backend vllm. SmolLM2-135M-Instruct from ../shared when present, else the tiny model."""
+    import tempfile
+
+    from harness.generation import GenerationSettings, _stop_token_ids, generate
     from harness.models import load_model_and_tokenizer, resolve_model
+    from harness.vllm_server import serve_evaluated, vllm_command
 
-    model, tokenizer = load_model_and_tokenizer(resolve_model("tiny"))
-    model.config.use_cache = True
-    prompts = ["Give three tips for staying healthy."] * (4 if dry_run else 64)
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    new_tokens = 16 if dry_run else 128
-    started = time.perf_counter()
-    with torch.no_grad():
-        model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)
-    seconds = time.perf_counter() - started
-    try:
-        import vllm  # noqa: F401
+    shared = ROOT.parent / "shared" / "models"
+    ggufs = sorted(shared.glob("**/*.gguf")) if shared.is_dir() and not dry_run else []
+    resolved = resolve_model("smollm2-135m-instruct", str(ggufs[0])) if ggufs else resolve_model("tiny")
+    model, tokenizer = load_model_and_tokenizer(resolved, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model.to(device)
+    from harness.alpaca import VERSIONS, load_reference
 
-        vllm_note = "installed: not measured yet by this script"
-    except ImportError:
-        vllm_note = "not installed"
-    return {"hf_generate_tokens_per_s": round(len(prompts) * new_tokens / seconds, 1), "vllm": vllm_note}
+    instructions = [row["instruction"] for row in load_reference(VERSIONS["2"].reference)][: 4 if dry_run else 256]
+    settings = GenerationSettings(max_new_tokens=16 if dry_run else 256, template="chat" if tokenizer.chat_template else "alpaca")
+
+    def tokens_per_second(generator: Any, chosen: GenerationSettings) -> dict[str, Any]:
+        started = time.perf_counter()
+        generations = generate(generator, tokenizer, instructions, chosen)
+        seconds = time.perf_counter() - started
+        tokens = sum(g.new_tokens for g in generations)
+        return {"new_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+    result: dict[str, Any] = {"model": resolved.entry.name, "prompts": len(instructions), "max_new_tokens": settings.max_new_tokens,
+                              "hf": tokens_per_second(model, settings)}
+    if vllm_command() is None:
+        result["vllm"] = "not installed (HARNESS_VLLM or vllm on PATH)"
+        return result
+    with tempfile.TemporaryDirectory() as scratch, serve_evaluated(
+        model, tokenizer, _stop_token_ids(model, tokenizer), output_dir=Path(scratch), weights_dir=None, seed=0
+    ) as served:
+        result["vllm"] = tokens_per_second(served, GenerationSettings(**{**settings.__dict__, "backend": "vllm"}))
+    result["vllm_over_hf"] = round(result["vllm"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
+    return result
 
 
 def end_to_end(dry_run: bool) -> dict[str, Any]:

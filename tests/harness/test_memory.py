@@ -18,6 +18,7 @@ from harness.memory import (
     check_training_fits,
     estimate_training,
     fit_problem,
+    gathered_model_problem,
     lora_parameters,
 )
 from harness.spec import RunSpec, TrainingSpec
@@ -29,6 +30,8 @@ LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers
              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+LLAMA3_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 H100 = 80 * 10**9  # bytes on an 80 GB card
 
 
@@ -56,6 +59,23 @@ def test_full_fine_tuning_of_8b_on_one_80gb_gpu_is_refused_with_what_to_change()
     sharded = estimate_training(shape, precision="bf16", rows_per_step=1, row_tokens=4096, processes=8, fsdp=True,
                                 gradient_checkpointing=True, device="cuda")
     assert fit_problem(sharded, H100, "GPU 0", lora=False, fsdp=True, gradient_checkpointing=True) is None
+
+
+def test_sharded_70b_is_refused_because_the_trained_model_is_gathered_whole_and_8b_is_not():
+    """FSDP over 32 GPUs (4 nodes of 8) fits 70B's training states (1/32 of 16 bytes a parameter), but every
+    process gets the whole trained model back on its GPU (141 GB in bf16): refused before loading, in one
+    line; 8B (16 GB in bf16) passes."""
+    problems = {}
+    for name, config in (("70B", LLAMA3_70B), ("8B", LLAMA3_8B)):
+        shape = ModelShape.from_config(config)
+        sharded = estimate_training(shape, precision="bf16", rows_per_step=1, row_tokens=4096, processes=32, fsdp=True,
+                                    gradient_checkpointing=True, device="cuda")
+        assert fit_problem(sharded, H100, "GPU 0", lora=False, fsdp=True, gradient_checkpointing=True) is None
+        problems[name] = gathered_model_problem(shape, "bf16", sharded, H100, "GPU 0")
+    assert ModelShape.from_config(LLAMA3_70B).parameters == 70_553_706_496  # "70B": Meta's model card
+    assert problems["8B"] is None
+    refused = problems["70B"]
+    assert refused is not None and "\n" not in refused and "131.4 GiB" in refused and "not supported yet" in refused
 
 
 def test_gradient_checkpointing_keeps_one_layers_activations():
