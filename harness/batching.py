@@ -7,6 +7,7 @@ import bisect
 import itertools
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,14 +40,19 @@ def pack_best_fit(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[
     return rows
 
 
-def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) -> dict[str, Any]:
     """Rows of examples -> a batch padded to the longest row, with position_ids and seq_ids.
 
     Padding gets its own position run (0, 1, ...) so it forms a separate block in the attention mask,
     label -100 and seq_id -1. `num_examples` is the number of examples in the batch. The examples' bounds
     in the flattened sequence of real tokens (row by row, padding left out) come with the batch, computed
     here once, as varlen attention kernels take them: `cu_seqlens` (int32, [examples + 1], cumulative
-    lengths from 0) and `max_seqlen`."""
+    lengths from 0) and `max_seqlen` (a Python int: it stays on the host when the batch moves to a GPU).
+
+    Two index lists spare the loss any data-dependent selection on the device (a boolean mask or
+    nonzero() waits for the GPU each micro-batch): `real_positions`, the flattened [rows x width]
+    positions of real tokens, and `response_positions`, those whose next token is a labelled (response)
+    token, where the LM head runs; its target is at the following position."""
     width = max(sum(len(example.input_ids) for example in row) for row in rows)
     lengths = [len(example.input_ids) for row in rows for example in row]
     input_ids, labels, positions, seq_ids = [], [], [], []
@@ -65,6 +71,8 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
         labels.append(row_labels + [-100] * pad)
         positions.append(row_positions + list(range(pad)))
         seq_ids.append(row_seq + [-1] * pad)
+    flat_labels = [label for row in labels for label in row]
+    flat_seq = [seq for row in seq_ids for seq in row]
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
@@ -72,8 +80,17 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
         "seq_ids": torch.tensor(seq_ids, dtype=torch.long),
         "num_examples": torch.tensor(example_number, dtype=torch.long),
         "cu_seqlens": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
-        "max_seqlen": torch.tensor(max(lengths), dtype=torch.long),
+        "max_seqlen": max(lengths),
+        "real_positions": torch.tensor([i for i, seq in enumerate(flat_seq) if seq >= 0], dtype=torch.long),
+        "response_positions": torch.tensor(
+            [i for i in range(len(flat_labels) - 1) if (i + 1) % width and flat_labels[i + 1] != -100], dtype=torch.long
+        ),
     }
+
+
+def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device`; host values (max_seqlen) stay as they are."""
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
 class RowDataset(torch.utils.data.Dataset):

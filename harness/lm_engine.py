@@ -1,5 +1,5 @@
 """lm-eval's log-likelihood requests through the harness's scoring engine: the same numbers as lm-eval's
-HFLM (fp32: within 1e-4 per request), faster on CPU (BENCHMARKS.md).
+HFLM (fp32: within 1e-4 + 2e-6 x |log-likelihood| per request, rounding), faster on CPU (BENCHMARKS.md).
 
 `EngineLM` is HFLM (lm_eval/models/huggingface.py, lm-eval 0.4.13) with one method replaced:
 `_loglikelihood_tokens` (through harness/compat.py's TokenizedLoglikelihoodHook), which receives

@@ -164,6 +164,8 @@ def varlen_attention(
             longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=query.shape[1] != key.shape[1],
         )  # fmt: skip
         return output.unsqueeze(0), None  # [tokens, heads, dim] -> [1, tokens, heads, dim]
+    if isinstance(lengths, SegmentLengths):
+        lengths = lengths.values()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: one repeat for the whole sequence, not one per segment
         key = key.repeat_interleave(groups, dim=1)
@@ -217,6 +219,20 @@ def _padded_hidden_states(
     else:
         output = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     return output.last_hidden_state
+
+
+class SegmentLengths:
+    """The segments' lengths behind `cu_seqlens` on the GPU, copied to the host only when asked: the flash
+    kernel takes the bounds as they are, only the per-segment loop needs the lengths as numbers."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self.cu_seqlens = cu_seqlens
+        self._values: list[int] | None = None
+
+    def values(self) -> list[int]:
+        if self._values is None:
+            self._values = self.cu_seqlens.diff().tolist()
+        return self._values
 
 
 def _segment_lengths(seq_ids: torch.Tensor, positions: torch.Tensor) -> list[int]:
@@ -322,11 +338,20 @@ def final_hidden_states(
         seq_ids = batch["seq_ids"].reshape(-1)
     else:
         seq_ids = torch.zeros(rows * width, dtype=torch.long, device=batch["input_ids"].device)
-    real = (seq_ids >= 0).nonzero().squeeze(1)
+    # the collator's positions and bounds (harness.batching.collate_rows): nothing here waits for the device;
+    # batches built elsewhere get them computed here
+    real = batch.get("real_positions")
+    if real is None:
+        real = (seq_ids >= 0).nonzero().squeeze(1)
     positions = batch["position_ids"].reshape(-1)[real]
-    # the collator's bounds (harness.batching.collate_rows); batches built elsewhere get them computed here
     cu_seqlens = batch.get("cu_seqlens")
-    lengths = cu_seqlens.diff().tolist() if cu_seqlens is not None else _segment_lengths(seq_ids[real], positions)
+    lengths: list[int] | SegmentLengths
+    if cu_seqlens is None:
+        lengths = _segment_lengths(seq_ids[real], positions)
+    elif cu_seqlens.device.type == "cuda":
+        lengths = SegmentLengths(cu_seqlens)  # read back only if the per-segment loop runs (fp32 on a GPU)
+    else:
+        lengths = cu_seqlens.diff().tolist()
     inputs: dict[str, torch.Tensor] = (
         {"inputs_embeds": inputs_embeds.reshape(rows * width, -1)[real].unsqueeze(0)}
         if inputs_embeds is not None
@@ -334,9 +359,12 @@ def final_hidden_states(
     )
     extra: dict[str, Any] = {_PREFIX_KWARG: shared_prefixes} if shared_prefixes is not None else {}
     if positions.device.type == "cuda":  # the flash varlen kernel's boundaries, on the device once per forward
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        extra[_CU_SEQLENS_KWARG] = (cu_seqlens.to(positions.device, torch.int32, non_blocking=True), max(lengths))
+        if isinstance(lengths, SegmentLengths):
+            longest = batch["max_seqlen"] if isinstance(batch.get("max_seqlen"), int) else max(lengths.values())
+        else:
+            longest = max(lengths)
+            cu_seqlens = cu_seqlens if cu_seqlens is not None else torch.tensor([0, *itertools.accumulate(lengths)])
+        extra[_CU_SEQLENS_KWARG] = (cu_seqlens.to(positions.device, torch.int32, non_blocking=True), longest)
     flat = _run_varlen(decoder, inputs, positions.unsqueeze(0), lengths, **extra)
     if flat is None:
         if shared_prefixes is not None:
@@ -475,10 +503,17 @@ def response_token_losses(
     if hidden is None:
         hidden = final_hidden_states(model, batch)
     _, head = causal_lm_parts(model)
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    losses = head_cross_entropy(head, hidden[:, :-1][mask], targets[mask])
-    return losses, batch["seq_ids"][:, 1:][mask]
+    selected = batch.get("response_positions")
+    if selected is None:  # a batch not built by the collator: select by mask (waits for the device)
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        return head_cross_entropy(head, hidden[:, :-1][mask], targets[mask]), batch["seq_ids"][:, 1:][mask]
+    # the same tokens in the same order, by index: position p predicts the label at p + 1
+    following = selected + 1
+    losses = head_cross_entropy(
+        head, hidden.reshape(-1, hidden.shape[-1]).index_select(0, selected), batch["labels"].reshape(-1).index_select(0, following)
+    )
+    return losses, batch["seq_ids"].reshape(-1).index_select(0, following)
 
 
 def per_example_mean_losses(

@@ -41,7 +41,7 @@ from rich.progress import (
 
 from harness import distributed
 from harness.artifacts import ArtifactCache, content_key
-from harness.batching import collate_rows, pack_best_fit
+from harness.batching import collate_rows, on_device, pack_best_fit
 from harness.cpu_kernels import onednn_inference
 from harness.data import InstructionRecord
 from harness.errors import HarnessError
@@ -199,7 +199,7 @@ def mean_response_losses(
             chunk = chunks[chunk_index]
             for batch_rows in _batches(examples, chunk, capacity, rows_per_batch):
                 batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
-                batch = {name: tensor.to(device) for name, tensor in batch.items()}
+                batch = on_device(batch, device)
                 flat = [i for row in batch_rows for i in row]
                 prefix_state = None
                 if shared is not None:
@@ -397,7 +397,7 @@ def embeddings_and_perplexity(
         for number in range(rank, len(batches), processes):
             batch_rows = batches[number]
             batch = collate_rows([[examples[i] for i in row] for row in batch_rows], pad_token_id)
-            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            batch = on_device(batch, device)
             flat = [i for row in batch_rows for i in row]
             hidden = final_hidden_states(model, batch)
             seq = batch["seq_ids"]

@@ -49,7 +49,7 @@ def label_probabilities(
     import torch
 
     from harness import distributed
-    from harness.batching import collate_rows
+    from harness.batching import collate_rows, on_device
     from harness.losses import final_hidden_states
     from harness.templates import TokenizedExample
 
@@ -68,7 +68,7 @@ def label_probabilities(
         for number in range(rank, len(batches), processes):
             chunk = batches[number]
             examples = [TokenizedExample(list(prompts[i]), [-100] * len(prompts[i])) for i in chunk]
-            batch = {k: v.to(device) for k, v in collate_rows([[e] for e in examples], pad_id).items()}
+            batch = on_device(collate_rows([[e] for e in examples], pad_id), device)
             hidden = final_hidden_states(model, batch)
             last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
             logits = head(hidden[torch.arange(len(chunk), device=device), last]).float()

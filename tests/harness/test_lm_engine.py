@@ -1,10 +1,12 @@
 """The engine model (harness/lm_engine.py) against lm-eval's HFLM on the same model: per-request
-log-likelihoods within 1e-4 in fp32, is_greedy and the tasks' metrics identical, on every shipped
+log-likelihoods within fp32 rounding (below), is_greedy and the tasks' metrics identical, on every shipped
 log-likelihood task; the plan really shares contexts; the run records who produced each number.
 
-Tolerance: 1e-4 on every request, long continuations included (PIQA's solutions sum a hundred or more
-tokens). That is fp32's own spread: HFLM against itself with eager instead of sdpa attention (same model and
-weights) differs by 9.2e-5 on a PIQA log-likelihood of -66 (SmolLM2-135M)."""
+Tolerance: 1e-4 + 2e-6 x |log-likelihood| on every request, long continuations included (PIQA's solutions
+sum a hundred or more tokens). That is fp32's own spread: HFLM against itself with eager instead of sdpa
+attention (same model and weights) differs by 9.2e-5 on a PIQA log-likelihood of -66 (SmolLM2-135M), and the
+rounding moves with the CPU's vector width: the largest engine-HFLM gap was 9.9e-5 on one machine and
+1.4e-4 at -111 (1.2e-6 relative, 18 fp32 steps) on an AMD EPYC."""
 
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def evaluate(lm, limit: int) -> dict:
 
 
 def within(ll: float, reference: float) -> bool:
-    return abs(ll - reference) <= 1e-4
+    return abs(ll - reference) <= 1e-4 + 2e-6 * abs(reference)
 
 
 def compare(hflm: dict, engine: dict) -> tuple[float, int]:
