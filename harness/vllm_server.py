@@ -23,6 +23,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -80,6 +81,18 @@ def serve_arguments(model_dir: Path, *, port: int, seed: int, dtype: str, data_p
     if data_parallel > 1:
         arguments += ["--data-parallel-size", str(data_parallel)]
     return arguments + extra
+
+
+def start_timeout() -> float:
+    """HARNESS_VLLM_START_TIMEOUT in seconds (default 1800), or a one-line error naming the value."""
+    value = os.environ.get(START_TIMEOUT_ENV, str(DEFAULT_START_TIMEOUT))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise HarnessError(f"{START_TIMEOUT_ENV}={value!r}: give the wait for the vLLM server in seconds (a positive number)")
+    return seconds
 
 
 def _free_port() -> int:
@@ -206,7 +219,7 @@ def vllm_server(
     port = _free_port()
     extra = shlex.split(os.environ.get(VLLM_ARGS_ENV, ""))
     arguments = command + serve_arguments(model_dir, port=port, seed=seed, dtype=dtype, data_parallel=data_parallel, extra=extra)
-    timeout = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT))
+    timeout = start_timeout()
     base = f"http://127.0.0.1:{port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
@@ -225,11 +238,13 @@ def vllm_server(
                 )
             time.sleep(0.5)
         yield ServedModel(f"{base}/v1", tokenizer, model_dir, stop_token_ids)
-    finally:
+    finally:  # the whole process group: vLLM's engine and data-parallel workers are its children
         if process.poll() is None:
-            process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

@@ -67,6 +67,15 @@ def test_a_server_that_dies_at_start_is_a_one_line_error_quoting_its_log(monkeyp
     assert "\n" not in message and "exited with code 3" in message and "RuntimeError: no CUDA device" in message
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_a_bad_start_timeout_is_a_one_line_error(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("HARNESS_VLLM", STANDIN)
+    monkeypatch.setenv("HARNESS_VLLM_START_TIMEOUT", value)
+    with pytest.raises(HarnessError, match=f"HARNESS_VLLM_START_TIMEOUT='{value}': give the wait for the vLLM server in seconds"):
+        with start_server(tmp_path, None, [], log_path=tmp_path / "server.log"):
+            pass
+
+
 def _port_open(url: str) -> bool:
     host, port = url.removeprefix("http://").split("/")[0].split(":")
     with socket.socket() as probe:
