@@ -520,6 +520,8 @@ def docker_group() -> None:
 @click.option("--deepspeed", is_flag=True, envvar="HARNESS_DOCKER_DEEPSPEED", help="add DeepSpeed (for --distributed zero3)")
 @click.option("--network", envvar="HARNESS_DOCKER_BUILD_NETWORK", default=None, help="network for RUN steps, e.g. host")
 @click.option("--no-cache", is_flag=True, help="rebuild every layer")
+@click.option("--vllm", "vllm_version", envvar="HARNESS_DOCKER_VLLM", default=None, metavar="VERSION",
+              help="add vLLM VERSION (e.g. 0.34.0) in a venv of its own, for eval.backend vllm")
 def docker_build(
     base: str | None,
     tag: str | None,
@@ -527,11 +529,12 @@ def docker_build(
     deepspeed: bool,
     network: str | None,
     no_cache: bool,
+    vllm_version: str | None,
 ) -> None:
     """Build the harness image from this checkout, showing the build's progress."""
     from harness.container import DEFAULT_BASE_IMAGE, BuildOptions, build_image, connect
 
-    options = BuildOptions(base or DEFAULT_BASE_IMAGE, find_links, deepspeed, network, no_cache)
+    options = BuildOptions(base or DEFAULT_BASE_IMAGE, find_links, deepspeed, network, no_cache, vllm=vllm_version)
     image = build_image(connect(), options, tag, console)
     stdout_console().print(f"{(image.tags or [image.id])[0]} {image.id}")
 

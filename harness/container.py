@@ -120,6 +120,7 @@ class BuildOptions:
     deepspeed: bool = False
     network: str | None = None  # network of the build's RUN steps, e.g. "host"
     no_cache: bool = False
+    vllm: str | None = None  # a vLLM version for eval.backend vllm, installed in a venv of its own (/opt/vllm)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> BuildOptions:
@@ -133,11 +134,13 @@ class BuildOptions:
             find_links=env.get("HARNESS_DOCKER_FIND_LINKS") or None,
             deepspeed=flag("HARNESS_DOCKER_DEEPSPEED"),
             network=env.get("HARNESS_DOCKER_BUILD_NETWORK") or None,
+            vllm=env.get("HARNESS_DOCKER_VLLM") or None,
         )
 
     def key(self) -> str:
         """What changes the built image (not no_cache or network)."""
-        return f"base={self.base} links={self.find_links} deepspeed={int(self.deepspeed)}"
+        key = f"base={self.base} links={self.find_links} deepspeed={int(self.deepspeed)}"
+        return key + (f" vllm={self.vllm}" if self.vllm else "")  # images built without vLLM keep their tags
 
 
 def _included(relative: Path) -> bool:
@@ -234,6 +237,7 @@ def build_image(client: Any, options: BuildOptions, tag: str | None, console: Co
             "BASE_IMAGE": options.base,
             "FIND_LINKS": find_links,
             "DEEPSPEED": "1" if options.deepspeed else "0",
+            "VLLM": options.vllm or "",
             "HARNESS_GIT_COMMIT": git_commit(),
         }
         console.print(f"[bold]building image {tag}[/] from {root} (base {options.base}); log: {log_path}", soft_wrap=True)

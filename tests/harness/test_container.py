@@ -171,6 +171,9 @@ def test_build_options_from_environment():
         {"HARNESS_DOCKER_BASE": "b:1", "HARNESS_DOCKER_DEEPSPEED": "true", "HARNESS_DOCKER_BUILD_NETWORK": "host"}
     )
     assert (options.base, options.network, options.deepspeed) == ("b:1", "host", True)
+    with_vllm = BuildOptions.from_env({"HARNESS_DOCKER_VLLM": "0.34.0"})
+    assert with_vllm.vllm == "0.34.0" and with_vllm.key() == BuildOptions().key() + " vllm=0.34.0"
+    assert "vllm" not in BuildOptions().key()  # images built before the option keep their tags
 
 
 def test_dockerfile_is_hadolint_clean_and_builds_the_locked_stack():
