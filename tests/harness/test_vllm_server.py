@@ -181,3 +181,38 @@ def test_backend_at_its_default_keeps_run_ids():
 
     assert RunSpec().content_hash() == RunSpec.model_validate({"eval": {"backend": "auto"}}).content_hash()
     assert RunSpec().content_hash() != RunSpec.model_validate({"eval": {"backend": "hf"}}).content_hash()
+
+
+GENERATION_SUITE = """\
+name: gen
+description: one generate-until task and AlpacaEval, for the vLLM backend's CLI test
+tasks:
+  - {task: local_ifeval, limit: 2, chat_template: true, gen_kwargs: {max_gen_toks: 8}}
+alpaca_eval: {version: 2, judge: "local:tiny", max_new_tokens: 8, lc_bootstrap: 0, limit: 2}
+"""
+
+
+@pytest.mark.e2e
+def test_harness_run_with_backend_vllm_serves_the_saved_model_and_records_it(tmp_path, monkeypatch, capsys):
+    """`harness run --set eval.backend=vllm`: after training, the server serves the run's saved model
+    (no second copy of the weights), the record names the backend, IFEval says it was produced by vLLM,
+    AlpacaEval's generation settings carry it, and the server's log is in the run directory."""
+    from tests.cli_helpers import load_run, run_cli
+
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "gen.yaml").write_text(GENERATION_SUITE)
+    monkeypatch.setattr("harness.evaluation.SUITES_DIR", suites)
+    monkeypatch.setenv("HARNESS_VLLM", STANDIN)
+    output = tmp_path / "runs"
+    code, _, err = run_cli(["run", "--suite", "gen", "--output", str(output), "--set", "data.limit=16",
+                            "--set", "training.max_steps=2", "--set", "eval.backend=vllm"], capsys)
+    assert code == 0, err
+    run_dir, record = load_run(output)
+    assert record["suite"]["backend"] == "vllm" and record["spec"]["eval"]["backend"] == "vllm"
+    assert record["metrics"]["local_ifeval"]["model_class"] == "vllm"
+    generation = json.loads((run_dir / "eval" / "alpaca_eval" / "model_outputs.json").read_text())["generation"]
+    assert generation["backend"] == "vllm" and generation["n"] == 2
+    served = {json.loads(line)["model"] for line in (run_dir / "standin_requests.jsonl").read_text().splitlines()}
+    assert served == {"harness-evaluated"}  # the stand-in logs beside what it served: run_dir/model
+    assert (run_dir / "eval" / "vllm_server.log").is_file() and not (run_dir / "eval" / ".vllm-weights").exists()
