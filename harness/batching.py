@@ -4,6 +4,7 @@ position_ids (transformers then masks attention block-diagonally, so no example 
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import random
 from collections.abc import Sequence
@@ -52,7 +53,8 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
     Two index lists spare the loss any data-dependent selection on the device (a boolean mask or
     nonzero() waits for the GPU each micro-batch): `real_positions`, the flattened [rows x width]
     positions of real tokens, and `response_positions`, those whose next token is a labelled (response)
-    token, where the LM head runs; its target is at the following position."""
+    token, where the LM head runs; its target is at the following position. `response_counts` (a host
+    list) says how many of them belong to each example: they come example after example."""
     width = max(sum(len(example.input_ids) for example in row) for row in rows)
     lengths = [len(example.input_ids) for row in rows for example in row]
     input_ids, labels, positions, seq_ids = [], [], [], []
@@ -73,6 +75,8 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
         seq_ids.append(row_seq + [-1] * pad)
     flat_labels = [label for row in labels for label in row]
     flat_seq = [seq for row in seq_ids for seq in row]
+    responses = [i for i in range(len(flat_labels) - 1) if (i + 1) % width and flat_labels[i + 1] != -100]
+    counts = collections.Counter(flat_seq[i + 1] for i in responses)
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
@@ -82,9 +86,8 @@ def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) 
         "cu_seqlens": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
         "max_seqlen": max(lengths),
         "real_positions": torch.tensor([i for i, seq in enumerate(flat_seq) if seq >= 0], dtype=torch.long),
-        "response_positions": torch.tensor(
-            [i for i in range(len(flat_labels) - 1) if (i + 1) % width and flat_labels[i + 1] != -100], dtype=torch.long
-        ),
+        "response_positions": torch.tensor(responses, dtype=torch.long),
+        "response_counts": [counts.get(number, 0) for number in range(example_number)],
     }
 
 

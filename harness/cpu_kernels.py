@@ -38,6 +38,30 @@ def available() -> bool:
     )
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags).
+    Without it torch emulates bf16 matmuls: on a 2-core AVX2 EPYC (2026-12-03) tests/test_smollm2.py's run
+    (SmolLM2-135M, 4 steps of 2 x 512 tokens, then 20 ARC-Easy items) took 868 s to train in bf16 and 91 s
+    in all in fp32. Elsewhere (no /proc/cpuinfo) this says False."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_warning(training_precision: str, eval_precision: str, device_type: str) -> str | None:
+    """One line when a run asks the CPU for bf16 it would only emulate (many times slower than fp32), or None."""
+    wants = [what for what, asked in (("training.precision", training_precision in ("bf16", "bf16-mixed")),
+                                      ("eval.precision", eval_precision == "bf16")) if asked]
+    if device_type != "cpu" or not wants or native_bf16():
+        return None
+    return (f"{' and '.join(wants)} asks for bf16, which this CPU emulates (no AVX512-BF16 or AMX): expect it to run "
+            "many times slower than fp32")
+
+
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         not torch.is_grad_enabled()

@@ -9,6 +9,7 @@ pair), and which tokens survive the truncation of the longer response (`first`).
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -112,7 +113,9 @@ def hidden_states_with_prenorm(model: Any, batch: dict[str, torch.Tensor], input
         handle.remove()
     pre = captured["pre"]
     if pre.shape[:2] != post.shape[:2]:  # flattened real tokens [1, N, hidden]
-        real = (batch["seq_ids"].reshape(-1) >= 0).nonzero().squeeze(1)
+        real = batch.get("real_positions")
+        if real is None:
+            real = (batch["seq_ids"].reshape(-1) >= 0).nonzero().squeeze(1)
         rows, width = post.shape[:2]
         pre = pre[0].new_zeros(rows * width, pre.shape[-1]).index_copy(0, real, pre[0]).view(rows, width, -1)
     return post, pre
@@ -133,22 +136,28 @@ def mixup_loss(
     layer's hidden states (post- or pre-norm as `state_kind` says) of the whole batch; Z = lambda * Z_c +
     (1 - lambda) * Z_u at the response positions, aligned by truncating the longer response."""
     decoder, head = causal_lm_parts(model)
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    selected = states[:, :-1][mask]
-    labels = targets[mask]
-    owner = batch["seq_ids"][:, 1:][mask]
+    positions, counts = batch.get("response_positions"), batch.get("response_counts")
+    if positions is None or counts is None:  # a batch not built by the collator: by mask (waits for the device)
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        selected, labels, owner = states[:, :-1][mask], targets[mask], batch["seq_ids"][:, 1:][mask]
+        counts = torch.bincount(owner, minlength=2 * len(lambdas)).tolist()
+    else:  # the collator's positions: the same tokens in the same order, and the counts are on the host
+        selected = states.reshape(-1, states.shape[-1]).index_select(0, positions)
+        labels = batch["labels"].reshape(-1).index_select(0, positions + 1)
+    offsets = [0, *itertools.accumulate(counts)]
     mixed, labels_c, labels_u, weights = [], [], [], []
     for pair, lam in enumerate(lambdas):
-        c_rows = torch.nonzero(owner == 2 * pair).squeeze(-1)
-        u_rows = torch.nonzero(owner == 2 * pair + 1).squeeze(-1)
-        length = min(len(c_rows), len(u_rows))
+        confident, unconfident = 2 * pair, 2 * pair + 1
+        length = min(counts[confident], counts[unconfident]) if unconfident < len(counts) else 0
         if length == 0:
             continue
-        if truncation == "first":
-            c_rows, u_rows = c_rows[:length], u_rows[:length]
+        if truncation == "first":  # examples' response tokens are contiguous: slices, not data-dependent selection
+            c_rows = slice(offsets[confident], offsets[confident] + length)
+            u_rows = slice(offsets[unconfident], offsets[unconfident] + length)
         else:
-            c_rows, u_rows = c_rows[-length:], u_rows[-length:]
+            c_rows = slice(offsets[confident + 1] - length, offsets[confident + 1])
+            u_rows = slice(offsets[unconfident + 1] - length, offsets[unconfident + 1])
         mixed.append(lam * selected[c_rows] + (1 - lam) * selected[u_rows])
         labels_c.append(labels[c_rows])
         labels_u.append(labels[u_rows])

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from pydantic import BaseModel
 from rich.console import Console
 
-from harness import __version__, accelerator, distributed, memory
+from harness import __version__, accelerator, cpu_kernels, distributed, memory
 from harness.artifacts import ArtifactCache, content_key, file_digest
 from harness.data import InstructionRecord, LoadedData, load_instruction_data
 from harness.errors import HarnessError
@@ -452,6 +452,11 @@ def execute_run(prepared: PreparedRun, output_root: Path, console: Console, *, s
     In a job of several processes (accelerate launch, torchrun) every process trains; only the main one
     locks and writes the run directory, evaluates and writes the record, which all of them return."""
     accelerator.check_gpus_visible()  # a GPU box whose torch misses its GPUs stops here, not after days on the host
+    slow_bf16 = cpu_kernels.bf16_warning(
+        prepared.spec.training.precision, prepared.spec.eval.precision, accelerator.process_device().type
+    )
+    if slow_bf16 is not None:
+        console.print(f"[yellow]warning[/]: {slow_bf16}", soft_wrap=True)
     distributed.init()
     run_dir = output_root / prepared.run_id
     existing, problem = None, None

@@ -51,7 +51,6 @@ def test_the_collators_positions_select_what_the_masks_select_and_the_loss_needs
     same values, bit for bit, as the mask path) runs without any data-dependent selection: no nonzero()
     and no boolean-mask index, each of which makes a GPU wait for the host every micro-batch."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from harness.losses import response_token_losses
 
@@ -68,6 +67,25 @@ def test_the_collators_positions_select_what_the_masks_select_and_the_loss_needs
     rows_, cols = mask.nonzero(as_tuple=True)
     assert batch["response_positions"].tolist() == (rows_ * width + cols).tolist()
     assert batch["response_positions"].tolist() == [0, 1, 3, 8, 9, 10, 12]
+    assert batch["response_counts"] == [2, 1, 3, 1]  # per example, in order (a host list)
+
+    model, _ = tiny
+    masked = {name: value for name, value in batch.items() if name not in ("real_positions", "response_positions", "response_counts")}
+    with torch.no_grad():
+        with data_dependent_selection_watch() as watched:
+            losses, owners = response_token_losses(model, batch)
+        with data_dependent_selection_watch() as watched_masked:
+            expected, expected_owners = response_token_losses(model, masked)
+    assert watched.seen == [] and watched_masked.seen  # the detector sees the mask path's selections
+    assert torch.equal(losses, expected) and torch.equal(owners, expected_owners)
+    assert owners.tolist() == [0, 0, 1, 2, 2, 2, 3]
+
+
+def data_dependent_selection_watch():
+    """A dispatch mode listing the operations whose result size depends on the data (nonzero, a boolean
+    index): on a GPU each makes the host wait for the device."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class DataDependentSelections(TorchDispatchMode):
         def __init__(self):
@@ -75,22 +93,12 @@ def test_the_collators_positions_select_what_the_masks_select_and_the_loss_needs
             self.seen: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
             if func is torch.ops.aten.nonzero.default:
                 self.seen.append("nonzero")
-            if func is torch.ops.aten.index.Tensor and any(
-                index is not None and index.dtype == torch.bool for index in args[1]
-            ):
+            if func is torch.ops.aten.index.Tensor and any(index is not None and index.dtype == torch.bool for index in args[1]):
                 self.seen.append("boolean index")
-            return func(*args, **kwargs)
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.seen.append("item")
+            return func(*args, **(kwargs or {}))
 
-    model, _ = tiny
-    masked = {name: value for name, value in batch.items() if name not in ("real_positions", "response_positions")}
-    with torch.no_grad():
-        with DataDependentSelections() as watched:
-            losses, owners = response_token_losses(model, batch)
-        with DataDependentSelections() as watched_masked:
-            expected, expected_owners = response_token_losses(model, masked)
-    assert watched.seen == [] and watched_masked.seen  # the detector sees the mask path's selections
-    assert torch.equal(losses, expected) and torch.equal(owners, expected_owners)
-    assert owners.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    return DataDependentSelections()

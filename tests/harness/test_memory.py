@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.cpu_kernels import native_bf16
 from harness.errors import HarnessError
 from harness.memory import (
     GIB,
@@ -103,7 +104,14 @@ def test_a_run_that_cannot_fit_stops_in_one_line_before_loading(tmp_path):
     [
         pytest.param(["--model", "tiny", "--max-length", "256"], marks=pytest.mark.e2e, id="tiny-fp32"),
         # SmolLM2 measured on this project's 2-core machine (BENCHMARKS.md): 4.88 GiB against 4.06 estimated (1.20)
-        pytest.param(["--model", "smollm2", "--precision", "bf16", "--max-length", "512"], marks=pytest.mark.slow, id="smollm2-bf16"),
+        pytest.param(["--model", "smollm2", "--precision", "bf16", "--max-length", "512"], id="smollm2-bf16", marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(not native_bf16(), reason="this CPU emulates bf16: two SmolLM2 steps outlast the 300 s limit"),
+        ]),
+        # where bf16 is emulated SmolLM2 is measured in fp32 (5.80 GiB against 5.57 estimated, 1.04; 92 s on a 2-core AVX2 EPYC)
+        pytest.param(["--model", "smollm2", "--precision", "fp32", "--max-length", "512"], id="smollm2-fp32", marks=[
+            pytest.mark.slow, pytest.mark.skipif(native_bf16(), reason="measured in bf16 on this CPU (smollm2-bf16)"),
+        ]),
     ],
 )
 def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak(arguments: list[str]):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +37,33 @@ def test_mixup_loss_matches_an_independent_computation(tiny, sample_records):
                   + (1 - lam) * F.cross_entropy(logits, yu[:m], reduction="sum")).item()
         count += m
     assert abs(got.item() - total / count) < 1e-5
+
+
+@pytest.mark.parametrize("truncation", ["first", "last"])
+def test_the_mixup_loss_selects_by_the_collators_positions_without_waiting_for_the_device(tiny, sample_records, truncation):
+    """With the collator's positions and counts the loss and its gradient are bit-identical to the mask path
+    (a batch without them), and the forward and loss select nothing by data-dependent size (no nonzero, no
+    boolean index, no item): nothing waits for a GPU."""
+    from tests.harness.test_batching import data_dependent_selection_watch
+
+    model, tokenizer = tiny
+    examples, _ = tokenize_for_training(sample_records[:6], tokenizer, "chat", 512)
+    batch = collate_rows([[examples[0], examples[1]], [examples[2], examples[3]], [examples[4], examples[5]]], tokenizer.pad_token_id)
+    masked = {k: v for k, v in batch.items() if k not in ("real_positions", "response_positions", "response_counts")}
+    lambdas = torch.tensor([0.3, 0.8, 0.55])
+
+    def loss_and_gradient(chosen):
+        model.zero_grad()
+        loss = mixup_loss(model, chosen, final_hidden_states(model, chosen), lambdas, truncation=truncation)
+        loss.backward()
+        return loss.detach(), model.lm_head.weight.grad.clone()
+
+    with data_dependent_selection_watch() as watched:
+        loss, gradient = loss_and_gradient(batch)
+    expected_loss, expected_gradient = loss_and_gradient(masked)
+    model.zero_grad()
+    assert watched.seen == []
+    assert torch.equal(loss, expected_loss) and torch.equal(gradient, expected_gradient)
 
 
 def test_pre_norm_states_are_normed_before_the_head(tiny, sample_records):
