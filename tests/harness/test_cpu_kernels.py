@@ -66,3 +66,26 @@ def test_other_dtypes_keep_torchs_path(tiny):
     with torch.no_grad(), cpu_kernels.onednn_inference(model):
         with pytest.raises(RuntimeError, match="dtype"):  # F.linear's own error: no oneDNN call was tried
             linear(x)
+
+
+def test_bf16_on_a_cpu_that_emulates_it_gets_a_one_line_warning(monkeypatch):
+    from harness import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: False)
+    warning = cpu_kernels.bf16_warning("bf16", "bf16", "cpu")
+    assert warning is not None and "\n" not in warning
+    assert warning.startswith("training.precision and eval.precision ask for bf16, which this CPU emulates")  # one line
+    assert cpu_kernels.bf16_warning("bf16-mixed", "fp32", "cpu").startswith("training.precision asks")
+    assert cpu_kernels.bf16_warning("fp32", "fp32", "cpu") is None
+    assert cpu_kernels.bf16_warning("bf16", "bf16", "cuda") is None  # GPUs: bf16 is what they are for
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: True)
+    assert cpu_kernels.bf16_warning("bf16", "bf16", "cpu") is None
+
+
+def test_native_bf16_reads_the_cpus_flags():
+    from pathlib import Path
+
+    from harness import cpu_kernels
+
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    assert cpu_kernels.native_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
