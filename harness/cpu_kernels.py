@@ -58,7 +58,8 @@ def bf16_warning(training_precision: str, eval_precision: str, device_type: str)
                                       ("eval.precision", eval_precision == "bf16")) if asked]
     if device_type != "cpu" or not wants or native_bf16():
         return None
-    return (f"{' and '.join(wants)} {'ask' if len(wants) > 1 else 'asks'} for bf16, which this CPU emulates (no AVX512-BF16 or AMX): expect it to run "
+    verb = "ask" if len(wants) > 1 else "asks"
+    return (f"{' and '.join(wants)} {verb} for bf16, which this CPU emulates (no AVX512-BF16 or AMX): expect it to run "
             "many times slower than fp32")
 
 
